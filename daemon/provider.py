@@ -1,0 +1,98 @@
+"""What a provider offers the daemon, and how the daemon finds providers.
+
+Flow: batch -> refresher -> **provider (collector + parser)** -> persister.
+
+A provider is a pip-installable object registered under the entry point group
+``refreshd.providers``; the daemon looks it up by name and never imports a
+provider module directly.  For each configured manager the daemon validates
+the provider-specific settings with ``settings_model`` and opens one
+:class:`ManagerConnection` for the life of the process.  A connection
+collects *parsed* inventory: full (streamed page by page, references and
+parents before the rows that use them) or targeted (only the targeted
+objects, their children and the objects they refer to).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+from daemon.inventory import InventoryPage
+from daemon.targets import Target, TargetCollection
+
+PROVIDER_GROUP = "refreshd.providers"
+
+
+class ProviderError(Exception):
+    """A provider could not collect; ``retryable`` says whether trying again may help."""
+
+    retryable: bool = True
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class ProviderAuthError(ProviderError):
+    """Credentials were refused: retrying will not help until an operator acts."""
+
+    retryable = False
+
+
+@runtime_checkable
+class ManagerConnection(AbstractAsyncContextManager["ManagerConnection"], Protocol):
+    """An open connection to one manager's cloud (``async with`` opens and closes it)."""
+
+    def collect_full(self) -> AsyncIterator[InventoryPage]:
+        """Every object of the manager, page by page, in dependency order."""
+        ...
+
+    def collect_targeted(self, targets: TargetCollection) -> AsyncIterator[InventoryPage]:
+        """The targeted objects, with their children and the objects they refer to.
+
+        A targeted ref the cloud no longer has is simply absent from the pages.
+        """
+        ...
+
+
+EventMapper = Callable[[str, dict[str, Any]], Sequence[Target]]
+"""``(manager, decoded event) -> targets``: a pure function, see ``catchers/``."""
+
+
+class Provider(Protocol):
+    """The entry point object of a provider package."""
+
+    name: str
+    settings_model: type[BaseModel]
+
+    def connect(self, manager: str, settings: BaseModel) -> ManagerConnection:
+        """A connection for ``manager`` (does no I/O until entered)."""
+        ...
+
+
+class UnknownProviderError(LookupError):
+    pass
+
+
+@cache
+def available_providers() -> dict[str, Provider]:
+    """Providers installed in this environment, by name."""
+    found: dict[str, Provider] = {}
+    for ep in entry_points(group=PROVIDER_GROUP):
+        found[ep.name] = ep.load()
+    return found
+
+
+def load_provider(name: str) -> Provider:
+    providers = available_providers()
+    try:
+        return providers[name]
+    except KeyError:
+        known = ", ".join(sorted(providers)) or "none (is refreshd installed?)"
+        raise UnknownProviderError(f"unknown provider {name!r}; installed: {known}") from None

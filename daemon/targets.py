@@ -1,0 +1,176 @@
+"""Targets: what an event asks to refresh.
+
+Flow: event -> **Target** -> batch (TargetCollection) -> collector -> parser -> persister.
+
+A :class:`Target` names one object of one manager by its collection (the
+*association*) and its ``manager_ref`` (the key the cloud uses, usually
+``{"ems_ref": ...}``).  A Target whose association is :data:`MANAGER` means
+"refresh the whole manager".  A :class:`TargetCollection` holds the
+deduplicated targets of one manager that are refreshed together; it is the
+scope of a targeted refresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+MANAGER = "manager"
+"""The association of a target that means a full refresh of its manager."""
+
+
+class Ref(Mapping[str, str]):
+    """An immutable, hashable ``manager_ref`` mapping (e.g. ``{"ems_ref": "vm-12"}``)."""
+
+    __slots__ = ("_hash", "_items")
+
+    def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        pairs = items.items() if isinstance(items, Mapping) else items
+        self._items: tuple[tuple[str, str], ...] = tuple(
+            sorted((str(k), str(v)) for k, v in pairs)
+        )
+        self._hash = hash(self._items)
+
+    def __getitem__(self, key: str) -> str:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Ref):
+            return self._items == other._items
+        if isinstance(other, Mapping):
+            return dict(self._items) == dict(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Ref({dict(self._items)!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One thing to refresh: ``(manager, association, manager_ref)``."""
+
+    manager: str
+    association: str
+    manager_ref: Ref = field(default_factory=Ref)
+    event_id: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.manager_ref, Ref):
+            object.__setattr__(self, "manager_ref", Ref(self.manager_ref))
+
+    @classmethod
+    def full(cls, manager: str, *, event_id: str | None = None) -> Target:
+        """A target meaning: refresh every collection of ``manager``."""
+        return cls(manager, MANAGER, Ref(), event_id)
+
+    @classmethod
+    def of(
+        cls, manager: str, association: str, ems_ref: str, *, event_id: str | None = None
+    ) -> Target:
+        """The common case: an object identified by its ``ems_ref``."""
+        return cls(manager, association, Ref({"ems_ref": ems_ref}), event_id)
+
+    @property
+    def is_full(self) -> bool:
+        return self.association == MANAGER
+
+    @property
+    def key(self) -> tuple[str, Ref]:
+        """The deduplication key within one manager."""
+        return (self.association, self.manager_ref)
+
+    def __str__(self) -> str:
+        if self.is_full:
+            return f"{self.manager}:full"
+        ref = ",".join(f"{v}" for v in self.manager_ref.values())
+        return f"{self.manager}:{self.association}:{ref}"
+
+
+class TargetCollection:
+    """The deduplicated targets of one manager, refreshed together.
+
+    Deduplication is by ``(association, manager_ref)``; the first target added
+    for a key is kept.  The collection means a full refresh when it holds a
+    manager target.
+    """
+
+    __slots__ = ("_targets", "manager")
+
+    def __init__(self, manager: str, targets: Iterable[Target] = ()) -> None:
+        self.manager = manager
+        self._targets: dict[tuple[str, Ref], Target] = {}
+        for target in targets:
+            self.add_target(target)
+
+    def add_target(self, target: Target) -> bool:
+        """Add ``target``; returns False when an equal target was already there."""
+        if target.manager != self.manager:
+            raise ValueError(
+                f"target {target} belongs to manager {target.manager!r}, "
+                f"not {self.manager!r}"
+            )
+        if target.key in self._targets:
+            return False
+        self._targets[target.key] = target
+        return True
+
+    def merge(self, other: TargetCollection) -> None:
+        for target in other:
+            self.add_target(target)
+
+    def __iter__(self) -> Iterator[Target]:
+        return iter(self._targets.values())
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+    def __contains__(self, target: object) -> bool:
+        return isinstance(target, Target) and target.key in self._targets
+
+    def __bool__(self) -> bool:
+        return bool(self._targets)
+
+    @property
+    def is_full(self) -> bool:
+        """True when the collection asks for a full refresh of its manager."""
+        return (MANAGER, Ref()) in self._targets
+
+    def references(self, association: str, attribute: str = "ems_ref") -> set[str]:
+        """The values of ``attribute`` of the refs targeted in ``association``."""
+        return {
+            ref[attribute]
+            for (assoc, ref) in self._targets
+            if assoc == association and attribute in ref
+        }
+
+    def manager_refs_by_association(self) -> dict[str, list[Ref]]:
+        result: dict[str, list[Ref]] = {}
+        for assoc, ref in self._targets:
+            if assoc != MANAGER:
+                result.setdefault(assoc, []).append(ref)
+        return result
+
+    def associations(self) -> set[str]:
+        return {assoc for assoc, _ in self._targets if assoc != MANAGER}
+
+    def describe(self) -> dict[str, Any]:
+        """A short, loggable summary: counts per association."""
+        return {k: len(v) for k, v in self.manager_refs_by_association().items()} | (
+            {"full": True} if self.is_full else {}
+        )
+
+    def __repr__(self) -> str:
+        return f"TargetCollection({self.manager!r}, {self.describe()!r})"
