@@ -1,0 +1,1 @@
+"""Alembic migrations of refreshd's schema (applied by ``refreshd db upgrade`` and at start)."""

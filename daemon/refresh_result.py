@@ -1,0 +1,106 @@
+"""What a refresh reports: its kind, per-collection counts, duration, and the persister's settings.
+
+Flow: ... -> persister -> **RefreshResult** -> refresh_runs, logs, metrics, CLI summary.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class RefreshKind(enum.Enum):
+    FULL = "full"
+    TARGETED = "targeted"
+
+    @property
+    def full(self) -> bool:
+        return self is RefreshKind.FULL
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Rows written by a refresh in one collection."""
+
+    created: int = 0
+    updated: int = 0
+    archived: int = 0
+    deleted: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(
+            self.created + other.created,
+            self.updated + other.updated,
+            self.archived + other.archived,
+            self.deleted + other.deleted,
+        )
+
+    @property
+    def written(self) -> int:
+        return self.created + self.updated + self.archived + self.deleted
+
+    def __str__(self) -> str:
+        return (
+            f"created={self.created} updated={self.updated} "
+            f"archived={self.archived} deleted={self.deleted}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PersisterSettings:
+    """Safety settings of the persister."""
+
+    max_delete_ratio: float = 0.5
+    """A full refresh that would archive/delete more than this share of the manager's
+    rows is refused (0..1, default 0.5)."""
+    mass_delete_min_rows: int = 10
+    """Removing at most this many rows is never refused (default 10)."""
+
+
+@dataclass(slots=True)
+class RefreshResult:
+    manager: str
+    kind: RefreshKind
+    targets: int
+    counts: dict[str, Counts]
+    started_at: datetime
+    duration: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> Counts:
+        total = Counts()
+        for c in self.counts.values():
+            total = total + c
+        return total
+
+    @property
+    def rows_written(self) -> int:
+        return self.total.written
+
+    def details(self) -> dict[str, dict[str, int]]:
+        """Non-zero counts per collection (stored in ``refresh_runs.details``)."""
+        return {
+            name: {k: v for k, v in vars_of(c).items() if v}
+            for name, c in self.counts.items()
+            if c.written
+        }
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"{name:<20} {c}" for name, c in self.counts.items()]
+        lines.append(
+            f"{self.manager}: {self.kind.value} refresh of {self.targets} target(s) "
+            f"in {self.duration:.3f}s, {self.rows_written} row(s) written"
+        )
+        return lines
+
+
+def vars_of(c: Counts) -> dict[str, int]:
+    return {
+        "created": c.created,
+        "updated": c.updated,
+        "archived": c.archived,
+        "deleted": c.deleted,
+    }
