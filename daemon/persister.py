@@ -81,9 +81,7 @@ class Persister:
         self._settings = settings or PersisterSettings()
         self._now = now
         self._dialect = dialect_of(engine)
-        self._statements: dict[str, Statements] = {
-            c.name: statements_for(c) for c in collections
-        }
+        self._statements: dict[str, Statements] = {c.name: statements_for(c) for c in collections}
         self._manager_ids: dict[str, int] = {}
         self._sqlite_writer = asyncio.Lock()
 
@@ -110,13 +108,13 @@ class Persister:
                     )
                 ).scalar_one()
             else:
-                manager_id = row.id
+                manager_id = int(row.id)
                 if row.provider != provider:
                     await conn.execute(
                         update(m).where(m.c.id == manager_id).values(provider=provider)
                     )
-        self._manager_ids[name] = manager_id
-        return manager_id
+        self._manager_ids[name] = int(manager_id)
+        return int(manager_id)
 
     def _manager_id(self, name: str) -> int:
         try:
@@ -148,8 +146,12 @@ class Persister:
                     out.add_target(target)
                 else:
                     out.add_target(
-                        Target(target.manager, parent_ref[0], Ref({"ems_ref": parent_ref[1]}),
-                               target.event_id)
+                        Target(
+                            target.manager,
+                            parent_ref[0],
+                            Ref({"ems_ref": parent_ref[1]}),
+                            target.event_id,
+                        )
                     )
         return out
 
@@ -228,7 +230,10 @@ class Persister:
             raise
         log.info(
             "manager %s: %s refresh saved in %.3fs: %s",
-            manager, kind.value, result.duration, result.total,
+            manager,
+            kind.value,
+            result.duration,
+            result.total,
         )
         return result
 
@@ -237,9 +242,7 @@ class Persister:
         if kind.full or targets is None:
             return set(self._statements)
         top = {a for a in targets.associations() if a in self._collections}
-        return top | {
-            c.name for c in self._collections if c.parent and c.parent.collection in top
-        }
+        return top | {c.name for c in self._collections if c.parent and c.parent.collection in top}
 
     async def _save_page(
         self,
@@ -363,9 +366,16 @@ class Persister:
             async with self._write() as conn:
                 await conn.execute(
                     insert(schema.refresh_runs).values(
-                        manager_id=manager_id, kind=kind.value, targets=targets, created=0,
-                        updated=0, archived=0, deleted=0, started_at=started_at,
-                        duration=duration, error=message,
+                        manager_id=manager_id,
+                        kind=kind.value,
+                        targets=targets,
+                        created=0,
+                        updated=0,
+                        archived=0,
+                        deleted=0,
+                        started_at=started_at,
+                        duration=duration,
+                        error=message,
                     )
                 )
                 m = schema.managers
@@ -387,7 +397,9 @@ class Persister:
             )
 
     def _write(self) -> _WriteTransaction:
-        return _WriteTransaction(self._engine, self._sqlite_writer if self._dialect is Dialect.SQLITE else None)
+        return _WriteTransaction(
+            self._engine, self._sqlite_writer if self._dialect is Dialect.SQLITE else None
+        )
 
     async def row_counts(self, manager: str) -> dict[str, int]:
         """Active rows per collection of ``manager`` (for status and tests)."""

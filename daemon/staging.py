@@ -23,7 +23,6 @@ from daemon.db import Dialect, canonical_json, dialect_of
 from daemon.inventory import Row
 from daemon.statements import Statements
 
-
 TEMP_TABLES_READY = "refreshd_temp_tables"
 """Key in the DBAPI connection's ``info``: the temp tables exist on this connection."""
 
@@ -37,9 +36,7 @@ def _ddl(engine: AsyncEngine, statements: Iterable[Statements]) -> list[str]:
 
 
 def _json_columns(st: Statements) -> frozenset[int]:
-    return frozenset(
-        i for i, col in enumerate(st.stage.columns) if isinstance(col.type, JSON)
-    )
+    return frozenset(i for i, col in enumerate(st.stage.columns) if isinstance(col.type, JSON))
 
 
 def to_records(st: Statements, rows: Sequence[Row]) -> list[tuple[Any, ...]]:

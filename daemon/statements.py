@@ -23,9 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    BindParameter,
     Column,
     Integer,
     MetaData,
@@ -44,7 +46,10 @@ temp_metadata = MetaData()
 
 
 def _binds(clause: TextClause, *, refs: bool = False) -> TextClause:
-    params = [bindparam("m", type_=Integer), bindparam("now", type_=Timestamp)]
+    params: list[BindParameter[Any]] = [
+        bindparam("m", type_=Integer),
+        bindparam("now", type_=Timestamp),
+    ]
     if refs:
         params.append(bindparam("refs", expanding=True, type_=String))
     return clause.bindparams(*(p for p in params if f":{p.key}" in clause.text))
@@ -66,7 +71,7 @@ class Statements:
     count_active: TextClause
 
 
-def _stage_type(collection: Collection, attribute: str) -> TypeEngine[object]:
+def _stage_type(collection: Collection, attribute: str) -> TypeEngine[Any]:
     if any(r.attribute == attribute for r in collection.all_references):
         return String(255)
     return collection.table.c[attribute].type
@@ -98,9 +103,7 @@ def _joins(collection: Collection) -> tuple[list[str], dict[str, str]]:
     exprs: dict[str, str] = {}
     if collection.parent is not None:
         p = collection.parent
-        joins.append(
-            f"JOIN {p.collection} p ON p.manager_id = :m AND p.ems_ref = s.{p.attribute}"
-        )
+        joins.append(f"JOIN {p.collection} p ON p.manager_id = :m AND p.ems_ref = s.{p.attribute}")
         exprs[p.attribute] = "p.id"
     for r in collection.references:
         alias = f"r_{r.attribute}"
@@ -175,8 +178,7 @@ def _mark_seen(collection: Collection, stage: str, seen: str) -> TextClause:
         conds.append("t.manager_id = :m")
     else:
         conds.append(f"t.{collection.parent.column} = p.id")
-    for attr in collection.key:
-        conds.append(f"t.{collection.column_of(attr)} = {exprs.get(attr, f's.{attr}')}")
+    conds += [f"t.{collection.column_of(a)} = {exprs.get(a, f's.{a}')}" for a in collection.key]
     sql = (
         f"INSERT INTO {seen} (id) SELECT t.id FROM {stage} s {' '.join(joins)} "
         f"JOIN {table} t ON {' AND '.join(conds)} WHERE true ON CONFLICT (id) DO NOTHING"

@@ -27,9 +27,7 @@ class Ref(Mapping[str, str]):
 
     def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
         pairs = items.items() if isinstance(items, Mapping) else items
-        self._items: tuple[tuple[str, str], ...] = tuple(
-            sorted((str(k), str(v)) for k, v in pairs)
-        )
+        self._items: tuple[tuple[str, str], ...] = tuple(sorted((str(k), str(v)) for k, v in pairs))
         self._hash = hash(self._items)
 
     def __getitem__(self, key: str) -> str:
@@ -119,8 +117,7 @@ class TargetCollection:
         """Add ``target``; returns False when an equal target was already there."""
         if target.manager != self.manager:
             raise ValueError(
-                f"target {target} belongs to manager {target.manager!r}, "
-                f"not {self.manager!r}"
+                f"target {target} belongs to manager {target.manager!r}, not {self.manager!r}"
             )
         if target.key in self._targets:
             return False

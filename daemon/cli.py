@@ -1,0 +1,189 @@
+"""The ``refreshd`` command line.
+
+Flow: operator -> **cli** -> config -> (run | refresh | db upgrade | simulator | check-config).
+
+Exit codes: 0 success, 1 the operation failed (refresh error, guard refusal),
+2 bad usage or configuration (the message names the file and key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from daemon.config import ConfigError, LoadedConfig, load_config
+from daemon.db import DatabaseURLError, create_engine
+from daemon.inventory import COLLECTIONS
+from daemon.migrate import upgrade
+from daemon.persister import Persister
+from daemon.provider import load_provider
+from daemon.refresh_result import PersisterSettings
+from daemon.refresher import RefreshableManager, Refresher
+from daemon.targets import Ref, Target, TargetCollection
+
+log = logging.getLogger("refreshd")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_target(manager: str, spec: str) -> Target:
+    """``vms:vm-12`` or ``disks:vm=vm-12,device_name=sda`` -> a Target of ``manager``."""
+    collection, sep, ref = spec.partition(":")
+    if not sep or not ref:
+        raise UsageError(f"--target {spec!r}: expected COLLECTION:REF, e.g. vms:vm-000012")
+    if collection not in COLLECTIONS:
+        known = ", ".join(COLLECTIONS.save_order)
+        raise UsageError(f"--target {spec!r}: unknown collection {collection!r} ({known})")
+    if "=" in ref:
+        pairs = [p.partition("=") for p in ref.split(",")]
+        if any(not k or not v for k, _, v in pairs):
+            raise UsageError(f"--target {spec!r}: expected key=value pairs after ':'")
+        return Target(manager, collection, Ref({k: v for k, _, v in pairs}))
+    return Target.of(manager, collection, ref)
+
+
+def persister_settings(loaded: LoadedConfig) -> PersisterSettings:
+    p = loaded.config.persister
+    return PersisterSettings(
+        max_delete_ratio=p.max_delete_ratio, mass_delete_min_rows=p.mass_delete_min_rows
+    )
+
+
+async def cmd_refresh(args: argparse.Namespace) -> int:
+    loaded = load_config(args.config)
+    manager_cfg = loaded.config.manager(args.manager)
+    targets = [parse_target(manager_cfg.name, t) for t in args.target or []]
+    collection = TargetCollection(manager_cfg.name, targets or [Target.full(manager_cfg.name)])
+    engine = create_engine(loaded.config.database_url)
+    try:
+        await upgrade(engine)
+        persister = Persister(engine, settings=persister_settings(loaded))
+        provider = load_provider(manager_cfg.provider)
+        connection = provider.connect(manager_cfg.name, loaded.provider_settings[manager_cfg.name])
+        async with connection:
+            managed = RefreshableManager(
+                name=manager_cfg.name,
+                provider=manager_cfg.provider,
+                connection=connection,
+                allow_targeted_refresh=manager_cfg.allow_targeted_refresh,
+            )
+            result = await Refresher(persister, {managed.name: managed}).refresh(collection)
+        for line in result.summary_lines():
+            print(line)
+        return 0
+    finally:
+        await engine.dispose()
+
+
+async def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    loaded = load_config(args.config)
+    engine = create_engine(loaded.config.database_url)
+    try:
+        revision = await upgrade(engine)
+    finally:
+        await engine.dispose()
+    print(f"database schema at revision {revision}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    loaded = load_config(args.config)
+    cfg = loaded.config
+    create_engine(cfg.database_url)  # validates the URL and the driver, no I/O
+    print(f"{loaded.source}: OK ({len(cfg.managers)} manager(s), {len(cfg.catchers)} catcher(s))")
+    return 0
+
+
+def cmd_simulator(args: argparse.Namespace) -> int:
+    provider = load_provider("awesome_cloud")
+    simulator_main = getattr(provider, "simulator_main", None)
+    if simulator_main is None:
+        raise UsageError("the installed awesome_cloud provider has no simulator")
+    argv = [
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--vms",
+        str(args.vms),
+        "--seed",
+        str(args.seed),
+        "--name",
+        args.name,
+    ]
+    return int(simulator_main(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refreshd", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("refresh", help="refresh one manager now (full, or --target ...)")
+    p.add_argument("--config", help="TOML config (default: the embedded default)")
+    p.add_argument("--manager", required=True)
+    p.add_argument(
+        "--target",
+        action="append",
+        metavar="COLLECTION:REF",
+        help="refresh only this object (repeatable), e.g. vms:vm-000012",
+    )
+
+    db = sub.add_parser("db", help="database schema")
+    dbsub = db.add_subparsers(dest="db_command", required=True)
+    up = dbsub.add_parser("upgrade", help="apply migrations")
+    up.add_argument("--config")
+
+    c = sub.add_parser("check-config", help="validate a config file")
+    c.add_argument("--config", required=True)
+
+    s = sub.add_parser("simulator", help="run the AwesomeCloud simulator standalone")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8700)
+    s.add_argument("--vms", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--name", default="awesome")
+
+    d = sub.add_parser("demo", help="one full refresh, a few cloud changes, targeted refreshes")
+    d.add_argument("--config")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=(args.log_level or "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "refresh":
+            return asyncio.run(cmd_refresh(args))
+        if args.command == "db":
+            return asyncio.run(cmd_db_upgrade(args))
+        if args.command == "check-config":
+            return cmd_check_config(args)
+        if args.command == "simulator":
+            return cmd_simulator(args)
+        if args.command == "demo":
+            from daemon.demo import run_demo
+
+            return int(asyncio.run(run_demo(args.config)))
+    except (ConfigError, UsageError, DatabaseURLError) as exc:
+        print(f"refreshd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        log.debug("failed", exc_info=True)
+        print(f"refreshd: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: servers, lint, types, import contracts, pytest.
+# With CI=true a missing PostgreSQL fails the run instead of skipping its tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+
+pg_ready() { "$BIN/python" - <<'PY'
+import asyncio, sys
+import asyncpg
+async def main() -> None:
+    conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=3)
+    await conn.close()
+try:
+    asyncio.run(main())
+except Exception as exc:  # noqa: BLE001
+    print(f"PostgreSQL not answering: {exc}", file=sys.stderr)
+    sys.exit(1)
+PY
+}
+
+if ! pg_ready; then
+  if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+    echo "starting the local PostgreSQL cluster"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+    for _ in $(seq 1 30); do pg_ready 2>/dev/null && break; sleep 1; done
+  fi
+  if ! pg_ready && [ "${CI:-}" = "true" ]; then
+    echo "CI=true and PostgreSQL on 127.0.0.1:5432 is not available" >&2
+    exit 1
+  fi
+fi
+
+echo "== ruff"; "$BIN/ruff" check .
+echo "== mypy"; "$BIN/mypy"
+echo "== import contracts"; "$BIN/lint-imports"
+echo "== pytest"; "$BIN/pytest" -q -p no:cacheprovider "$@"
