@@ -36,8 +36,8 @@ class Backoff:
             raise ValueError("backoff needs 0 <= initial <= maximum")
         if self.multiplier < 1:
             raise ValueError("backoff multiplier must be >= 1")
-        if not 0 <= self.jitter < 1:
-            raise ValueError("backoff jitter must be in [0, 1)")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("backoff jitter must be in [0, 1]")
 
     def delay(self, failures: int, *, rng: random.Random) -> float:
         """The delay after ``failures`` consecutive failures (``failures >= 1``)."""

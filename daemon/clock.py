@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Clock(Protocol):
@@ -113,8 +113,9 @@ class FakeClock:
             return False
         sleeper = self._sleeper(deadline)
         waiter = asyncio.ensure_future(event.wait())
+        either: set[asyncio.Future[Any]] = {waiter, sleeper}
         try:
-            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
             sleeper.cancel()

@@ -1,0 +1,320 @@
+"""Batches: the batcher's settings, per-manager state and the records it reports.
+
+Flow: event -> Target -> **batch** -> refresher -> ack.  The scheduling loop is
+in :mod:`daemon.batcher`; this module holds what it works on.
+
+A :class:`PendingBatch` is one manager's deduplicated targets together with
+the acks waiting on each of them.  Every (ack, target) pair handed to the
+batcher sits in exactly one list, so committing a batch resolves each pair
+exactly once, and a failed batch is merged back whole (targets *and* acks)
+into the manager's next one.  A :class:`ManagerState` adds the timing rules
+(debounce, max delay, max targets, retry time) that say when the pending
+batch is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from daemon.acks import Ack
+from daemon.backoff import Backoff
+from daemon.refresh_result import RefreshKind
+from daemon.targets import Ref, Target, TargetCollection
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingSettings:
+    """How targets are batched and retried (per manager; ``workers`` and
+    ``max_pending_targets`` are global and read from the default settings)."""
+
+    debounce: float = 0.5
+    """Seconds of quiet (no new target for the manager) before its batch is dispatched."""
+    max_delay: float = 5.0
+    """Seconds; no target waits longer than this from its first arrival, even under a
+    steady stream."""
+    max_targets: int = 500
+    """Distinct targets; a batch this big is dispatched at once."""
+    full_refresh_threshold: int = 1000
+    """Distinct targets; a batch at or above it becomes a full refresh."""
+    workers: int = 4
+    """Refreshes running at once across all managers (global)."""
+    retry_initial: float = 1.0
+    """Seconds before the first retry of a failed refresh."""
+    retry_max: float = 300.0
+    """Seconds; cap of the retry delay."""
+    retry_multiplier: float = 2.0
+    """Growth factor of the retry delay between consecutive failures."""
+    retry_jitter: float = 0.1
+    """Fraction of the retry delay added or removed at random."""
+    escalate_after: int = 3
+    """Consecutive failures of a targeted refresh after which the retry is a full refresh."""
+    max_pending_targets: int = 100_000
+    """Distinct pending targets across all managers before submit raises QueueFullError
+    (global)."""
+
+    def __post_init__(self) -> None:
+        if self.debounce < 0 or self.max_delay < 0:
+            raise ValueError("debounce and max_delay must be >= 0")
+        for name in (
+            "max_targets",
+            "full_refresh_threshold",
+            "workers",
+            "escalate_after",
+            "max_pending_targets",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        self.backoff  # noqa: B018 -- validates the retry fields
+
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(
+            initial=self.retry_initial,
+            maximum=self.retry_max,
+            multiplier=self.retry_multiplier,
+            jitter=self.retry_jitter,
+        )
+
+
+def _ignore_start(manager: str, collection: TargetCollection) -> None:
+    pass
+
+
+def _ignore_success(manager: str, collection: TargetCollection, result: object) -> None:
+    pass
+
+
+def _ignore_failure(manager: str, collection: TargetCollection, exc: Exception) -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshHooks:
+    """Callbacks for metrics and ``refresh_runs``; called synchronously, must not block.
+
+    Each receives the manager and the collection handed to the refresh (for a
+    full refresh: the manager target only).  When ``on_failure`` runs, the
+    manager's status already shows the retry (``next_retry_at``,
+    ``consecutive_failures``).  Exceptions raised by a hook are logged and
+    otherwise ignored.
+    """
+
+    on_start: Callable[[str, TargetCollection], None] = _ignore_start
+    on_success: Callable[[str, TargetCollection, object], None] = _ignore_success
+    on_failure: Callable[[str, TargetCollection, Exception], None] = _ignore_failure
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshAttempt:
+    """One dispatched refresh of a manager."""
+
+    kind: RefreshKind
+    collection: TargetCollection
+    """What the refresh is given (for a full refresh: the manager target only)."""
+    targets: int
+    """Distinct targets the batch covers (those absorbed by a full refresh included)."""
+    attempt: int
+    """1, or n after n-1 consecutive failures of the manager."""
+    started_at: float
+
+
+def _per_kind() -> dict[RefreshKind, int]:
+    return dict.fromkeys(RefreshKind, 0)
+
+
+@dataclass(slots=True)
+class BatcherStats:
+    """Monotonic counters since start (export them as Prometheus counters)."""
+
+    targets_enqueued: int = 0
+    """Targets accepted by submit / request_full."""
+    targets_coalesced: int = 0
+    """Accepted targets that were already pending for their manager."""
+    targets_rejected: int = 0
+    """Targets refused with QueueFullError."""
+    escalations: int = 0
+    """Retries turned into a full refresh after ``escalate_after`` failures."""
+    batches_dispatched: dict[RefreshKind, int] = field(default_factory=_per_kind)
+    refresh_successes: dict[RefreshKind, int] = field(default_factory=_per_kind)
+    refresh_failures: dict[RefreshKind, int] = field(default_factory=_per_kind)
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerStatus:
+    """A snapshot of one manager in the batcher (times are clock times)."""
+
+    manager: str
+    pending: int
+    """Distinct targets waiting for the next batch."""
+    in_flight: bool
+    """A refresh of this manager is running now."""
+    in_flight_kind: RefreshKind | None
+    in_flight_targets: int
+    consecutive_failures: int
+    next_retry_at: float | None
+    pending_since: float | None
+    last_success_at: float | None
+    last_failure_at: float | None
+    last_error: str | None
+
+
+class PendingBatch:
+    """Deduplicated targets of one manager and the acks waiting on each."""
+
+    __slots__ = ("_acks", "first_at", "last_at", "targets")
+
+    def __init__(self, manager: str) -> None:
+        self.targets = TargetCollection(manager)
+        self._acks: dict[tuple[str, Ref], list[Ack]] = {}
+        self.first_at = 0.0
+        """Clock time the oldest target arrived (meaningless while empty)."""
+        self.last_at = 0.0
+        """Clock time the newest target arrived."""
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __bool__(self) -> bool:
+        return bool(self.targets)
+
+    def add(self, target: Target, acks: Iterable[Ack], *, now: float) -> bool:
+        """Add ``target`` with its waiting acks; False when it was already pending."""
+        self._stamp(now, now)
+        return self._add(target, acks)
+
+    def absorb(self, other: PendingBatch) -> None:
+        """Move every target and ack of ``other`` into this batch."""
+        if other:
+            self._stamp(other.first_at, other.last_at)
+        for target in other.targets:
+            self._add(target, other._acks[target.key])
+
+    def is_full(self, threshold: int) -> bool:
+        return self.targets.is_full or len(self.targets) >= threshold
+
+    def collection(self, threshold: int) -> TargetCollection:
+        """What to refresh: the targets, or only the manager target for a full refresh."""
+        if not self.is_full(threshold):
+            return self.targets
+        manager = self.targets.manager
+        full = next((t for t in self.targets if t.is_full), None) or Target.full(manager)
+        return TargetCollection(manager, [full])
+
+    def commit(self) -> None:
+        """The batch was saved: every waiting ack counts its target committed."""
+        for acks in self._acks.values():
+            for ack in acks:
+                ack.target_committed()
+
+    def _add(self, target: Target, acks: Iterable[Ack]) -> bool:
+        added = self.targets.add_target(target)
+        self._acks.setdefault(target.key, []).extend(acks)
+        return added
+
+    def _stamp(self, first: float, last: float) -> None:
+        if self.targets:
+            self.first_at = min(self.first_at, first)
+            self.last_at = max(self.last_at, last)
+        else:
+            self.first_at, self.last_at = first, last
+
+
+class ManagerState:
+    """One manager in the batcher: its pending batch, the running one, its failures."""
+
+    __slots__ = (
+        "failures",
+        "flush_requested",
+        "in_flight",
+        "last_error",
+        "last_failure_at",
+        "last_success_at",
+        "manager",
+        "next_retry_at",
+        "pending",
+        "settings",
+        "task",
+    )
+
+    def __init__(self, manager: str, settings: BatchingSettings) -> None:
+        self.manager = manager
+        self.settings = settings
+        self.pending = PendingBatch(manager)
+        self.in_flight: PendingBatch | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.failures = 0
+        self.next_retry_at: float | None = None
+        self.flush_requested = False
+        self.last_success_at: float | None = None
+        self.last_failure_at: float | None = None
+        self.last_error: str | None = None
+
+    def due_at(self) -> float | None:
+        """When the pending batch may be dispatched; None while empty or refreshing."""
+        if self.in_flight is not None or not self.pending:
+            return None
+        batch, settings = self.pending, self.settings
+        when = min(batch.last_at + settings.debounce, batch.first_at + settings.max_delay)
+        if self.flush_requested:
+            when = min(when, batch.first_at)
+        elif len(batch) >= settings.max_targets:
+            when = min(when, batch.last_at)
+        if self.next_retry_at is not None:
+            when = max(when, self.next_retry_at)
+        return when
+
+    def growth(self, targets: Iterable[Target]) -> int:
+        """How many distinct pending targets submitting ``targets`` would add."""
+        return len({t.key for t in targets if t not in self.pending.targets})
+
+    def take_pending(self) -> PendingBatch:
+        """Move the pending batch in flight; new targets start a fresh batch."""
+        batch, self.pending = self.pending, PendingBatch(self.manager)
+        self.in_flight = batch
+        self.flush_requested = False
+        return batch
+
+    def restore(self, batch: PendingBatch) -> None:
+        """Put an unfinished batch back in front of the targets that arrived since."""
+        merged = PendingBatch(self.manager)
+        merged.absorb(batch)
+        merged.absorb(self.pending)
+        self.pending = merged
+
+    def succeeded(self, now: float) -> None:
+        self.failures = 0
+        self.next_retry_at = None
+        self.last_success_at = now
+
+    def failed(
+        self, batch: PendingBatch, exc: Exception, *, now: float, retry_at: float, escalate: bool
+    ) -> None:
+        self.failures += 1
+        self.restore(batch)
+        if escalate:
+            self.pending.add(Target.full(self.manager), (), now=now)
+        self.next_retry_at = retry_at
+        self.last_failure_at = now
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def status(self) -> ManagerStatus:
+        in_flight = self.in_flight
+        kind = None
+        if in_flight is not None:
+            full = in_flight.is_full(self.settings.full_refresh_threshold)
+            kind = RefreshKind.FULL if full else RefreshKind.TARGETED
+        return ManagerStatus(
+            manager=self.manager,
+            pending=len(self.pending),
+            in_flight=in_flight is not None,
+            in_flight_kind=kind,
+            in_flight_targets=len(in_flight) if in_flight is not None else 0,
+            consecutive_failures=self.failures,
+            next_retry_at=self.next_retry_at,
+            pending_since=self.pending.first_at if self.pending else None,
+            last_success_at=self.last_success_at,
+            last_failure_at=self.last_failure_at,
+            last_error=self.last_error,
+        )
