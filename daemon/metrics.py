@@ -1,0 +1,182 @@
+"""Prometheus metrics: what the pipeline did, per catcher, manager, kind and collection.
+
+Flow: catchers -> batcher -> refresher -> persister, all observed here; scraped at ``/metrics``.
+
+Counters that live in the pipeline's own stats (catchers' received/decoded/
+dead-lettered, the batcher's enqueued/coalesced, pending targets, consumer
+lag) are read at scrape time by a custom collector, so the pipeline never
+imports prometheus.  Refresh outcomes, durations, rows written and
+event-to-commit latency are recorded as they happen.  Each daemon has its own
+registry (tests run several).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from daemon.acks import Ack, TargetSink
+from daemon.refresh_result import RefreshResult
+from daemon.targets import Target
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.refreshes = Counter(
+            "refreshd_refreshes", "Refreshes finished", ["manager", "kind", "outcome"], registry=r
+        )
+        self.batches = Counter(
+            "refreshd_batches", "Batches dispatched to the refresher", ["kind"], registry=r
+        )
+        self.refresh_duration = Histogram(
+            "refreshd_refresh_duration_seconds",
+            "Refresh duration",
+            ["kind"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.rows_written = Counter(
+            "refreshd_rows_written",
+            "Rows written by refreshes",
+            ["collection", "action"],
+            registry=r,
+        )
+        self.event_latency = Histogram(
+            "refreshd_event_commit_latency_seconds",
+            "From the cloud's event time (or receipt when it has none) to the refresh commit",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.events_acked = Counter(
+            "refreshd_events_committed", "Events whose targets were all committed", registry=r
+        )
+        self._latencies: list[float] = []
+
+    def refresh_started(self, kind: str) -> None:
+        self.batches.labels(kind).inc()
+
+    def refresh_succeeded(self, result: RefreshResult) -> None:
+        kind = result.kind.value
+        self.refreshes.labels(result.manager, kind, "success").inc()
+        self.refresh_duration.labels(kind).observe(result.duration)
+        for collection, c in result.counts.items():
+            for action, n in (
+                ("created", c.created),
+                ("updated", c.updated),
+                ("archived", c.archived),
+                ("deleted", c.deleted),
+            ):
+                if n:
+                    self.rows_written.labels(collection, action).inc(n)
+
+    def refresh_failed(self, manager: str, kind: str) -> None:
+        self.refreshes.labels(manager, kind, "failure").inc()
+
+    def observe_ack(self, ack: Ack, *, loop_now: float) -> None:
+        if ack.event_time is not None:
+            latency = max(0.0, time.time() - ack.event_time)
+        else:
+            latency = max(0.0, loop_now - ack.received_at)
+        self.event_latency.observe(latency)
+        self.events_acked.inc()
+        self._latencies.append(latency)
+        if len(self._latencies) > 10_000:
+            del self._latencies[:5_000]
+
+    def recent_latency(self) -> tuple[float, float] | None:
+        """p50 and p99 of recent event-to-commit latencies (for the status line)."""
+        if not self._latencies:
+            return None
+        data = sorted(self._latencies[-2000:])
+        return data[len(data) // 2], data[min(len(data) - 1, int(len(data) * 0.99))]
+
+    def register_pipeline(
+        self,
+        *,
+        batcher_stats: Callable[[], Mapping[str, Any]],
+        pending: Callable[[], Mapping[str, int]],
+        catchers: Sequence[tuple[str, Callable[[], Mapping[str, Any]]]],
+    ) -> None:
+        self.registry.register(_PipelineCollector(batcher_stats, pending, catchers))
+
+
+class MeteredSink:
+    """Wraps the batcher: every event's Ack records its latency when it resolves."""
+
+    def __init__(self, sink: TargetSink, metrics: Metrics, clock: Callable[[], float]) -> None:
+        self._sink = sink
+        self._metrics = metrics
+        self._clock = clock
+        self.events_submitted = 0
+
+    def submit(self, targets: Sequence[Target], ack: Ack) -> None:
+        self._sink.submit(targets, ack)
+        self.events_submitted += 1
+        ack.add_done_callback(lambda a: self._metrics.observe_ack(a, loop_now=self._clock()))
+
+    def has_room(self) -> bool:
+        return self._sink.has_room()
+
+    async def wait_for_room(self) -> None:
+        await self._sink.wait_for_room()
+
+
+class _PipelineCollector(Collector):
+    def __init__(
+        self,
+        batcher_stats: Callable[[], Mapping[str, Any]],
+        pending: Callable[[], Mapping[str, int]],
+        catchers: Sequence[tuple[str, Callable[[], Mapping[str, Any]]]],
+    ) -> None:
+        self._batcher_stats = batcher_stats
+        self._pending = pending
+        self._catchers = catchers
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._batcher_stats()
+        for key, help_ in (
+            ("targets_enqueued", "Targets handed to the batcher"),
+            ("targets_coalesced", "Targets merged into one already pending"),
+        ):
+            c = CounterMetricFamily(f"refreshd_{key}", help_)
+            c.add_metric([], float(stats.get(key, 0)))
+            yield c
+        g = GaugeMetricFamily("refreshd_pending_targets", "Targets waiting", labels=["manager"])
+        for manager, n in self._pending().items():
+            g.add_metric([manager], float(n))
+        yield g
+        received = CounterMetricFamily(
+            "refreshd_events_received", "Events read by catchers", labels=["catcher"]
+        )
+        decoded = CounterMetricFamily(
+            "refreshd_events_decoded", "Events decoded and mapped", labels=["catcher"]
+        )
+        dead = CounterMetricFamily(
+            "refreshd_events_dead_lettered",
+            "Events sent to the dead-letter destination",
+            labels=["catcher", "reason"],
+        )
+        lag = GaugeMetricFamily(
+            "refreshd_consumer_lag",
+            "Messages behind the stream's end",
+            labels=["catcher", "partition"],
+        )
+        for name, read in self._catchers:
+            s = read()
+            received.add_metric([name], float(s.get("received", 0)))
+            decoded.add_metric([name], float(s.get("decoded", 0)))
+            for reason, n in dict(s.get("dead_lettered", {})).items():
+                dead.add_metric([name, str(reason)], float(n))
+            for partition, n in dict(s.get("lag", {})).items():
+                lag.add_metric([name, str(partition)], float(n))
+        yield from (received, decoded, dead, lag)
