@@ -1,0 +1,72 @@
+"""AwesomeCloud: the reference provider, with its simulator.
+
+Flow: batch -> refresher -> **provider** (collector -> client -> parser) -> persister.
+
+The daemon finds :data:`provider` through the ``refreshd.providers`` entry
+point ``awesome_cloud`` and never imports this package directly.  Modules:
+
+- ``settings``   the manager settings model (``settings_model``)
+- ``collector``  :class:`AwesomeConnection`: full and targeted collection
+- ``client``     the HTTP client of the read API, with retries
+- ``parser``     API objects -> inventory rows
+- ``simulator``, ``simulator_model``, ``simulator_app``  the simulated cloud,
+  its object model, and its HTTP app (also run standalone or embedded)
+
+Beyond the :class:`daemon.provider.Provider` protocol this provider offers
+:meth:`AwesomeCloudProvider.simulator_main`, which the CLI calls for
+``refreshd simulator ...`` (the daemon must not import provider modules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+from pydantic import BaseModel
+
+from providers.awesome_cloud.collector import AwesomeConnection
+from providers.awesome_cloud.settings import AwesomeCloudSettings
+from providers.awesome_cloud.simulator import Cloud
+from providers.awesome_cloud.simulator_server import SimulatorServer, run_simulator
+
+__all__ = [
+    "AwesomeCloudProvider",
+    "AwesomeCloudSettings",
+    "AwesomeConnection",
+    "Cloud",
+    "SimulatorServer",
+    "provider",
+]
+
+
+class AwesomeCloudProvider:
+    """The entry point object: settings model, connections, and the simulator command."""
+
+    name: str = "awesome_cloud"
+    settings_model: type[BaseModel] = AwesomeCloudSettings
+
+    def connect(self, manager: str, settings: BaseModel) -> AwesomeConnection:
+        """A connection for ``manager`` (no I/O until it is entered with ``async with``)."""
+        if not isinstance(settings, AwesomeCloudSettings):
+            raise TypeError(
+                f"manager {manager}: awesome_cloud needs AwesomeCloudSettings, "
+                f"not {type(settings).__name__}"
+            )
+        return AwesomeConnection(manager, settings)
+
+    def simulator_main(self, argv: Sequence[str]) -> int:
+        """Run the simulator standalone until SIGINT/SIGTERM; returns the exit code.
+
+        ``argv`` are the arguments after ``refreshd simulator``: ``--host``
+        (127.0.0.1), ``--port`` (8700), ``--vms`` (1000), ``--seed`` (1), ``--name``
+        (awesome), ``--token`` (none), ``--churn-per-second`` (0).
+        """
+        return run_simulator(argv)
+
+
+provider: Final = AwesomeCloudProvider()
+
+if TYPE_CHECKING:  # mypy checks that the entry point object fits the daemon's protocol
+    from daemon.provider import Provider
+
+    _conforms: Provider = provider
