@@ -19,7 +19,7 @@ $(STAMP_TEST): pyproject.toml | $(BIN)/python
 	touch $@ $(STAMP_RUN)
 
 run: $(STAMP_RUN)
-	$(BIN)/refreshd demo
+	$(BIN)/refreshd run
 
 test: $(STAMP_TEST)
 	bash scripts/test.sh

@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from daemon.config import ConfigError, LoadedConfig, load_config
 from daemon.db import DatabaseURLError, create_engine
 from daemon.inventory import COLLECTIONS
+from daemon.lifecycle import Daemon
 from daemon.migrate import upgrade
 from daemon.persister import Persister
 from daemon.provider import load_provider
@@ -78,6 +81,29 @@ async def cmd_refresh(args: argparse.Namespace) -> int:
         return 0
     finally:
         await engine.dispose()
+
+
+async def cmd_run(loaded: LoadedConfig) -> int:
+    """Run the daemon until SIGTERM/SIGINT; a second signal exits at once."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            log.info(
+                "received %s: shutting down gracefully (again to exit at once)",
+                signal.Signals(signum).name,
+            )
+            stop.set()
+        else:
+            log.warning("second signal: exiting at once; uncommitted events will be re-read")
+            os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    return await Daemon(loaded).run(stop)
 
 
 async def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -149,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--name", default="awesome")
 
-    d = sub.add_parser("demo", help="one full refresh, a few cloud changes, targeted refreshes")
-    d.add_argument("--config")
+    r = sub.add_parser("run", help="run the daemon (no --config: the embedded default)")
+    r.add_argument("--config", help="TOML config (default: SQLite + embedded simulator)")
     return parser
 
 
@@ -169,10 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check_config(args)
         if args.command == "simulator":
             return cmd_simulator(args)
-        if args.command == "demo":
-            from daemon.demo import run_demo
-
-            return int(asyncio.run(run_demo(args.config)))
+        if args.command == "run":
+            loaded = load_config(args.config)
+            if args.log_level is None:
+                logging.getLogger().setLevel(loaded.config.log_level.upper())
+            return asyncio.run(cmd_run(loaded))
     except (ConfigError, UsageError, DatabaseURLError) as exc:
         print(f"refreshd: {exc}", file=sys.stderr)
         return 2

@@ -245,12 +245,18 @@ def load_config(path: str | Path | None) -> LoadedConfig:
 
 
 EMBEDDED_DEFAULT: dict[str, Any] = {
+    "status_interval": 5.0,
+    "batching": {"debounce": 0.2, "max_delay": 2.0},
     "managers": [
         {
             "name": "awesome",
             "provider": "awesome_cloud",
             "endpoint": "embedded",
+            "embedded_vms": 1000,
+            "embedded_churn_per_second": 20.0,
+            "refresh_interval": 300.0,
         }
     ],
+    "catchers": [{"type": "inprocess", "manager": "awesome"}],
 }
 """The config used with no ``--config``: SQLite and an embedded AwesomeCloud simulator."""

@@ -35,7 +35,7 @@ from providers.awesome_cloud.client import AwesomeClient, Sleep
 from providers.awesome_cloud.parser import parse_page, parse_vms
 from providers.awesome_cloud.settings import AwesomeCloudSettings
 from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_server import SimulatorServer
+from providers.awesome_cloud.simulator_server import SimulatorServer, churn_forever
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,14 @@ class AwesomeConnection:
                 self._simulator = await stack.enter_async_context(
                     SimulatorServer(cloud, token=token)
                 )
+                if s.embedded_churn_per_second > 0:
+                    churn = asyncio.create_task(
+                        churn_forever(
+                            cloud, per_second=s.embedded_churn_per_second, seed=s.embedded_seed
+                        ),
+                        name=f"awesome-churn-{self.manager}",
+                    )
+                    stack.push_async_callback(_cancel_and_wait, churn)
             self._client = await stack.enter_async_context(
                 AwesomeClient(self.endpoint, s, manager=self.manager, sleep=self._sleep)
             )
@@ -233,3 +241,8 @@ class AwesomeConnection:
                 association,
                 why,
             )
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.wait([task])

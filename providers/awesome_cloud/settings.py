@@ -39,6 +39,12 @@ class AwesomeCloudSettings(BaseModel):
         min_length=1,
         description='Name of the embedded simulator (its events\' source). Default "awesome".',
     )
+    embedded_churn_per_second: float = Field(
+        0.0,
+        ge=0,
+        description="Random cloud changes a second the embedded simulator applies to itself "
+        "(each emits its event). Default 0 (a still cloud).",
+    )
     page_size: int = Field(
         500, ge=1, le=5000, description="Objects per page of a listing, 1..5000. Default 500."
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -118,11 +117,30 @@ async def serve(
         if churn_per_second <= 0:
             await stop.wait()
             return
-        rng = Random(seed + 1)
-        while not stop.is_set():
-            cloud.churn(rng, 1)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0 / churn_per_second)
+        churn = asyncio.create_task(churn_forever(cloud, per_second=churn_per_second, seed=seed))
+        try:
+            await stop.wait()
+        finally:
+            churn.cancel()
+            await asyncio.wait([churn])
+
+
+async def churn_forever(cloud: Cloud, *, per_second: float, seed: int) -> None:
+    """Apply ``per_second`` random mutations a second to ``cloud`` until cancelled.
+
+    Mutations are applied in small bursts (at most 20 a second of wake-ups), so
+    high rates do not cost one timer each.
+    """
+    rng = Random(seed + 1)
+    loop = asyncio.get_running_loop()
+    tick = max(1.0 / per_second, 0.05)
+    started, done = loop.time(), 0
+    while True:
+        due = int((loop.time() - started) * per_second) - done
+        if due > 0:
+            cloud.churn(rng, due)
+            done += due
+        await asyncio.sleep(tick)
 
 
 def _parser() -> argparse.ArgumentParser:
