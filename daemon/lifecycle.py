@@ -204,7 +204,8 @@ class Daemon:
                 sink=sink, managers=endpoints, clock=self.clock.now, http_app=app, token=token
             )
             for c in cfg.catchers:
-                self.catchers.append(load_catcher(c.type)(c.options, context))
+                options = c.options | ({"name": c.name} if c.name else {})
+                self.catchers.append(load_catcher(c.type)(options, context))
             self.metrics.register_pipeline(
                 batcher_stats=lambda: _as_dict(batcher.stats),
                 pending=lambda: {m: batcher.pending_count(m) for m in refreshable},
