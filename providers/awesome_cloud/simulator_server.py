@@ -25,6 +25,11 @@ from aiohttp import web
 
 from providers.awesome_cloud.simulator import Cloud
 from providers.awesome_cloud.simulator_app import FAULTS, STATS, Faults, RequestStats, create_app
+from providers.awesome_cloud.simulator_delivery import (
+    Delivery,
+    deliveries_from_args,
+    delivery_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,7 @@ async def serve(
     churn_per_second: float = 0.0,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[SimulatorServer], None] | None = None,
+    deliveries: Callable[[Cloud], list[Delivery]] | None = None,
 ) -> None:
     """Build a cloud and serve it until ``stop`` is set (or the task is cancelled).
 
@@ -112,17 +118,20 @@ async def serve(
     cloud = await asyncio.to_thread(Cloud.generate, vms=vms, seed=seed, name=name)
     stop = stop or asyncio.Event()
     async with SimulatorServer(cloud, host=host, port=port, token=token) as server:
+        tasks = [asyncio.create_task(d.run()) for d in (deliveries(cloud) if deliveries else [])]
+        if churn_per_second > 0:
+            tasks.append(
+                asyncio.create_task(churn_forever(cloud, per_second=churn_per_second, seed=seed))
+            )
         if on_ready is not None:
             on_ready(server)
-        if churn_per_second <= 0:
-            await stop.wait()
-            return
-        churn = asyncio.create_task(churn_forever(cloud, per_second=churn_per_second, seed=seed))
         try:
             await stop.wait()
         finally:
-            churn.cancel()
-            await asyncio.wait([churn])
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
 
 
 async def churn_forever(cloud: Cloud, *, per_second: float, seed: int) -> None:
@@ -159,6 +168,7 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         help="random mutations per second, for a live demo (0 = none)",
     )
+    delivery_options(p)
     return p
 
 
@@ -188,6 +198,7 @@ def run_simulator(argv: Sequence[str]) -> int:
             churn_per_second=args.churn_per_second,
             stop=stop,
             on_ready=ready,
+            deliveries=lambda cloud: deliveries_from_args(cloud, args),
         )
 
     try:
