@@ -1,0 +1,404 @@
+"""CloudEvents 1.0 decoding, independent of the transport.
+
+Flow: **raw record / request -> CloudEvent** -> route -> provider event mapper -> Target(s).
+
+A catcher receives bytes and headers; this module turns them into
+:class:`CloudEvent` values, or raises :class:`DecodeError` with a precise
+reason (which the catcher writes on the dead-letter record).  It knows the
+three CloudEvents 1.0 content modes and one non-CloudEvents mode:
+
+* structured (``application/cloudevents+json``): the body is the event;
+* binary: attributes in ``ce_`` (Kafka) / ``ce-`` (HTTP) headers, the body is
+  the data, ``content-type`` is ``datacontenttype``;
+* batch (``application/cloudevents-batch+json``): a JSON array of structured events;
+* plain: provider JSON without an envelope; the whole JSON is the data and
+  the event's :attr:`CloudEvent.mode` is :attr:`EventMode.PLAIN`.
+
+Nothing here does I/O; the Kafka catcher and the webhook share it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+from urllib.parse import unquote
+
+SPECVERSION: Final = "1.0"
+STRUCTURED_JSON: Final = "application/cloudevents+json"
+BATCH_JSON: Final = "application/cloudevents-batch+json"
+KAFKA_PREFIX: Final = "ce_"
+HTTP_PREFIX: Final = "ce-"
+
+_REQUIRED: Final = ("id", "source", "specversion", "type")
+_OPTIONAL: Final = ("datacontenttype", "dataschema", "subject", "time")
+_ATTRIBUTE_NAME = re.compile(r"[a-z0-9]+")
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})"
+)
+
+HeaderValue = bytes | str | None
+Headers = Mapping[str, HeaderValue] | Iterable[tuple[str, HeaderValue]]
+"""Transport headers: a mapping (HTTP) or a sequence of pairs (Kafka)."""
+
+
+class DecodeError(ValueError):
+    """The input is not a valid event; :attr:`reason` says precisely why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class EventMode(enum.Enum):
+    """How the event arrived."""
+
+    STRUCTURED = "structured"
+    BINARY = "binary"
+    PLAIN = "plain"
+    """Provider JSON without a CloudEvents envelope."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloudEvent:
+    """One decoded event.
+
+    In :attr:`EventMode.PLAIN` mode ``specversion`` is None, ``type`` is empty
+    and ``id`` / ``source`` are whatever the transport supplied (for Kafka:
+    ``topic/partition/offset`` and ``kafka:topic``).
+    """
+
+    id: str
+    source: str
+    type: str
+    specversion: str | None = SPECVERSION
+    subject: str | None = None
+    time: datetime | None = None
+    datacontenttype: str | None = None
+    dataschema: str | None = None
+    data: Any = None
+    extensions: Mapping[str, Any] = field(default_factory=dict)
+    mode: EventMode = EventMode.STRUCTURED
+
+    @property
+    def is_plain(self) -> bool:
+        return self.mode is EventMode.PLAIN
+
+    @property
+    def timestamp(self) -> float | None:
+        """``time`` as epoch seconds, or None."""
+        return self.time.timestamp() if self.time is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as the dict an ``EventMapper`` receives.
+
+        The shape of the structured JSON format: the context attributes
+        (``time`` as an RFC 3339 string, absent optional ones as None), the
+        extensions as top-level keys, and ``data`` (bytes stay bytes).
+        """
+        result: dict[str, Any] = dict(self.extensions)
+        result.update(
+            specversion=self.specversion,
+            id=self.id,
+            source=self.source,
+            type=self.type,
+            subject=self.subject,
+            time=self.time.isoformat() if self.time is not None else None,
+            datacontenttype=self.datacontenttype,
+            dataschema=self.dataschema,
+            data=self.data,
+        )
+        return result
+
+
+def decode_structured(body: bytes | str) -> CloudEvent:
+    """Decode one event in the structured JSON format."""
+    return _from_json_object(_load_json(body), where="")
+
+
+def decode_batch(body: bytes | str) -> list[CloudEvent]:
+    """Decode a JSON batch: an array of structured events (possibly empty)."""
+    document = _load_json(body)
+    if not isinstance(document, list):
+        raise DecodeError(f"batch must be a JSON array, not {_json_type(document)}")
+    return [_from_json_object(item, where=f"batch item {i}: ") for i, item in enumerate(document)]
+
+
+def decode_binary(
+    headers: Headers,
+    body: bytes | str | None,
+    prefix: str = KAFKA_PREFIX,
+    *,
+    percent_decode: bool = False,
+) -> CloudEvent:
+    """Decode a binary-mode event: attributes in ``prefix`` headers, the body as data.
+
+    Header names are matched case-insensitively.  ``percent_decode`` undoes
+    the percent-encoding that the HTTP binding applies to header values.
+    """
+    prefix = prefix.lower()
+    attributes: dict[str, Any] = {}
+    content_type: str | None = None
+    for name, raw in _header_items(headers):
+        lname = name.lower()
+        if lname == "content-type":
+            content_type = _header_text(name, raw)
+        elif lname.startswith(prefix):
+            value = _header_text(name, raw)
+            if value is None:
+                continue
+            attribute = lname[len(prefix) :]
+            if attribute in ("data", "data_base64"):
+                raise DecodeError(f"header {name!r} is not a context attribute")
+            attributes[attribute] = unquote(value) if percent_decode else value
+    if "datacontenttype" in attributes:
+        raise DecodeError(f"use content-type, not a {prefix}datacontenttype header")
+    if content_type is not None:
+        attributes["datacontenttype"] = content_type
+    event = _from_attributes(attributes, where="", mode=EventMode.BINARY)
+    data = _data_from_body(body, content_type)
+    return _replace_data(event, data)
+
+
+def decode_plain(body: bytes | str | None, *, id: str = "", source: str = "") -> CloudEvent:
+    """Wrap provider JSON that has no CloudEvents envelope."""
+    if body is None or len(body) == 0:
+        raise DecodeError("empty body")
+    return CloudEvent(
+        id=id,
+        source=source,
+        type="",
+        specversion=None,
+        datacontenttype="application/json",
+        data=_load_json(body),
+        mode=EventMode.PLAIN,
+    )
+
+
+def decode_kafka_record(
+    headers: Headers,
+    value: bytes | None,
+    *,
+    plain_id: str = "",
+    plain_source: str = "",
+) -> list[CloudEvent]:
+    """Decode a Kafka record in whichever mode it uses.
+
+    * ``content-type: application/cloudevents-batch+json`` -> batch;
+    * ``content-type: application/cloudevents+json`` -> structured;
+    * a ``ce_specversion`` header -> binary;
+    * otherwise the value must be JSON: a JSON object with a ``specversion``
+      member is a structured event (producers often omit the content-type
+      header), anything else is a plain provider event.
+    """
+    pairs = list(_header_items(headers))
+    content_type = None
+    binary = False
+    for name, raw in pairs:
+        lname = name.lower()
+        if lname == "content-type":
+            content_type = _header_text(name, raw)
+        elif lname == KAFKA_PREFIX + "specversion":
+            binary = True
+    media = _media_type(content_type)
+    if media.startswith("application/cloudevents-batch"):
+        if media != BATCH_JSON:
+            raise DecodeError(f"unsupported event batch format {media}")
+        return decode_batch(_require_body(value))
+    if media.startswith("application/cloudevents"):
+        if media != STRUCTURED_JSON:
+            raise DecodeError(f"unsupported event format {media}")
+        return [decode_structured(_require_body(value))]
+    if binary:
+        return [decode_binary(pairs, value, KAFKA_PREFIX)]
+    body = _require_body(value)
+    document = _load_json(body)
+    if isinstance(document, dict) and "specversion" in document:
+        return [_from_json_object(document, where="")]
+    return [decode_plain(body, id=plain_id, source=plain_source)]
+
+
+# -- internals ---------------------------------------------------------------
+
+
+def _from_json_object(document: Any, *, where: str) -> CloudEvent:
+    if not isinstance(document, dict):
+        raise DecodeError(f"{where}event must be a JSON object, not {_json_type(document)}")
+    attributes = {k: v for k, v in document.items() if k not in ("data", "data_base64")}
+    event = _from_attributes(attributes, where=where, mode=EventMode.STRUCTURED)
+    has_data = document.get("data") is not None
+    has_base64 = document.get("data_base64") is not None
+    if has_data and has_base64:
+        raise DecodeError(f"{where}both 'data' and 'data_base64' are present")
+    data: Any = document.get("data")
+    if has_base64:
+        encoded = document["data_base64"]
+        if not isinstance(encoded, str):
+            raise DecodeError(f"{where}'data_base64' must be a string")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except binascii.Error as exc:
+            raise DecodeError(f"{where}invalid base64 in 'data_base64': {exc}") from None
+    return _replace_data(event, data)
+
+
+def _from_attributes(attributes: Mapping[str, Any], *, where: str, mode: EventMode) -> CloudEvent:
+    present = {k: v for k, v in attributes.items() if v is not None}
+    for name in present:
+        if not _ATTRIBUTE_NAME.fullmatch(name):
+            raise DecodeError(f"{where}invalid attribute name {name!r}")
+    for name in _REQUIRED:
+        if name not in present:
+            raise DecodeError(f"{where}missing required attribute {name!r}")
+    specversion = present["specversion"]
+    if specversion != SPECVERSION:
+        raise DecodeError(f"{where}unsupported specversion {specversion}")
+    values: dict[str, str] = {}
+    for name in (*_REQUIRED, *_OPTIONAL):
+        if name not in present:
+            continue
+        value = present[name]
+        if not isinstance(value, str):
+            raise DecodeError(
+                f"{where}attribute {name!r} must be a string, not {_json_type(value)}"
+            )
+        if value == "" and name in ("id", "source", "type", "subject"):
+            raise DecodeError(f"{where}attribute {name!r} must not be empty")
+        values[name] = value
+    extensions: dict[str, Any] = {}
+    for name, value in present.items():
+        if name in values:
+            continue
+        if isinstance(value, bool | int | str):
+            extensions[name] = value
+        else:
+            raise DecodeError(
+                f"{where}extension {name!r} must be a string, integer or boolean, "
+                f"not {_json_type(value)}"
+            )
+    return CloudEvent(
+        id=values["id"],
+        source=values["source"],
+        type=values["type"],
+        specversion=SPECVERSION,
+        subject=values.get("subject"),
+        time=_parse_time(values["time"], where) if "time" in values else None,
+        datacontenttype=values.get("datacontenttype"),
+        dataschema=values.get("dataschema"),
+        extensions=extensions,
+        mode=mode,
+    )
+
+
+def _parse_time(value: str, where: str) -> datetime:
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise DecodeError(f"{where}attribute 'time' is not an RFC 3339 timestamp: {value!r}")
+    date, clock, fraction, offset = match.groups()
+    fraction = f".{fraction[:6]}" if fraction else ""
+    offset = "+00:00" if offset in ("Z", "z") else offset
+    try:
+        return datetime.fromisoformat(f"{date}T{clock}{fraction}{offset}")
+    except ValueError as exc:
+        raise DecodeError(f"{where}attribute 'time' is invalid: {exc}") from None
+
+
+def _data_from_body(body: bytes | str | None, content_type: str | None) -> Any:
+    if body is None or len(body) == 0:
+        return None
+    media = _media_type(content_type)
+    if media == "application/json" or media.endswith("+json"):
+        return _load_json(body)
+    if media.startswith("text/"):
+        return body if isinstance(body, str) else _utf8(body)
+    if content_type is None:
+        try:
+            return _load_json(body)
+        except DecodeError:
+            return body
+    return body
+
+
+def _replace_data(event: CloudEvent, data: Any) -> CloudEvent:
+    if data is None:
+        return event
+    return CloudEvent(
+        id=event.id,
+        source=event.source,
+        type=event.type,
+        specversion=event.specversion,
+        subject=event.subject,
+        time=event.time,
+        datacontenttype=event.datacontenttype,
+        dataschema=event.dataschema,
+        data=data,
+        extensions=event.extensions,
+        mode=event.mode,
+    )
+
+
+def _load_json(body: bytes | str) -> Any:
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"invalid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise DecodeError(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise DecodeError("invalid JSON: nested too deeply") from None
+
+
+def _require_body(value: bytes | None) -> bytes:
+    if value is None or len(value) == 0:
+        raise DecodeError("empty record value")
+    return value
+
+
+def _header_items(headers: Headers) -> Iterable[tuple[str, HeaderValue]]:
+    if isinstance(headers, Mapping):
+        return list(headers.items())
+    return list(headers)
+
+
+def _header_text(name: str, raw: HeaderValue) -> str | None:
+    if raw is None or isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError(f"header {name!r} is not UTF-8") from None
+
+
+def _utf8(body: bytes) -> str:
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError("text data is not UTF-8") from None
+
+
+def _media_type(content_type: str | None) -> str:
+    if content_type is None:
+        return ""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
