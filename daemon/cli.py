@@ -14,9 +14,21 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
-from daemon.config import ConfigError, LoadedConfig, load_config
+from aiohttp import web
+from pydantic import ValidationError
+
+from daemon.batcher import Batcher
+from daemon.catcher import (
+    CatcherContext,
+    ManagerEndpoint,
+    UnknownPluginError,
+    load_catcher,
+    load_event_mapper,
+)
+from daemon.config import ConfigError, LoadedConfig, format_validation_error, load_config
 from daemon.db import DatabaseURLError, create_engine
 from daemon.inventory import COLLECTIONS
 from daemon.lifecycle import Daemon
@@ -121,6 +133,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     cfg = loaded.config
     create_engine(cfg.database_url)  # validates the URL and the driver, no I/O
+    check_catchers(loaded)
     print(f"{loaded.source}: OK ({len(cfg.managers)} manager(s), {len(cfg.catchers)} catcher(s))")
     return 0
 
@@ -143,6 +156,38 @@ def cmd_simulator(args: argparse.Namespace) -> int:
         args.name,
     ]
     return int(simulator_main(argv))
+
+
+def check_catchers(loaded: LoadedConfig) -> None:
+    """Build every configured catcher (constructors do no I/O) to validate its options."""
+    cfg = loaded.config
+    endpoints = {}
+    for m in cfg.managers:
+        try:
+            mapper = load_event_mapper(m.provider)
+        except UnknownPluginError:
+            continue
+        endpoints[m.name] = ManagerEndpoint(m.name, m.provider, mapper)
+
+    async def never(_targets: TargetCollection) -> None:
+        raise RuntimeError("check-config does not refresh")
+
+    context = CatcherContext(
+        sink=Batcher(never),
+        managers=endpoints,
+        clock=time.monotonic,
+        http_app=web.Application(),
+        token=None,
+    )
+    for i, c in enumerate(cfg.catchers):
+        try:
+            load_catcher(c.type)(c.options | ({"name": c.name} if c.name else {}), context)
+        except ValidationError as exc:
+            raise ConfigError(
+                format_validation_error(loaded.source, exc, prefix=f"catchers[{i}]")
+            ) from None
+        except (ValueError, UnknownPluginError) as exc:
+            raise ConfigError(f"{loaded.source}: catchers[{i}] ({c.type}): {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -193,7 +193,8 @@ class LoadedConfig:
     provider_settings: Mapping[str, BaseModel]
 
 
-def _format(source: str, exc: ValidationError, prefix: str = "") -> str:
+def format_validation_error(source: str, exc: ValidationError, prefix: str = "") -> str:
+    """One line per error: ``FILE: key.path: message``."""
     lines = []
     for err in exc.errors():
         loc = prefix
@@ -211,7 +212,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Loaded
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format(source, exc)) from None
+        raise ConfigError(format_validation_error(source, exc)) from None
     settings: dict[str, BaseModel] = {}
     errors = []
     for i, m in enumerate(config.managers):
@@ -223,7 +224,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Loaded
         try:
             settings[m.name] = provider.settings_model.model_validate(m.provider_options)
         except ValidationError as exc:
-            errors.append(_format(source, exc, prefix=f"managers[{i}]"))
+            errors.append(format_validation_error(source, exc, prefix=f"managers[{i}]"))
     if errors:
         raise ConfigError("\n".join(errors))
     return LoadedConfig(config=config, source=source, provider_settings=settings)

@@ -1,0 +1,222 @@
+"""The config file and the CLI, as an operator meets them: messages, exit codes, summaries."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import main
+from daemon.config import ConfigError, load_config, parse_config
+from tests.daemon_process import write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def embedded(tmp_path: Path, **manager: object) -> Path:
+    return write_config(
+        tmp_path / "refreshd.toml",
+        {
+            "database_url": f"sqlite:///{tmp_path / 'r.db'}",
+            "managers": [
+                {
+                    "name": "awesome",
+                    "provider": "awesome_cloud",
+                    "endpoint": "embedded",
+                    "embedded_vms": 30,
+                    **manager,
+                }
+            ],
+        },
+    )
+
+
+def test_example_config_in_deploy_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(ROOT / "deploy" / "refreshd.toml")]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('databse_url = "x"\n', "databse_url: Extra inputs are not permitted"),
+        ('[batching]\ndebounce = "soon"\n', "batching.debounce"),
+        ("[batching]\nworkers = 0\n", "batching.workers"),
+        ('[[managers]]\nname = "a"\nprovider = "nope"\n', "managers[0].provider: unknown provider"),
+        (
+            '[[managers]]\nname = "a"\nprovider = "awesome_cloud"\nendpoint = "embedded"\n'
+            "page_size = 0\n",
+            "managers[0].page_size",
+        ),
+        (
+            '[[managers]]\nname = "a"\nprovider = "awesome_cloud"\nendpoint = "embedded"\n'
+            '[[managers]]\nname = "a"\nprovider = "awesome_cloud"\nendpoint = "embedded"\n',
+            "used twice",
+        ),
+        (
+            '[[managers]]\nname = "a"\nprovider = "awesome_cloud"\nendpoint = "embedded"\n'
+            '[[catchers]]\ntype = "webhook"\nmanager = "a"\nmax_wiat = 3\n',
+            "catchers[0]",
+        ),
+        ('[[catchers]]\ntype = "carrier-pigeon"\n', "unknown catcher type"),
+        ("this is = not toml = at all\n", "invalid TOML"),
+    ],
+)
+def test_bad_config_names_the_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err
+    assert message in err
+
+
+def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+
+
+def test_durations_secrets_and_database_url_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("s3cret\n")
+    monkeypatch.setenv("REFRESHD_DATABASE_URL", "postgresql://u@db/refreshd")
+    monkeypatch.setenv("TOKEN_FROM_ENV", "from-env")
+    loaded = parse_config(
+        {
+            "shutdown_timeout": "2m",
+            "batching": {"debounce": "250ms", "max_delay": 3},
+            "http": {"token": {"file": str(secret)}},
+        }
+    )
+    cfg = loaded.config
+    assert cfg.database_url == "postgresql://u@db/refreshd"
+    assert cfg.shutdown_timeout == 120
+    assert cfg.batching.debounce == 0.25 and cfg.batching.max_delay == 3
+    assert cfg.http.token is not None and cfg.http.token.reveal() == "s3cret"
+    env = parse_config({"http": {"token": {"env": "TOKEN_FROM_ENV"}}}).config.http.token
+    assert env is not None and env.reveal() == "from-env"
+    with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE"):
+        missing = parse_config({"http": {"token": {"env": "NOT_SET_ANYWHERE"}}}).config.http.token
+        assert missing is not None
+        missing.reveal()
+
+
+def test_embedded_default_is_valid() -> None:
+    loaded = load_config(None)
+    assert [m.name for m in loaded.config.managers] == ["awesome"]
+    assert [c.type for c in loaded.config.catchers] == ["inprocess"]
+    assert loaded.config.database_url.startswith("sqlite")
+
+
+def vms_in(db: Path) -> dict[str, str | None]:
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT ems_ref, archived_at FROM vms").fetchall())
+
+
+def test_refresh_full_then_targeted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(embedded(tmp_path))
+    assert main(["refresh", "--config", config, "--manager", "awesome"]) == 0
+    out = capsys.readouterr().out
+    assert "vms " in out and "created=30" in out
+    assert "awesome: full refresh" in out
+    assert len(vms_in(tmp_path / "r.db")) == 30
+
+    # the same cloud again: nothing to write
+    assert main(["refresh", "--config", config, "--manager", "awesome"]) == 0
+    assert "0 row(s) written" in capsys.readouterr().out
+
+    # a targeted refresh of a ref the database has never seen and the cloud does not have
+    code = main(
+        [
+            "refresh",
+            "--config",
+            config,
+            "--manager",
+            "awesome",
+            "--target",
+            "vms:vm-999999",
+            "--target",
+            "vms:vm-000001",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "targeted refresh of 2 target(s)" in out
+    assert "vm-999999" not in vms_in(tmp_path / "r.db")
+
+    runs = (
+        sqlite3.connect(tmp_path / "r.db")
+        .execute("SELECT kind, error FROM refresh_runs ORDER BY id")
+        .fetchall()
+    )
+    assert runs == [("full", None), ("full", None), ("targeted", None)]
+
+
+def test_refresh_without_targeted_refresh_is_full(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(embedded(tmp_path, allow_targeted_refresh=False))
+    assert (
+        main(["refresh", "--config", config, "--manager", "awesome", "--target", "vms:vm-000001"])
+        == 0
+    )
+    assert "awesome: full refresh" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--manager", "nobody"], "no manager named 'nobody'"),
+        (["--manager", "awesome", "--target", "vms"], "expected COLLECTION:REF"),
+        (["--manager", "awesome", "--target", "planets:p-1"], "unknown collection 'planets'"),
+    ],
+)
+def test_refresh_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main(["refresh", "--config", str(embedded(tmp_path)), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_db_upgrade_is_idempotent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(embedded(tmp_path))
+    assert main(["db", "upgrade", "--config", config]) == 0
+    assert main(["db", "upgrade", "--config", config]) == 0
+    assert capsys.readouterr().out.count("database schema at revision 0001") == 2
+    tables = {
+        r[0]
+        for r in sqlite3.connect(tmp_path / "r.db").execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+        )
+    }
+    assert {
+        "managers",
+        "vms",
+        "images",
+        "flavors",
+        "security_groups",
+        "disks",
+        "network_ports",
+        "vm_security_groups",
+        "refresh_runs",
+    } <= tables
+
+
+def test_refresh_against_a_cloud_that_is_down(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(embedded(tmp_path, endpoint="http://127.0.0.1:9", retries=0))
+    assert main(["refresh", "--config", config, "--manager", "awesome"]) == 1
+    assert "refresh failed" in capsys.readouterr().err
+    with sqlite3.connect(tmp_path / "r.db") as conn:
+        error = conn.execute("SELECT last_refresh_error FROM managers").fetchone()[0]
+        assert error
+        assert (
+            conn.execute("SELECT count(*) FROM refresh_runs WHERE error IS NOT NULL").fetchone()[0]
+            == 1
+        )
