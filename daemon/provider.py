@@ -14,7 +14,7 @@ objects, their children and the objects they refer to).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from functools import cache
 from importlib.metadata import entry_points
@@ -49,11 +49,11 @@ class ProviderAuthError(ProviderError):
 class ManagerConnection(AbstractAsyncContextManager["ManagerConnection"], Protocol):
     """An open connection to one manager's cloud (``async with`` opens and closes it)."""
 
-    def collect_full(self) -> AsyncIterator[InventoryPage]:
+    def collect_full(self) -> AsyncGenerator[InventoryPage, None]:
         """Every object of the manager, page by page, in dependency order."""
         ...
 
-    def collect_targeted(self, targets: TargetCollection) -> AsyncIterator[InventoryPage]:
+    def collect_targeted(self, targets: TargetCollection) -> AsyncGenerator[InventoryPage, None]:
         """The targeted objects, with their children and the objects they refer to.
 
         A targeted ref the cloud no longer has is simply absent from the pages.

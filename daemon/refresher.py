@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from daemon.inventory import InventoryPage
@@ -54,9 +55,8 @@ class Refresher:
             log.debug("manager %s: targeted refresh disabled, refreshing fully", manager.name)
             targets = TargetCollection(manager.name, [Target.full(manager.name)])
         if targets.is_full:
-            return await self._persister.save(
-                manager.name, prefetched(manager.connection.collect_full()), targets=targets
-            )
+            async with aclosing(prefetched(manager.connection.collect_full())) as pages:
+                return await self._persister.save(manager.name, pages, targets=targets)
         return await self._targeted(manager, targets)
 
     async def _targeted(
@@ -65,7 +65,8 @@ class Refresher:
         started, t0 = utcnow(), time.perf_counter()
         try:
             resolved = await self._persister.resolve_targets(targets)
-            pages = [p async for p in manager.connection.collect_targeted(resolved)]
+            async with aclosing(manager.connection.collect_targeted(resolved)) as collected:
+                pages = [p async for p in collected]
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -97,7 +98,7 @@ async def _iterate(pages: list[InventoryPage]) -> AsyncIterator[InventoryPage]:
 
 async def prefetched(
     pages: AsyncIterator[InventoryPage], depth: int = 1
-) -> AsyncIterator[InventoryPage]:
+) -> AsyncGenerator[InventoryPage, None]:
     """Yield ``pages`` while fetching up to ``depth`` pages ahead in a task."""
     queue: asyncio.Queue[InventoryPage | BaseException | None] = asyncio.Queue(maxsize=depth)
 

@@ -72,6 +72,10 @@ class Stager:
             for ddl in _ddl(engine, statements):
                 await self._conn.exec_driver_sql(ddl)
             self._conn.info[TEMP_TABLES_READY] = True
+        if self._dialect is Dialect.POSTGRESQL:
+            # COPY goes through the raw asyncpg connection: make sure SQLAlchemy has begun
+            # the transaction on it first, whatever statement order the caller uses
+            await self._conn.exec_driver_sql("SELECT 1")
         if self._dialect is Dialect.SQLITE:
             for st in statements:
                 await self._conn.exec_driver_sql(f"DELETE FROM {st.stage.name}")

@@ -10,8 +10,11 @@ Every statement is set-based and works on PostgreSQL and SQLite alike:
   that is in neither the database nor the batch, so no foreign key dangles;
 * ``upsert`` is ``INSERT ... SELECT`` from the stage, joined to the referenced
   tables to resolve foreign keys, ``ON CONFLICT DO UPDATE ... WHERE`` some
-  column ``IS DISTINCT FROM`` the new value: unchanged rows are not written,
-  and ``RETURNING created_at = :now`` tells created from updated;
+  column ``IS DISTINCT FROM`` the new value: unchanged rows are not written.
+  ``count_new``, run just before it, counts the rows it will insert (created);
+  ``RETURNING created_at = :now`` is false for the rows that existed before
+  this refresh (updated).  A row created earlier in the same refresh (a skeletal
+  row filled in by a later page) is neither: it was already counted created;
 * ``mark_seen`` records the ids of every staged row in ``seen_<collection>``;
 * ``sweep`` archives (top level) or deletes (children) the rows in scope that
   were not seen, limited to the targeted refs in a targeted refresh.
@@ -64,6 +67,7 @@ class Statements:
     seen: Table
     skeletal: tuple[tuple[str, TextClause], ...]  # (referenced collection, statement)
     upsert: TextClause
+    count_new: TextClause
     mark_seen: TextClause
     sweep_full: TextClause
     sweep_targeted: TextClause
@@ -170,18 +174,34 @@ def _skeletal(collection: Collection, stage: str) -> tuple[tuple[str, TextClause
     return tuple(out)
 
 
-def _mark_seen(collection: Collection, stage: str, seen: str) -> TextClause:
-    table = collection.table.name
-    joins, exprs = _joins(collection)
+def _key_match(collection: Collection, exprs: dict[str, str]) -> str:
+    """Row ``t`` of the table has the conflict key of staged row ``s`` (joined)."""
     conds = []
     if collection.parent is None:
         conds.append("t.manager_id = :m")
     else:
         conds.append(f"t.{collection.parent.column} = p.id")
     conds += [f"t.{collection.column_of(a)} = {exprs.get(a, f's.{a}')}" for a in collection.key]
+    return " AND ".join(conds)
+
+
+def _count_new(collection: Collection, stage: str) -> TextClause:
+    """How many staged rows the upsert will insert (same joins, no existing row)."""
+    joins, exprs = _joins(collection)
+    sql = (
+        f"SELECT count(*) FROM {stage} s {' '.join(joins)} WHERE NOT EXISTS "
+        f"(SELECT 1 FROM {collection.table.name} t WHERE {_key_match(collection, exprs)})"
+    )
+    return _binds(text(sql))
+
+
+def _mark_seen(collection: Collection, stage: str, seen: str) -> TextClause:
+    table = collection.table.name
+    joins, exprs = _joins(collection)
+    conds = _key_match(collection, exprs)
     sql = (
         f"INSERT INTO {seen} (id) SELECT t.id FROM {stage} s {' '.join(joins)} "
-        f"JOIN {table} t ON {' AND '.join(conds)} WHERE true ON CONFLICT (id) DO NOTHING"
+        f"JOIN {table} t ON {conds} WHERE true ON CONFLICT (id) DO NOTHING"
     )
     return _binds(text(sql))
 
@@ -231,10 +251,18 @@ def statements_for(collection: Collection) -> Statements:
         seen=seen,
         skeletal=_skeletal(collection, stage.name),
         upsert=_upsert(collection, stage.name),
+        count_new=_count_new(collection, stage.name),
         mark_seen=_mark_seen(collection, stage.name, seen.name),
         sweep_full=_sweep(collection, seen.name, targeted=False),
         sweep_targeted=_sweep(collection, seen.name, targeted=True),
-        count_full=_binds(text(f"SELECT count(*) FROM {table} t WHERE {scope_full} AND {unseen}")),
+        # rows created by this very refresh (skeletal rows of objects that appeared after
+        # their listing was read) are swept too, but do not count against the guard
+        count_full=_binds(
+            text(
+                f"SELECT count(*) FROM {table} t WHERE {scope_full} AND {unseen} "
+                "AND t.created_at <> :now"
+            )
+        ),
         count_active=_binds(text(f"SELECT count(*) FROM {table} t WHERE {scope_full}")),
     )
 
