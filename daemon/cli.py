@@ -138,24 +138,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_simulator(args: argparse.Namespace) -> int:
+def cmd_simulator(argv: Sequence[str]) -> int:
+    """``refreshd simulator ...``: the provider parses its own options (see ``--help``)."""
     provider = load_provider("awesome_cloud")
     simulator_main = getattr(provider, "simulator_main", None)
     if simulator_main is None:
         raise UsageError("the installed awesome_cloud provider has no simulator")
-    argv = [
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-        "--vms",
-        str(args.vms),
-        "--seed",
-        str(args.seed),
-        "--name",
-        args.name,
-    ]
-    return int(simulator_main(argv))
+    return int(simulator_main(list(argv)))
 
 
 def check_catchers(loaded: LoadedConfig) -> None:
@@ -213,12 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file")
     c.add_argument("--config", required=True)
 
-    s = sub.add_parser("simulator", help="run the AwesomeCloud simulator standalone")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8700)
-    s.add_argument("--vms", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--name", default="awesome")
+    sub.add_parser(
+        "simulator",
+        help="run the AwesomeCloud simulator standalone (refreshd simulator --help)",
+        add_help=False,
+    )
 
     r = sub.add_parser("run", help="run the daemon (no --config: the embedded default)")
     r.add_argument("--config", help="TOML config (default: SQLite + embedded simulator)")
@@ -226,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulator"]:
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            return cmd_simulator(argv[1:])
+        except UsageError as exc:
+            print(f"refreshd: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=(args.log_level or "info").upper(),
@@ -238,8 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(cmd_db_upgrade(args))
         if args.command == "check-config":
             return cmd_check_config(args)
-        if args.command == "simulator":
-            return cmd_simulator(args)
         if args.command == "run":
             loaded = load_config(args.config)
             if args.log_level is None:
