@@ -146,6 +146,7 @@ def daemon_config(
     topic: str,
     group: str,
     debounce: float,
+    max_delay: float,
 ) -> None:
     path.write_text(f"""
 database_url = "{db}"
@@ -263,6 +264,7 @@ async def main() -> None:
                 topic=topic,
                 group=group,
                 debounce=args.debounce,
+                max_delay=args.max_delay,
             )
             sim = Proc(
                 [
