@@ -26,142 +26,49 @@ takes no more records in but keeps the member in its group, paused and
 polling; after the batcher has drained, :meth:`KafkaCatcher.close` waits at
 most ``drain_timeout`` for in-flight acks, commits, and closes the consumer
 and the dead-letter producer.
+
+The settings (:class:`KafkaSettings`, durations with units) and the counters
+live in :mod:`catchers.kafka_settings`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from catchers.cloudevents import DecodeError, decode_kafka_record
+from catchers.kafka_settings import DeadLetterReason, KafkaCatcherStats, KafkaSettings
 from catchers.offsets import OffsetTracker
 from catchers.routing import ROUTING_OPTIONS, Route, route_from_options
 from daemon.acks import Ack, QueueFullError, TargetSink
 from daemon.catcher import CatcherContext
 from daemon.targets import Target
 
+__all__ = [
+    "ERROR_HEADER",
+    "HEADER_PREFIX",
+    "REASON_HEADER",
+    "DeadLetterReason",
+    "KafkaCatcher",
+    "KafkaCatcherStats",
+    "KafkaSettings",
+    "kafka_catcher",
+]
+
 log = logging.getLogger(__name__)
 
 ERROR_HEADER = "refreshd-error"
 REASON_HEADER = "refreshd-reason"
 HEADER_PREFIX = "refreshd-"
-
-
-class KafkaSettings(BaseModel):
-    """One Kafka catcher: a consumer group member reading ``topics``.  Times in seconds."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    bootstrap_servers: tuple[str, ...] = Field(min_length=1)
-    """``host:port`` of brokers to bootstrap from (a comma-separated string is accepted)."""
-    topics: tuple[str, ...] = Field(min_length=1)
-    group_id: str
-    group_instance_id: str | None = None
-    """Static membership: a restart within ``session_timeout`` causes no rebalance."""
-    client_id: str = "refreshd"
-    name: str = "kafka"
-    """The catcher's name in logs and in the ``refreshd-catcher`` dead-letter header."""
-    dead_letter_topic: str | None = None
-    """Where bad records go; None means ``<source topic>.dlq``."""
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    """Where a group without a committed offset starts."""
-    max_poll_records: int = Field(500, ge=1)
-    poll_timeout: float = Field(0.2, gt=0)
-    """How long one ``getmany`` waits for records (also the pace of polls while paused)."""
-    commit_interval: float = Field(1.0, gt=0)
-    commit_timeout: float = Field(10.0, ge=0)
-    """On revoke: how long to wait for in-flight acks before committing (< rebalance timeout)."""
-    drain_timeout: float = Field(5.0, ge=0)
-    """On close: how long to wait for in-flight acks before the final commit."""
-    session_timeout: float = Field(10.0, gt=0)
-    heartbeat_interval: float = Field(3.0, gt=0)
-    max_poll_interval: float = Field(300.0, gt=0)
-    rebalance_timeout: float | None = Field(None, gt=0)
-    """How long the group waits for members to rejoin; None means ``max_poll_interval``."""
-    dead_letter_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-    """Delays between attempts to produce a dead letter (the last one repeats)."""
-    fetch_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
-    """Delays after retriable fetch errors (the last one repeats)."""
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-
-    @field_validator("bootstrap_servers", "topics", mode="before")
-    @classmethod
-    def _split_commas(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
-    @field_validator("dead_letter_backoff", "fetch_backoff")
-    @classmethod
-    def _non_empty_backoff(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if not value or any(delay < 0 for delay in value):
-            raise ValueError("a backoff needs at least one delay, none negative")
-        return value
-
-    @model_validator(mode="after")
-    def _coherent(self) -> Self:
-        if self.heartbeat_interval >= self.session_timeout:
-            raise ValueError("heartbeat_interval must be shorter than session_timeout")
-        rebalance = self.rebalance_timeout or self.max_poll_interval
-        if self.commit_timeout >= rebalance:
-            raise ValueError(
-                f"commit_timeout ({self.commit_timeout}s) must be shorter than the rebalance"
-                f" timeout ({rebalance}s): revoked partitions are committed within it"
-            )
-        if self.sasl_mechanism is not None and not self.security_protocol.startswith("SASL"):
-            raise ValueError("sasl_mechanism needs security_protocol SASL_PLAINTEXT or SASL_SSL")
-        return self
-
-    def dead_letter_topic_for(self, topic: str) -> str:
-        return self.dead_letter_topic or f"{topic}.dlq"
-
-
-class DeadLetterReason(enum.StrEnum):
-    UNDECODABLE = "undecodable"
-    UNROUTABLE = "unroutable"
-    MAPPER_ERROR = "mapper_error"
-
-
-@dataclass(slots=True)
-class KafkaCatcherStats:
-    """Counters since start (plain numbers; the daemon exports them)."""
-
-    received: int = 0
-    """Records handed to the sink or dead-lettered (a re-read after QueueFull counts once)."""
-    decoded: int = 0
-    submitted: int = 0
-    acknowledged: int = 0
-    dead_lettered: dict[DeadLetterReason, int] = field(
-        default_factory=lambda: dict.fromkeys(DeadLetterReason, 0)
-    )
-    dead_letter_errors: int = 0
-    """Failed attempts to produce a dead letter (each is retried)."""
-    backpressure_pauses: int = 0
-    paused: bool = False
-    commits: int = 0
-    commit_errors: int = 0
-    committed: dict[TopicPartition, int] = field(default_factory=dict)
-    """Last committed position per partition."""
-    lag: dict[TopicPartition, int] = field(default_factory=dict)
-    """highwater - fetch position per assigned partition, refreshed every commit interval."""
 
 
 class KafkaCatcher:

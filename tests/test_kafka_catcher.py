@@ -19,7 +19,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from catchers.cloudevents import CloudEvent
-from catchers.kafka import DeadLetterReason, KafkaCatcher, KafkaSettings, kafka_catcher
+from catchers.kafka import KafkaCatcher, kafka_catcher
+from catchers.kafka_settings import DeadLetterReason, KafkaSettings
 from daemon.acks import Ack, QueueFullError
 from daemon.catcher import CatcherContext, ManagerEndpoint
 from daemon.provider import EventMapper
@@ -472,6 +473,30 @@ async def test_factory_builds_a_catcher_from_options() -> None:
             commit_timeout=5,
             rebalance_timeout=5,
         )
+
+
+def test_durations_accept_units() -> None:
+    s = KafkaSettings.model_validate(
+        {
+            "bootstrap_servers": "a:9092",
+            "topics": "t",
+            "group_id": "g",
+            "poll_timeout": "100ms",
+            "commit_interval": "1s",
+            "session_timeout": "6s",
+            "heartbeat_interval": 2,
+            "max_poll_interval": "5m",
+            "rebalance_timeout": "1m",
+            "fetch_backoff": ["500ms", 2],
+        }
+    )
+    assert (s.poll_timeout, s.commit_interval, s.session_timeout) == (0.1, 1.0, 6.0)
+    assert (s.max_poll_interval, s.rebalance_timeout, s.fetch_backoff) == (300.0, 60.0, (0.5, 2.0))
+    for bad in ({"commit_interval": "soon"}, {"poll_timeout": "0s"}, {"drain_timeout": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            KafkaSettings.model_validate(
+                {"bootstrap_servers": "a", "topics": "t", "group_id": "g", **bad}
+            )
 
 
 @kafka
