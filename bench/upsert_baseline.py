@@ -20,7 +20,7 @@ from pathlib import Path
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pg import ADMIN_DSN, temp_database  # noqa: E402
+from pg import ADMIN_DSN, temp_database
 
 DDL = """
 CREATE TABLE base (
@@ -29,7 +29,9 @@ CREATE TABLE base (
     created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL,
     UNIQUE (manager_id, ems_ref))
 """
-STAGE = "CREATE TEMP TABLE stage (ems_ref text, name text, state text, flavor_id bigint, tags jsonb)"
+STAGE = (
+    "CREATE TEMP TABLE stage (ems_ref text, name text, state text, flavor_id bigint, tags jsonb)"
+)
 MERGE = """
 INSERT INTO base (manager_id, ems_ref, name, state, flavor_id, tags, created_at, updated_at)
 SELECT 1, ems_ref, name, state, flavor_id, tags, now(), now() FROM stage
@@ -72,7 +74,10 @@ async def measure(dsn: str, n: int, repeat: int) -> dict[str, float]:
             same.append(n / await one_pass(conn, rows))
     finally:
         await conn.close()
-    return {"new_rows_per_s": statistics.median(new), "unchanged_rows_per_s": statistics.median(same)}
+    return {
+        "new_rows_per_s": statistics.median(new),
+        "unchanged_rows_per_s": statistics.median(same),
+    }
 
 
 async def main() -> None:
