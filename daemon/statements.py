@@ -215,7 +215,12 @@ def _scope(collection: Collection, *, targeted: bool) -> str:
         if collection.parent is None:
             conds.append("t.ems_ref IN :refs")
         else:
+            # The children of the targeted parents: the parents' subquery already keeps the
+            # scope within the manager.  Repeating "t.manager_id = :m" made SQLite scan every
+            # child of the manager through ix_<child>_manager_id instead of searching the
+            # (parent, key) index: 32 ms instead of 0.02 ms a statement at 100k vms.
             p = collection.parent
+            conds.remove("t.manager_id = :m")
             conds.append(
                 f"t.{p.column} IN (SELECT id FROM {p.collection} "
                 f"WHERE manager_id = :m AND ems_ref IN :refs)"

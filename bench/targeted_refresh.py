@@ -1,0 +1,350 @@
+"""Targeted refresh latency: 1 vm and 100 vms, with 1k and 100k vms in the database.
+
+Real Refresher + Persister + AwesomeConnection with the simulator embedded in this
+process (``endpoint = "embedded"``).  Before each refresh the targeted vms are
+changed in the cloud (new tags, state flipped), so every refresh writes rows.
+
+The machine is shared and noisy, so for each backend both inventories are set up
+side by side (one database and one embedded cloud each) and their refreshes are
+*interleaved* (1k, 100k, 100k, 1k, ...): both sizes see the same noise, and the
+ratio 100k/1k is meaningful even when absolute figures drift.
+
+Prints p50/p99 per case, the split collect (HTTP + parse) vs persist (and the
+persister's phases), and the ratio 100k/1k.
+
+    .venv/bin/python bench/targeted_refresh.py                 # PostgreSQL and SQLite
+    .venv/bin/python bench/targeted_refresh.py --backends postgresql --inventories 1000,10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from random import Random
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    MANAGER,
+    PROVIDER,
+    PhaseTimer,
+    StatementTimer,
+    code_fingerprint,
+    machine_info,
+    percentile,
+    pg_version,
+    print_machine,
+)
+from pg import temp_database
+
+from daemon.db import create_engine
+from daemon.migrate import upgrade
+from daemon.persister import Persister
+from daemon.refresher import RefreshableManager, Refresher
+from daemon.targets import Target, TargetCollection
+from providers.awesome_cloud.collector import AwesomeConnection
+from providers.awesome_cloud.settings import AwesomeCloudSettings
+
+WARMUP = 5
+
+
+@contextlib.asynccontextmanager
+async def database(backend: str) -> AsyncIterator[str]:
+    if backend == "postgresql":
+        async with temp_database(f"bench_tgt_{uuid.uuid4().hex[:8]}") as dsn:
+            yield dsn
+    else:
+        with tempfile.TemporaryDirectory(prefix="refreshd-bench-") as d:
+            yield f"sqlite:///{d}/bench.db"
+
+
+async def settle(backend: str, url: str) -> str:
+    """Steady state after the bulk load: what autovacuum and the checkpointer would
+    reach on their own a few minutes later (PostgreSQL).  SQLite is left as the
+    daemon leaves it (refreshd never runs ANALYZE there)."""
+    if backend != "postgresql":
+        return "no settling (SQLite: no ANALYZE, as the daemon leaves it)"
+    import asyncpg
+
+    t0 = time.perf_counter()
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("VACUUM ANALYZE")
+        with contextlib.suppress(asyncpg.PostgresError):
+            await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    return f"VACUUM ANALYZE + CHECKPOINT ({time.perf_counter() - t0:.1f}s, not measured)"
+
+
+def ms(s: float) -> str:
+    return f"{1000 * s:8.2f}"
+
+
+@dataclass
+class Inventory:
+    """One database + one embedded cloud of ``vms`` vms, fully refreshed once."""
+
+    backend: str
+    vms: int
+    refresher: Refresher
+    persister: Persister
+    cloud: Any
+    vm_ids: list[str]
+    timer: StatementTimer
+    phases: PhaseTimer
+    rng: Random
+    info: dict[str, Any] = field(default_factory=dict)
+    tick: int = 0
+
+
+@dataclass
+class Samples:
+    totals: list[float] = field(default_factory=list)
+    collects: list[float] = field(default_factory=list)
+    persists: list[float] = field(default_factory=list)
+    written: list[tuple[int, int]] = field(default_factory=list)
+    phase_sums: dict[str, float] = field(default_factory=dict)
+    statements_last: dict[str, list[float]] = field(default_factory=dict)
+
+
+async def open_inventory(
+    stack: contextlib.AsyncExitStack, backend: str, vms: int, seed: int
+) -> Inventory:
+    url = await stack.enter_async_context(database(backend))
+    engine = create_engine(url)
+    stack.push_async_callback(engine.dispose)
+    timer = StatementTimer()
+    timer.attach(engine)
+    phases = PhaseTimer()
+    phases.attach()
+    await upgrade(engine)
+    persister = Persister(engine)
+    settings = AwesomeCloudSettings(
+        endpoint="embedded", embedded_vms=vms, embedded_seed=seed, page_size=1000
+    )
+    conn = await stack.enter_async_context(AwesomeConnection(MANAGER, settings))
+    assert conn.cloud is not None
+    refresher = Refresher(persister, {MANAGER: RefreshableManager(MANAGER, PROVIDER, conn)})
+    inv = Inventory(
+        backend,
+        vms,
+        refresher,
+        persister,
+        conn.cloud,
+        conn.cloud.ids("vms"),
+        timer,
+        phases,
+        Random(seed),
+    )
+    if backend == "postgresql":
+        inv.info["server"] = await pg_version(url)
+    t0 = time.perf_counter()
+    full = await refresher.refresh(TargetCollection(MANAGER, [Target.full(MANAGER)]))
+    inv.info["setup_full_refresh_s"] = time.perf_counter() - t0
+    inv.info["setup_rows"] = full.rows_written
+    inv.info["settle"] = await settle(backend, url)
+    inv.info["row_counts_before"] = await persister.row_counts(MANAGER)
+    print(
+        f"[{backend}, {vms:,d} vms] initial full refresh: {full.rows_written:,d} rows in "
+        f"{inv.info['setup_full_refresh_s']:.1f}s; then {inv.info['settle']}"
+    )
+    return inv
+
+
+async def one_refresh(inv: Inventory, batch: int, samples: Samples | None, last: bool) -> None:
+    chosen = inv.rng.sample(inv.vm_ids, batch)
+    inv.tick += 1
+    for vm_id in chosen:
+        old = inv.cloud.get("vms", vm_id)
+        inv.cloud.update(
+            "vms",
+            vm_id,
+            {
+                "tags": {"bench": str(inv.tick)},
+                "state": "stopped" if old["state"] == "running" else "running",
+            },
+        )
+    targets = TargetCollection(MANAGER, [Target.of(MANAGER, "vms", v) for v in chosen])
+    inv.timer.activate()
+    inv.phases.activate()
+    with inv.timer.recording() if last else contextlib.nullcontext(), inv.phases.recording():
+        t0 = time.perf_counter()
+        result = await inv.refresher.refresh(targets)
+        total = time.perf_counter() - t0
+    if samples is None:
+        return
+    for k, v in inv.phases.seconds.items():
+        samples.phase_sums[k] = samples.phase_sums.get(k, 0.0) + v
+    samples.totals.append(total)
+    samples.collects.append(result.extra.get("collect_seconds", float("nan")))
+    samples.persists.append(result.duration)
+    samples.written.append((result.rows_written, result.counts["vms"].updated))
+    if last:
+        samples.statements_last = {
+            k: [inv.timer.seconds[k], inv.timer.calls[k]] for k in inv.timer.seconds
+        }
+
+
+def summarize(batch: int, iterations: int, s: Samples) -> dict[str, Any]:
+    return {
+        "batch": batch,
+        "iterations": iterations,
+        "p50": percentile(s.totals, 50),
+        "p99": percentile(s.totals, 99),
+        "mean": statistics.fmean(s.totals),
+        "collect_p50": percentile(s.collects, 50),
+        "persist_p50": percentile(s.persists, 50),
+        "other_p50": percentile(
+            [t - c - p for t, c, p in zip(s.totals, s.collects, s.persists, strict=True)], 50
+        ),
+        "rows_written_median": statistics.median(w for w, _ in s.written),
+        "vms_updated_min": min(v for _, v in s.written),
+        "phases_mean": {k: v / iterations for k, v in s.phase_sums.items()},
+        "statements_last": s.statements_last,
+    }
+
+
+async def run_backend(
+    backend: str, sizes: list[int], cases: list[tuple[int, int]], seed: int
+) -> list[dict[str, Any]]:
+    async with contextlib.AsyncExitStack() as stack:
+        invs = [await open_inventory(stack, backend, vms, seed) for vms in sizes]
+        out = [{"backend": backend, "vms": inv.vms, **inv.info, "cases": []} for inv in invs]
+        for batch, iterations in cases:
+            gc.collect()
+            samples = [Samples() for _ in invs]
+            for i in range(WARMUP + iterations):
+                order = list(range(len(invs)))
+                if i % 2:
+                    order.reverse()
+                for k in order:
+                    measuring = i >= WARMUP
+                    await one_refresh(
+                        invs[k],
+                        batch,
+                        samples[k] if measuring else None,
+                        last=i == WARMUP + iterations - 1,
+                    )
+            for inv, s, o in zip(invs, samples, out, strict=True):
+                r = summarize(batch, iterations, s)
+                o["cases"].append(r)
+                print(
+                    f"  {backend:<10} {inv.vms:>7,d} vms  {batch:3d} vm(s) x {iterations}: "
+                    f"p50 {ms(r['p50'])} ms  p99 {ms(r['p99'])} ms  mean {ms(r['mean'])} ms | "
+                    f"p50 collect {ms(r['collect_p50'])}  persist {ms(r['persist_p50'])}  "
+                    f"after persist (record+commit) {ms(r['other_p50'])} | rows written "
+                    f"(median) {r['rows_written_median']:.0f}, vms updated >= "
+                    f"{r['vms_updated_min']}"
+                )
+                print(
+                    "        persister phases, mean per refresh (ms): "
+                    + "  ".join(
+                        f"{k} {1000 * v:.2f}"
+                        for k, v in sorted(r["phases_mean"].items(), key=lambda kv: -kv[1])
+                    )
+                )
+        for inv, o in zip(invs, out, strict=True):
+            after = await inv.persister.row_counts(MANAGER)
+            before = o["row_counts_before"]
+            o["row_counts_after"] = after
+            expected = {c: inv.cloud.count(c) for c in ("vms", "flavors", "images")}
+            lost = {k: (before[k], after[k]) for k in before if after[k] < before[k]}
+            if lost or any(after[k] != v for k, v in expected.items()):
+                print(
+                    f"  WARNING [{backend}, {inv.vms:,d}]: active rows lost by targeted refreshes "
+                    f"(before, after): {lost}; cloud has {expected}"
+                )
+                o["rows_lost"] = lost
+        return out
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="postgresql,sqlite")
+    parser.add_argument("--inventories", default="1000,100000", help="vms in the database")
+    parser.add_argument("--iterations-1", type=int, default=200)
+    parser.add_argument("--iterations-100", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--statements", action="store_true", help="print statement times")
+    parser.add_argument("--json", help="write all figures to this file")
+    args = parser.parse_args()
+
+    info = machine_info()
+    info["code"] = code_fingerprint()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    sizes = [int(x) for x in args.inventories.split(",")]
+    cases = [(1, args.iterations_1), (100, args.iterations_100)]
+    print_machine(info)
+    print(
+        f"targeted refresh benchmark: embedded simulator; per case {WARMUP} warm-up refreshes "
+        "(not counted); the inventories' refreshes interleaved; each refresh's vms changed "
+        "in the cloud first\n"
+    )
+    results: list[dict[str, Any]] = []
+    for backend in backends:
+        rs = await run_backend(backend, sizes, cases, args.seed)
+        results += rs
+        if args.statements:
+            for r in rs:
+                for case in r["cases"]:
+                    print(
+                        f"    statements of the last {case['batch']}-vm refresh "
+                        f"[{backend}, {r['vms']:,d} vms]:"
+                    )
+                    for k, (s, n) in sorted(
+                        case["statements_last"].items(), key=lambda kv: -kv[1][0]
+                    )[:12]:
+                        print(f"      {1000 * s:8.2f} ms  {n:3d}x  {k}")
+                    n = sum(int(c) for _, c in case["statements_last"].values())
+                    print(f"      ({n} statements and COPYs in all)")
+        print()
+
+    print("summary (ms)")
+    print(
+        f"  {'backend':<11} {'vms in db':>9} {'batch':>5} {'p50':>8} {'p99':>8} "
+        f"{'collect p50':>11} {'persist p50':>11}"
+    )
+    for r in results:
+        for c in r["cases"]:
+            print(
+                f"  {r['backend']:<11} {r['vms']:>9,d} {c['batch']:>5} {ms(c['p50'])} "
+                f"{ms(c['p99'])} {ms(c['collect_p50']):>11} {ms(c['persist_p50']):>11}"
+            )
+    print("\nratio large/small inventory (target <= 1.3) and 1-vm p50 target (<= 15 ms):")
+    for backend in backends:
+        rs = sorted((r for r in results if r["backend"] == backend), key=lambda r: r["vms"])
+        if len(rs) >= 2:
+            small, large = rs[0], rs[-1]
+            for cs, cl in zip(small["cases"], large["cases"], strict=True):
+                ratio50 = cl["p50"] / cs["p50"]
+                ratio99 = cl["p99"] / cs["p99"]
+                print(
+                    f"  {backend:<11} batch {cs['batch']:3d}: p50 {large['vms']:,d}/"
+                    f"{small['vms']:,d} = {ratio50:.2f} "
+                    f"({'met' if ratio50 <= 1.3 else 'MISSED'}), p99 ratio {ratio99:.2f}"
+                )
+        for r in rs:
+            one = r["cases"][0]
+            print(
+                f"  {backend:<11} 1-vm p50 at {r['vms']:,d} vms: {1000 * one['p50']:.2f} ms "
+                f"({'met' if one['p50'] <= 0.015 else 'MISSED'})"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "results": results}, indent=2))
+        print(f"\nfigures written to {args.json}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
