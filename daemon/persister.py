@@ -295,13 +295,21 @@ class Persister:
                     counts[referred] = counts[referred] + Counts(created=made)
             # created: rows inserted now; updated: rows that existed before this refresh
             # (a row created by an earlier page or a skeletal insert is not counted twice)
-            created = (await conn.execute(st.count_new, params)).scalar_one()
-            flags = (await conn.execute(st.upsert, params)).scalars().all()
+            track = collection.name in tracked
+            if self._dialect is Dialect.POSTGRESQL:
+                statement = st.pg_upsert_seen if track else st.pg_upsert
+                flags = (await conn.execute(statement, params)).all()
+                created = sum(1 for inserted, _ in flags if inserted)
+                updated = sum(1 for _, fresh in flags if not fresh)
+            else:
+                created = (await conn.execute(st.count_new, params)).scalar_one()
+                fresh_flags = (await conn.execute(st.upsert, params)).scalars().all()
+                updated = sum(1 for fresh in fresh_flags if not fresh)
+                if track:
+                    await conn.execute(st.mark_seen, params)
             counts[collection.name] = counts[collection.name] + Counts(
-                created=created, updated=sum(1 for new in flags if not new)
+                created=created, updated=updated
             )
-            if collection.name in tracked:
-                await conn.execute(st.mark_seen, params)
 
     async def _count_active(self, conn: AsyncConnection, params: dict[str, Any]) -> int:
         total = 0

@@ -11,7 +11,7 @@ Every statement is set-based and works on PostgreSQL and SQLite alike:
 * ``upsert`` is ``INSERT ... SELECT`` from the stage, joined to the referenced
   tables to resolve foreign keys, ``ON CONFLICT DO UPDATE ... WHERE`` some
   column ``IS DISTINCT FROM`` the new value: unchanged rows are not written.
-  ``count_new``, run just before it, counts the rows it will insert (created);
+  on SQLite ``count_new``, run just before it, counts the rows it will insert (created);
   ``RETURNING created_at = :now`` is false for the rows that existed before
   this refresh (updated).  A row created earlier in the same refresh (a skeletal
   row filled in by a later page) is neither: it was already counted created;
@@ -68,6 +68,8 @@ class Statements:
     skeletal: tuple[tuple[str, TextClause], ...]  # (referenced collection, statement)
     upsert: TextClause
     count_new: TextClause
+    pg_upsert: TextClause
+    pg_upsert_seen: TextClause
     mark_seen: TextClause
     sweep_full: TextClause
     sweep_targeted: TextClause
@@ -122,6 +124,12 @@ def _joins(collection: Collection) -> tuple[list[str], dict[str, str]]:
 
 def _upsert(collection: Collection, stage: str) -> TextClause:
     table = collection.table.name
+    return _binds(text(f"{_insert_sql(collection, stage)} RETURNING {table}.created_at = :now"))
+
+
+def _insert_sql(collection: Collection, stage: str) -> str:
+    """``INSERT ... SELECT`` from the stage ``ON CONFLICT ...``, without RETURNING."""
+    table = collection.table.name
     joins, exprs = _joins(collection)
     archive = collection.retention is Retention.ARCHIVE
     insert_cols: list[str] = []
@@ -150,13 +158,36 @@ def _upsert(collection: Collection, stage: str) -> TextClause:
         action = f"DO UPDATE SET {', '.join(sets)} WHERE {' OR '.join(changed)}"
     else:
         action = "DO NOTHING"
-    sql = (
+    return (
         f"INSERT INTO {table} ({', '.join(insert_cols)}) "
         f"SELECT {', '.join(select_exprs)} FROM {stage} s {' '.join(joins)} WHERE true "
-        f"ON CONFLICT ({', '.join(collection.conflict_columns)}) {action} "
-        f"RETURNING {table}.created_at = :now"
+        f"ON CONFLICT ({', '.join(collection.conflict_columns)}) {action}"
     )
-    return _binds(text(sql))
+
+
+def _pg_upsert(collection: Collection, stage: str, seen: str | None) -> TextClause:
+    """PostgreSQL: the upsert, its counts and (with ``seen``) mark_seen in one statement.
+
+    ``inserted`` (``xmax = 0``) counts created rows; ``fresh`` (``created_at = :now``) is
+    false exactly for rows that existed before this refresh (updated).  The seen ids are
+    the upsert's own (new or changed rows, invisible to the statement's snapshot) plus
+    the existing rows the stage matches (unchanged ones are not returned by the upsert).
+    """
+    table = collection.table.name
+    returning = (
+        f"RETURNING {table}.id AS id, ({table}.xmax = 0) AS inserted, "
+        f"({table}.created_at = :now) AS fresh"
+    )
+    up = f"WITH up AS ({_insert_sql(collection, stage)} {returning})"
+    if seen is None:
+        return _binds(text(f"{up} SELECT inserted, fresh FROM up"))
+    joins, exprs = _joins(collection)
+    mark = (
+        f"marked AS (INSERT INTO {seen} (id) SELECT id FROM up UNION "
+        f"SELECT t.id FROM {stage} s {' '.join(joins)} "
+        f"JOIN {table} t ON {_key_match(collection, exprs)} ON CONFLICT (id) DO NOTHING)"
+    )
+    return _binds(text(f"{up}, {mark} SELECT inserted, fresh FROM up"))
 
 
 def _skeletal(collection: Collection, stage: str) -> tuple[tuple[str, TextClause], ...]:
@@ -257,6 +288,8 @@ def statements_for(collection: Collection) -> Statements:
         skeletal=_skeletal(collection, stage.name),
         upsert=_upsert(collection, stage.name),
         count_new=_count_new(collection, stage.name),
+        pg_upsert=_pg_upsert(collection, stage.name, None),
+        pg_upsert_seen=_pg_upsert(collection, stage.name, seen.name),
         mark_seen=_mark_seen(collection, stage.name, seen.name),
         sweep_full=_sweep(collection, seen.name, targeted=False),
         sweep_targeted=_sweep(collection, seen.name, targeted=True),
