@@ -14,7 +14,10 @@ three CloudEvents 1.0 content modes and one non-CloudEvents mode:
 * plain: provider JSON without an envelope; the whole JSON is the data and
   the event's :attr:`CloudEvent.mode` is :attr:`EventMode.PLAIN`.
 
-Nothing here does I/O; the Kafka catcher and the webhook share it.
+Nothing here does I/O; the Kafka catcher and the webhook share it.  A Kafka
+catcher decodes every record, so the binary mode path reads the headers once,
+builds each event once, and parses each distinct ``time`` text once (a small
+cache: a stream's events share their timestamps' seconds).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -38,6 +42,13 @@ HTTP_PREFIX: Final = "ce-"
 
 _REQUIRED: Final = ("id", "source", "specversion", "type")
 _OPTIONAL: Final = ("datacontenttype", "dataschema", "subject", "time")
+_CONTEXT: Final = (*_REQUIRED, *_OPTIONAL)
+_CONTEXT_SET: Final = frozenset(_CONTEXT)
+_NON_EMPTY: Final = frozenset(("id", "source", "type", "subject"))
+_KAFKA_SPECVERSION: Final = KAFKA_PREFIX + "specversion"
+_TIME_CACHE_SIZE: Final = 4096
+_JSON: Final = json.JSONDecoder()
+_JSON_OPENERS: Final = (b"{", b"[")
 _ATTRIBUTE_NAME = re.compile(r"[a-z0-9]+")
 _RFC3339 = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})"
@@ -102,19 +113,19 @@ class CloudEvent:
         (``time`` as an RFC 3339 string, absent optional ones as None), the
         extensions as top-level keys, and ``data`` (bytes stay bytes).
         """
-        result: dict[str, Any] = dict(self.extensions)
-        result.update(
-            specversion=self.specversion,
-            id=self.id,
-            source=self.source,
-            type=self.type,
-            subject=self.subject,
-            time=self.time.isoformat() if self.time is not None else None,
-            datacontenttype=self.datacontenttype,
-            dataschema=self.dataschema,
-            data=self.data,
-        )
-        return result
+        time = self.time
+        return {
+            **self.extensions,
+            "specversion": self.specversion,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "subject": self.subject,
+            "time": _isoformat(time) if time is not None else None,
+            "datacontenttype": self.datacontenttype,
+            "dataschema": self.dataschema,
+            "data": self.data,
+        }
 
 
 def decode_structured(body: bytes | str) -> CloudEvent:
@@ -150,20 +161,8 @@ def decode_binary(
         if lname == "content-type":
             content_type = _header_text(name, raw)
         elif lname.startswith(prefix):
-            value = _header_text(name, raw)
-            if value is None:
-                continue
-            attribute = lname[len(prefix) :]
-            if attribute in ("data", "data_base64"):
-                raise DecodeError(f"header {name!r} is not a context attribute")
-            attributes[attribute] = unquote(value) if percent_decode else value
-    if "datacontenttype" in attributes:
-        raise DecodeError(f"use content-type, not a {prefix}datacontenttype header")
-    if content_type is not None:
-        attributes["datacontenttype"] = content_type
-    event = _from_attributes(attributes, where="", mode=EventMode.BINARY)
-    data = _data_from_body(body, content_type)
-    return _replace_data(event, data)
+            _set_binary_attribute(attributes, name, lname[len(prefix) :], raw, percent_decode)
+    return _from_binary(attributes, content_type, body, prefix)
 
 
 def decode_plain(body: bytes | str | None, *, id: str = "", source: str = "") -> CloudEvent:
@@ -197,15 +196,36 @@ def decode_kafka_record(
       member is a structured event (producers often omit the content-type
       header), anything else is a plain provider event.
     """
-    pairs = list(_header_items(headers))
+    pairs = _header_items(headers)
     content_type = None
     binary = False
+    attributes: dict[str, Any] = {}
+    irregular = False
+    """A ce_ header decode_binary would refuse: it, not this loop, must name the error."""
+    roles = _KAFKA_HEADER_ROLES
     for name, raw in pairs:
-        lname = name.lower()
-        if lname == "content-type":
+        try:
+            role = roles[name]
+        except KeyError:
+            role = _kafka_header_role(name)
+        if role is _OTHER_HEADER:
+            continue
+        if role is _CONTENT_TYPE_HEADER:
             content_type = _header_text(name, raw)
-        elif lname == KAFKA_PREFIX + "specversion":
+            continue
+        if role == "specversion":
             binary = True
+        if raw is None:
+            continue
+        if role == "data" or role == "data_base64":
+            irregular = True
+        elif isinstance(raw, str):
+            attributes[role] = raw
+        else:
+            try:
+                attributes[role] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                irregular = True
     media = _media_type(content_type)
     if media.startswith("application/cloudevents-batch"):
         if media != BATCH_JSON:
@@ -216,7 +236,9 @@ def decode_kafka_record(
             raise DecodeError(f"unsupported event format {media}")
         return [decode_structured(_require_body(value))]
     if binary:
-        return [decode_binary(pairs, value, KAFKA_PREFIX)]
+        if irregular:
+            return [decode_binary(pairs, value, KAFKA_PREFIX)]  # raises the precise error
+        return [_from_binary(attributes, content_type, value, KAFKA_PREFIX)]
     body = _require_body(value)
     document = _load_json(body)
     if isinstance(document, dict) and "specversion" in document:
@@ -227,11 +249,62 @@ def decode_kafka_record(
 # -- internals ---------------------------------------------------------------
 
 
+class _Header(enum.Enum):
+    """What a Kafka header is, when it is not a ``ce_`` attribute."""
+
+    CONTENT_TYPE = "content-type"
+    OTHER = "other"
+
+
+_OTHER_HEADER: Final = _Header.OTHER
+_CONTENT_TYPE_HEADER: Final = _Header.CONTENT_TYPE
+_KAFKA_HEADER_ROLES: dict[str, str | _Header] = {}
+"""Kafka header name -> the attribute of a ``ce_`` header (lower case, without the
+prefix) or what else it is.  Producers use few header names: each is lower-cased
+and split once, not once per record."""
+_KAFKA_HEADER_ROLES_MAX: Final = 1024
+
+
+def _kafka_header_role(name: str) -> str | _Header:
+    lname = name.lower()
+    role: str | _Header = _Header.OTHER
+    if lname.startswith(KAFKA_PREFIX):
+        role = lname[len(KAFKA_PREFIX) :]
+    elif lname == "content-type":
+        role = _Header.CONTENT_TYPE
+    if len(_KAFKA_HEADER_ROLES) < _KAFKA_HEADER_ROLES_MAX:
+        _KAFKA_HEADER_ROLES[name] = role
+    return role
+
+
+def _set_binary_attribute(
+    attributes: dict[str, Any], name: str, attribute: str, raw: HeaderValue, percent_decode: bool
+) -> None:
+    """Record the attribute of one prefixed header (``attribute``: its name without the prefix)."""
+    value = _header_text(name, raw)
+    if value is None:
+        return
+    if attribute in ("data", "data_base64"):
+        raise DecodeError(f"header {name!r} is not a context attribute")
+    attributes[attribute] = unquote(value) if percent_decode else value
+
+
+def _from_binary(
+    attributes: dict[str, Any], content_type: str | None, body: bytes | str | None, prefix: str
+) -> CloudEvent:
+    if "datacontenttype" in attributes:
+        raise DecodeError(f"use content-type, not a {prefix}datacontenttype header")
+    if content_type is not None:
+        attributes["datacontenttype"] = content_type
+    present, extensions, time = _context(attributes, where="")
+    return _event(present, extensions, time, _data_from_body(body, content_type), EventMode.BINARY)
+
+
 def _from_json_object(document: Any, *, where: str) -> CloudEvent:
     if not isinstance(document, dict):
         raise DecodeError(f"{where}event must be a JSON object, not {_json_type(document)}")
     attributes = {k: v for k, v in document.items() if k not in ("data", "data_base64")}
-    event = _from_attributes(attributes, where=where, mode=EventMode.STRUCTURED)
+    present, extensions, time = _context(attributes, where=where)
     has_data = document.get("data") is not None
     has_base64 = document.get("data_base64") is not None
     if has_data and has_base64:
@@ -245,68 +318,104 @@ def _from_json_object(document: Any, *, where: str) -> CloudEvent:
             data = base64.b64decode(encoded, validate=True)
         except binascii.Error as exc:
             raise DecodeError(f"{where}invalid base64 in 'data_base64': {exc}") from None
-    return _replace_data(event, data)
+    return _event(present, extensions, time, data, EventMode.STRUCTURED)
 
 
-def _from_attributes(attributes: Mapping[str, Any], *, where: str, mode: EventMode) -> CloudEvent:
-    present = {k: v for k, v in attributes.items() if v is not None}
-    for name in present:
-        if not _ATTRIBUTE_NAME.fullmatch(name):
+def _context(
+    attributes: Mapping[str, Any], *, where: str
+) -> tuple[Mapping[str, Any], dict[str, Any], datetime | None]:
+    """Validate context attributes (None counts as absent): the attributes present (their
+    context attributes are valid strings), the extensions and the parsed ``time``, or
+    DecodeError naming the first problem."""
+    if None in attributes.values():
+        attributes = {k: v for k, v in attributes.items() if v is not None}
+    context = 0
+    for name in attributes:
+        if name in _CONTEXT_SET:
+            context += 1
+        elif not _ATTRIBUTE_NAME.fullmatch(name):
             raise DecodeError(f"{where}invalid attribute name {name!r}")
     for name in _REQUIRED:
-        if name not in present:
+        if name not in attributes:
             raise DecodeError(f"{where}missing required attribute {name!r}")
-    specversion = present["specversion"]
+    specversion = attributes["specversion"]
     if specversion != SPECVERSION:
         raise DecodeError(f"{where}unsupported specversion {specversion}")
-    values: dict[str, str] = {}
-    for name in (*_REQUIRED, *_OPTIONAL):
-        if name not in present:
+    for name in _CONTEXT:
+        value = attributes.get(name)
+        if value is None:
             continue
-        value = present[name]
         if not isinstance(value, str):
             raise DecodeError(
                 f"{where}attribute {name!r} must be a string, not {_json_type(value)}"
             )
-        if value == "" and name in ("id", "source", "type", "subject"):
+        if not value and name in _NON_EMPTY:
             raise DecodeError(f"{where}attribute {name!r} must not be empty")
-        values[name] = value
     extensions: dict[str, Any] = {}
-    for name, value in present.items():
-        if name in values:
-            continue
-        if isinstance(value, bool | int | str):
-            extensions[name] = value
-        else:
-            raise DecodeError(
-                f"{where}extension {name!r} must be a string, integer or boolean, "
-                f"not {_json_type(value)}"
-            )
+    if context < len(attributes):
+        for name, value in attributes.items():
+            if name in _CONTEXT_SET:
+                continue
+            if isinstance(value, bool | int | str):
+                extensions[name] = value
+            else:
+                raise DecodeError(
+                    f"{where}extension {name!r} must be a string, integer or boolean, "
+                    f"not {_json_type(value)}"
+                )
+    text = attributes.get("time")
+    return attributes, extensions, _parse_time(text, where) if text is not None else None
+
+
+def _event(
+    attributes: Mapping[str, Any],
+    extensions: dict[str, Any],
+    time: datetime | None,
+    data: Any,
+    mode: EventMode,
+) -> CloudEvent:
+    """The event of attributes :func:`_context` validated."""
+    get = attributes.get
     return CloudEvent(
-        id=values["id"],
-        source=values["source"],
-        type=values["type"],
-        specversion=SPECVERSION,
-        subject=values.get("subject"),
-        time=_parse_time(values["time"], where) if "time" in values else None,
-        datacontenttype=values.get("datacontenttype"),
-        dataschema=values.get("dataschema"),
-        extensions=extensions,
-        mode=mode,
+        attributes["id"],
+        attributes["source"],
+        attributes["type"],
+        SPECVERSION,
+        get("subject"),
+        time,
+        get("datacontenttype"),
+        get("dataschema"),
+        data,
+        extensions,
+        mode,
     )
 
 
 def _parse_time(value: str, where: str) -> datetime:
+    try:
+        return _parse_rfc3339(value)
+    except DecodeError as exc:
+        raise DecodeError(f"{where}{exc.reason}") from None
+
+
+@functools.lru_cache(maxsize=_TIME_CACHE_SIZE)
+def _parse_rfc3339(value: str) -> datetime:
     match = _RFC3339.fullmatch(value)
     if match is None:
-        raise DecodeError(f"{where}attribute 'time' is not an RFC 3339 timestamp: {value!r}")
+        raise DecodeError(f"attribute 'time' is not an RFC 3339 timestamp: {value!r}")
     date, clock, fraction, offset = match.groups()
     fraction = f".{fraction[:6]}" if fraction else ""
     offset = "+00:00" if offset in ("Z", "z") else offset
     try:
         return datetime.fromisoformat(f"{date}T{clock}{fraction}{offset}")
     except ValueError as exc:
-        raise DecodeError(f"{where}attribute 'time' is invalid: {exc}") from None
+        raise DecodeError(f"attribute 'time' is invalid: {exc}") from None
+
+
+_isoformat: Callable[[datetime], str] = functools.lru_cache(maxsize=_TIME_CACHE_SIZE)(
+    datetime.isoformat
+)
+"""``time.isoformat()``, once per distinct time (to_dict runs for every event)."""
 
 
 def _data_from_body(body: bytes | str | None, content_type: str | None) -> Any:
@@ -325,26 +434,12 @@ def _data_from_body(body: bytes | str | None, content_type: str | None) -> Any:
     return body
 
 
-def _replace_data(event: CloudEvent, data: Any) -> CloudEvent:
-    if data is None:
-        return event
-    return CloudEvent(
-        id=event.id,
-        source=event.source,
-        type=event.type,
-        specversion=event.specversion,
-        subject=event.subject,
-        time=event.time,
-        datacontenttype=event.datacontenttype,
-        dataschema=event.dataschema,
-        data=data,
-        extensions=event.extensions,
-        mode=event.mode,
-    )
-
-
 def _load_json(body: bytes | str) -> Any:
     try:
+        if type(body) is bytes and body[:1] in _JSON_OPENERS and body[1:2] != b"\x00":
+            # What json.loads does with these bytes, minus its encoding sniffing: a JSON
+            # text opening with an ASCII bracket and no NUL after it is UTF-8.
+            return _JSON.decode(body.decode("utf-8", "surrogatepass"))
         return json.loads(body)
     except UnicodeDecodeError as exc:
         raise DecodeError(f"invalid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
@@ -361,8 +456,10 @@ def _require_body(value: bytes | None) -> bytes:
 
 
 def _header_items(headers: Headers) -> Iterable[tuple[str, HeaderValue]]:
+    if type(headers) is tuple or type(headers) is list:  # Kafka: skip the ABC check
+        return headers
     if isinstance(headers, Mapping):
-        return list(headers.items())
+        return headers.items()
     return list(headers)
 
 

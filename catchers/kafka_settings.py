@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
 from aiokafka import TopicPartition
+from aiokafka.helpers import create_ssl_context
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from daemon.config import Duration
@@ -96,6 +97,31 @@ class KafkaSettings(BaseModel):
 
     def dead_letter_topic_for(self, topic: str) -> str:
         return self.dead_letter_topic or f"{topic}.dlq"
+
+    def client_options(self) -> dict[str, Any]:
+        """The aiokafka options that the consumer and the producer share (servers, security).
+
+        Call it when starting: a TLS context reads its certificate files.
+        """
+        options: dict[str, Any] = {
+            "bootstrap_servers": list(self.bootstrap_servers),
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = create_ssl_context(
+                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
+            )
+        if self.sasl_mechanism is not None:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            if self.sasl_password is not None:
+                options["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        return options
+
+
+def milliseconds(seconds: float) -> int:
+    """A duration as the whole milliseconds aiokafka takes (at least 1)."""
+    return max(int(seconds * 1000), 1)
 
 
 class DeadLetterReason(enum.StrEnum):

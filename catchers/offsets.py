@@ -71,6 +71,23 @@ class OffsetTracker(Generic[P]):
         if state.next is None or offset >= state.next:
             state.next = offset + 1
 
+    def track_many(self, partition: P, offsets: Iterable[int]) -> None:
+        """:meth:`track` each of ``offsets`` (a fetched batch: one call, not one per record)."""
+        state = self._partitions.get(partition)
+        if state is None:
+            state = self._partitions[partition] = _Partition()
+        pending, heap, push = state.pending, state.heap, heapq.heappush
+        highest: int | None = None
+        for offset in offsets:
+            if offset in pending:
+                continue
+            pending.add(offset)
+            push(heap, offset)
+            if highest is None or offset > highest:
+                highest = offset
+        if highest is not None and (state.next is None or highest >= state.next):
+            state.next = highest + 1
+
     def untrack(self, partition: P, offset: int) -> None:
         """Give back an offset that was not handed on after all: it will be read again.
 

@@ -21,9 +21,23 @@ from daemon.targets import Target
 
 
 class Ack:
-    """Completion of one event: done when all of its targets are committed."""
+    """Completion of one event: done when all of its targets are committed.
 
-    __slots__ = ("_callbacks", "_done", "_future", "_remaining", "event_time", "received_at")
+    Catchers create one per event and it lives until the event's refresh
+    commits, so an Ack is small: ``on_done`` and the first callback added (the
+    metrics') have slots of their own, and a list is only made for more.
+    """
+
+    __slots__ = (
+        "_also",
+        "_callbacks",
+        "_done",
+        "_future",
+        "_on_done",
+        "_remaining",
+        "event_time",
+        "received_at",
+    )
 
     def __init__(
         self,
@@ -38,7 +52,9 @@ class Ack:
         """Wall-clock (epoch seconds) time the cloud stamped on the event, if it had one."""
         self._remaining = 0
         self._done = False
-        self._callbacks: list[Callable[[Ack], None]] = [on_done] if on_done else []
+        self._on_done = on_done
+        self._also: Callable[[Ack], None] | None = None
+        self._callbacks: list[Callable[[Ack], None]] | None = None
         self._future: asyncio.Future[None] | None = None
 
     @property
@@ -65,8 +81,13 @@ class Ack:
             self._resolve()
 
     def add_done_callback(self, callback: Callable[[Ack], None]) -> None:
+        """Call ``callback(ack)`` once done (at once when already done), after ``on_done``."""
         if self._done:
             callback(self)
+        elif self._also is None:
+            self._also = callback
+        elif self._callbacks is None:
+            self._callbacks = [callback]
         else:
             self._callbacks.append(callback)
 
@@ -82,9 +103,15 @@ class Ack:
         self._done = True
         if self._future is not None and not self._future.done():
             self._future.set_result(None)
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback(self)
+        on_done, also, callbacks = self._on_done, self._also, self._callbacks
+        self._on_done = self._also = self._callbacks = None
+        if on_done is not None:
+            on_done(self)
+        if also is not None:
+            also(self)
+        if callbacks is not None:
+            for callback in callbacks:
+                callback(self)
 
 
 class QueueFullError(Exception):
@@ -100,6 +127,16 @@ class TargetSink(Protocol):
         Raises :class:`QueueFullError` when the pending queue is full; nothing is
         queued then, and the caller keeps the event.  ``submit([], ack)`` resolves
         ``ack`` at once.
+        """
+        ...
+
+    def submit_many(self, events: Sequence[tuple[Sequence[Target], Ack]]) -> int:
+        """Queue several events in order, as :meth:`submit` would one by one.
+
+        Returns how many were queued, always a prefix of ``events``: it stops
+        at the first event that does not fit (at once when the sink is
+        stopped).  That event and those after it are not queued and their acks
+        are untouched; the caller keeps them.  Never raises QueueFullError.
         """
         ...
 

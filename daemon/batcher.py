@@ -119,7 +119,39 @@ class Batcher:
         :class:`QueueFullError` (nothing queued) when the pending targets of
         all managers would exceed ``max_pending_targets``.
         """
-        self._enqueue(targets, ack, check_room=True)
+        if self._stopped:
+            raise BatcherStoppedError("the batcher is stopped")
+        if not self.submit_many(((targets, ack),)):
+            raise QueueFullError(
+                f"{self.pending_count()} targets pending "
+                f"(max_pending_targets={self._settings.max_pending_targets})"
+            )
+
+    def submit_many(self, events: Sequence[tuple[Sequence[Target], Ack]]) -> int:
+        """Queue events in order as :meth:`submit` would; returns how many were queued.
+
+        Stops at the first event whose targets would exceed ``max_pending_targets``
+        (that event and the following ones are not queued, their acks untouched);
+        queues nothing once stopped.  The pending count and the clock are read
+        once per call, not once per event.
+        """
+        if self._stopped:
+            return 0
+        limit = self._settings.max_pending_targets
+        pending = self.pending_count()
+        now = self._clock.now()
+        queued = enqueued = 0
+        for targets, ack in events:
+            added = self._queue(targets, ack, now=now, pending=pending, limit=limit)
+            if added < 0:
+                break
+            pending += added
+            enqueued += len(targets)
+            queued += 1
+        if enqueued:
+            self.stats.targets_enqueued += enqueued
+            self._queued()
+        return queued
 
     def has_room(self) -> bool:
         return self.pending_count() < self._settings.max_pending_targets
@@ -132,8 +164,13 @@ class Batcher:
 
     def request_full(self, manager: str) -> Ack:
         """Queue a full refresh of ``manager`` (scheduler, manual refresh); never QueueFull."""
-        ack = Ack(received_at=self._clock.now())
-        self._enqueue([Target.full(manager)], ack, check_room=False)
+        if self._stopped:
+            raise BatcherStoppedError("the batcher is stopped")
+        now = self._clock.now()
+        ack = Ack(received_at=now)
+        self._queue([Target.full(manager)], ack, now=now, pending=0, limit=None)
+        self.stats.targets_enqueued += 1
+        self._queued()
         return ack
 
     # -- lifecycle ----------------------------------------------------------
@@ -235,31 +272,47 @@ class Batcher:
             state = self._states[manager] = ManagerState(manager, self.settings_for(manager))
         return state
 
-    def _enqueue(self, targets: Sequence[Target], ack: Ack, *, check_room: bool) -> None:
-        if self._stopped:
-            raise BatcherStoppedError("the batcher is stopped")
+    def _queue(
+        self, targets: Sequence[Target], ack: Ack, *, now: float, pending: int, limit: int | None
+    ) -> int:
+        """Queue one event (any number of targets and managers), unless it would take the
+        ``pending`` targets past ``limit``; returns how many pending targets it added, or
+        -1 when it was refused.  The caller counts ``targets_enqueued`` and wakes up."""
+        if len(targets) == 1:  # the common case: no grouping, one lookup
+            target = targets[0]
+            waiting = self._state(target.manager).pending
+            if limit is not None and pending >= limit and not waiting.holds(target):
+                self.stats.targets_rejected += 1
+                return -1
+            ack.expect(1)
+            if waiting.add_one(target, ack, now=now):
+                return 1
+            self.stats.targets_coalesced += 1
+            return 0
         if not targets:
             ack.resolve_if_empty()
-            return
+            return 0
         by_manager: dict[str, list[Target]] = {}
         for target in targets:
             by_manager.setdefault(target.manager, []).append(target)
-        if check_room:
+        if limit is not None:
             growth = sum(self._state(m).growth(batch) for m, batch in by_manager.items())
-            if growth > 0 and self.pending_count() + growth > self._settings.max_pending_targets:
+            if growth > 0 and pending + growth > limit:
                 self.stats.targets_rejected += len(targets)
-                raise QueueFullError(
-                    f"{self.pending_count()} targets pending "
-                    f"(max_pending_targets={self._settings.max_pending_targets})"
-                )
+                return -1
         ack.expect(len(targets))
-        now = self._clock.now()
+        added = 0
         for manager, batch in by_manager.items():
-            state = self._state(manager)
+            pending_batch = self._state(manager).pending
             for target in batch:
-                if not state.pending.add(target, [ack], now=now):
+                if pending_batch.add_one(target, ack, now=now):
+                    added += 1
+                else:
                     self.stats.targets_coalesced += 1
-        self.stats.targets_enqueued += len(targets)
+        return added
+
+    def _queued(self) -> None:
+        """Targets were queued: the batcher is busy, and the dispatcher must look."""
         self._idle.clear()
         self._wake.set()
 

@@ -184,6 +184,22 @@ class PendingBatch:
         self._stamp(now, now)
         return self._add(target, acks)
 
+    def add_one(self, target: Target, ack: Ack, *, now: float) -> bool:
+        """:meth:`add` with one ack, the per-event path: one lookup, no temporary list."""
+        self._stamp(now, now)
+        key = (target.association, target.manager_ref)
+        waiting = self._acks.get(key)
+        if waiting is not None:
+            waiting.append(ack)
+            return False
+        self.targets.add_target(target)
+        self._acks[key] = [ack]
+        return True
+
+    def holds(self, target: Target) -> bool:
+        """Whether a target equal to ``target`` is pending."""
+        return (target.association, target.manager_ref) in self._acks
+
     def absorb(self, other: PendingBatch) -> None:
         """Move every target and ack of ``other`` into this batch."""
         if other:
@@ -214,9 +230,11 @@ class PendingBatch:
         return added
 
     def _stamp(self, first: float, last: float) -> None:
-        if self.targets:
-            self.first_at = min(self.first_at, first)
-            self.last_at = max(self.last_at, last)
+        if self._acks:  # a key per pending target: non-empty exactly when targets is
+            if first < self.first_at:
+                self.first_at = first
+            if last > self.last_at:
+                self.last_at = last
         else:
             self.first_at, self.last_at = first, last
 
@@ -267,7 +285,8 @@ class ManagerState:
 
     def growth(self, targets: Iterable[Target]) -> int:
         """How many distinct pending targets submitting ``targets`` would add."""
-        return len({t.key for t in targets if t not in self.pending.targets})
+        pending = self.pending
+        return len({t.key for t in targets if not pending.holds(t)})
 
     def take_pending(self) -> PendingBatch:
         """Move the pending batch in flight; new targets start a fresh batch."""

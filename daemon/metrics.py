@@ -12,6 +12,8 @@ registry (tests run several).
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from daemon.acks import Ack, TargetSink
 from daemon.refresh_result import RefreshResult
@@ -73,15 +76,9 @@ class Metrics:
             ["collection", "action"],
             registry=r,
         )
-        self.event_latency = Histogram(
-            "refreshd_event_commit_latency_seconds",
-            "From the cloud's event time (or receipt when it has none) to the refresh commit",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.events_acked = Counter(
-            "refreshd_events_committed", "Events whose targets were all committed", registry=r
-        )
+        self.event_latency = EventLatencies(LATENCY_BUCKETS)
+        """The event-to-commit histogram and the committed events counter."""
+        r.register(self.event_latency)
         self._latencies: list[float] = []
 
     def refresh_started(self, kind: str) -> None:
@@ -104,13 +101,13 @@ class Metrics:
     def refresh_failed(self, manager: str, kind: str) -> None:
         self.refreshes.labels(manager, kind, "failure").inc()
 
-    def observe_ack(self, ack: Ack, *, loop_now: float) -> None:
+    def observe_ack(self, ack: Ack, *, loop_clock: Callable[[], float]) -> None:
+        """Record a resolved event: from its cloud time, else from its receipt (loop time)."""
         if ack.event_time is not None:
             latency = max(0.0, time.time() - ack.event_time)
         else:
-            latency = max(0.0, loop_now - ack.received_at)
+            latency = max(0.0, loop_clock() - ack.received_at)
         self.event_latency.observe(latency)
-        self.events_acked.inc()
         self._latencies.append(latency)
         if len(self._latencies) > 10_000:
             del self._latencies[:5_000]
@@ -132,6 +129,59 @@ class Metrics:
         self.registry.register(_PipelineCollector(batcher_stats, pending, catchers))
 
 
+_go_float: Callable[[float], str] = floatToGoString
+"""A bucket bound as prometheus_client writes it in ``le`` (``+Inf``, ``0.01``)."""
+
+
+class EventLatencies(Collector):
+    """Event-to-commit latencies: ``refreshd_event_commit_latency_seconds`` (a histogram)
+    and ``refreshd_events_committed`` (a counter: its count).
+
+    Observed once per event, so kept in plain numbers -- a bisection and two
+    additions, no lock (observations and scrapes both run on the event loop)
+    -- and exported at scrape time with the samples prometheus_client's
+    Histogram and Counter would give (buckets, count, sum, created).
+    """
+
+    HISTOGRAM = "refreshd_event_commit_latency_seconds"
+    COUNTER = "refreshd_events_committed"
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self._bounds = (*sorted(buckets), math.inf)
+        self._le = tuple(_go_float(bound) for bound in self._bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._created = time.time()
+
+    def observe(self, latency: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, latency)] += 1
+        self._sum += latency
+
+    def describe(self) -> Iterable[Metric]:
+        return self._metrics()
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics()
+
+    def _metrics(self) -> list[Metric]:
+        name = self.HISTOGRAM
+        histogram = Metric(
+            name,
+            "From the cloud's event time (or receipt when it has none) to the refresh commit",
+            "histogram",
+        )
+        count = 0
+        for le, n in zip(self._le, self._counts, strict=True):
+            count += n
+            histogram.add_sample(f"{name}_bucket", {"le": le}, float(count))
+        histogram.add_sample(f"{name}_count", {}, float(count))
+        histogram.add_sample(f"{name}_sum", {}, self._sum)
+        histogram.add_sample(f"{name}_created", {}, self._created)
+        counter = CounterMetricFamily(self.COUNTER, "Events whose targets were all committed")
+        counter.add_metric([], float(count), created=self._created)
+        return [histogram, counter]
+
+
 class MeteredSink:
     """Wraps the batcher: every event's Ack records its latency when it resolves."""
 
@@ -139,18 +189,31 @@ class MeteredSink:
         self._sink = sink
         self._metrics = metrics
         self._clock = clock
+        self._observe = self._observe_ack
+        """One bound method shared by every Ack (not a closure per event)."""
         self.events_submitted = 0
 
     def submit(self, targets: Sequence[Target], ack: Ack) -> None:
         self._sink.submit(targets, ack)
         self.events_submitted += 1
-        ack.add_done_callback(lambda a: self._metrics.observe_ack(a, loop_now=self._clock()))
+        ack.add_done_callback(self._observe)
+
+    def submit_many(self, events: Sequence[tuple[Sequence[Target], Ack]]) -> int:
+        queued = self._sink.submit_many(events)
+        self.events_submitted += queued
+        observe = self._observe
+        for index in range(queued):
+            events[index][1].add_done_callback(observe)
+        return queued
 
     def has_room(self) -> bool:
         return self._sink.has_room()
 
     async def wait_for_room(self) -> None:
         await self._sink.wait_for_room()
+
+    def _observe_ack(self, ack: Ack) -> None:
+        self._metrics.observe_ack(ack, loop_clock=self._clock)
 
 
 class _PipelineCollector(Collector):

@@ -8,6 +8,9 @@ A :class:`Target` names one object of one manager by its collection (the
 "refresh the whole manager".  A :class:`TargetCollection` holds the
 deduplicated targets of one manager that are refreshed together; it is the
 scope of a targeted refresh.
+
+Every event builds at least one Target, so the common case (one ``ems_ref``)
+is built without sorting, and hashing and comparing refs stays cheap.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ class Ref(Mapping[str, str]):
         self._items: tuple[tuple[str, str], ...] = tuple(sorted((str(k), str(v)) for k, v in pairs))
         self._hash = hash(self._items)
 
+    @classmethod
+    def single(cls, key: str, value: str) -> Ref:
+        """``Ref({key: value})``, without the general constructor's sorting."""
+        ref = cls.__new__(cls)
+        ref._items = ((str(key), value if type(value) is str else str(value)),)
+        ref._hash = hash(ref._items)
+        return ref
+
     def __getitem__(self, key: str) -> str:
         for k, v in self._items:
             if k == key:
@@ -46,7 +57,7 @@ class Ref(Mapping[str, str]):
         return self._hash
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, Ref):
+        if type(other) is Ref or isinstance(other, Ref):  # the first test skips the ABC machinery
             return self._items == other._items
         if isinstance(other, Mapping):
             return dict(self._items) == dict(other)
@@ -66,7 +77,8 @@ class Target:
     event_id: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.manager_ref, Ref):
+        ref = self.manager_ref
+        if type(ref) is not Ref and not isinstance(ref, Ref):
             object.__setattr__(self, "manager_ref", Ref(self.manager_ref))
 
     @classmethod
@@ -79,7 +91,7 @@ class Target:
         cls, manager: str, association: str, ems_ref: str, *, event_id: str | None = None
     ) -> Target:
         """The common case: an object identified by its ``ems_ref``."""
-        return cls(manager, association, Ref({"ems_ref": ems_ref}), event_id)
+        return cls(manager, association, Ref.single("ems_ref", ems_ref), event_id)
 
     @property
     def is_full(self) -> bool:
@@ -119,9 +131,10 @@ class TargetCollection:
             raise ValueError(
                 f"target {target} belongs to manager {target.manager!r}, not {self.manager!r}"
             )
-        if target.key in self._targets:
+        key = (target.association, target.manager_ref)
+        if key in self._targets:
             return False
-        self._targets[target.key] = target
+        self._targets[key] = target
         return True
 
     def merge(self, other: TargetCollection) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import re
 from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import Counter as Counter_
 
 from daemon.acks import Ack, QueueFullError
 from daemon.backoff import Backoff
@@ -30,6 +33,7 @@ from daemon.batcher import (
     RefreshKind,
 )
 from daemon.clock import LOOP_CLOCK, FakeClock
+from daemon.metrics import LATENCY_BUCKETS, EventLatencies, MeteredSink, Metrics
 from daemon.targets import Target, TargetCollection
 
 
@@ -496,6 +500,107 @@ async def test_queue_full_rejects_the_whole_event(make_batcher, clock, refresh):
     assert batcher.has_room()
     assert duplicate.done
     assert batcher.stats.targets_rejected == 2
+
+
+async def test_submit_many_queues_in_order_up_to_the_first_event_that_does_not_fit(
+    make_batcher, clock, refresh
+):
+    batcher = make_batcher(max_pending_targets=3)
+    acks = [Ack(received_at=clock.now()) for _ in range(6)]
+    events = [
+        ([vm("a")], acks[0]),
+        ([vm("a")], acks[1]),  # already pending: adds nothing, waits on the same refresh
+        ([], acks[2]),  # no targets: done at once
+        ([vm("b"), vm("c", "m2")], acks[3]),  # two managers; fills the queue
+        ([vm("d")], acks[4]),  # does not fit
+        ([vm("a")], acks[5]),  # would fit, but events are queued in order
+    ]
+    assert batcher.submit_many(events) == 4
+    assert (batcher.pending_count("m1"), batcher.pending_count("m2")) == (2, 1)
+    assert [a.done for a in acks] == [False, False, True, False, False, False]
+    stats = batcher.stats
+    assert (stats.targets_enqueued, stats.targets_coalesced, stats.targets_rejected) == (4, 1, 1)
+
+    await clock.advance(0.5)
+    assert [a.done for a in acks] == [True, True, True, True, False, False]
+    assert batcher.submit_many(events[4:]) == 2  # the caller hands the rest again
+    await clock.advance(0.5)
+    assert all(a.done for a in acks)
+    assert [c.targets for c in refresh.of("m1")] == [
+        {"m1:vms:a", "m1:vms:b"},
+        {"m1:vms:a", "m1:vms:d"},
+    ]
+
+
+async def test_submit_many_of_events_without_targets_leaves_the_batcher_idle(
+    make_batcher, clock, refresh
+):
+    batcher = make_batcher()
+    ack = Ack(received_at=clock.now())
+    assert batcher.submit_many([([], ack)]) == 1
+    assert ack.done
+    assert await batcher.drain(0)
+    batcher.stop()
+    refused = Ack(received_at=clock.now())
+    assert batcher.submit_many([([vm("a")], refused)]) == 0
+    assert not refused.done and batcher.pending_count() == 0
+
+
+async def test_metered_sink_observes_each_queued_event_once(make_batcher, clock, refresh):
+    batcher = make_batcher(max_pending_targets=1)
+    metrics = Metrics()
+    sink = MeteredSink(batcher, metrics, clock.now)
+    acks = [Ack(received_at=clock.now()) for _ in range(3)]
+    assert sink.submit_many([([vm("a")], acks[0]), ([vm("a")], acks[1]), ([vm("b")], acks[2])]) == 2
+    assert sink.events_submitted == 2
+    await clock.advance(0.5)
+    assert [a.done for a in acks] == [True, True, False]
+    text = generate_latest(metrics.registry).decode()
+    assert "refreshd_events_committed_total 2.0" in text
+    assert 'refreshd_event_commit_latency_seconds_bucket{le="0.4"} 0.0' in text
+    assert 'refreshd_event_commit_latency_seconds_bucket{le="0.5"} 2.0' in text
+    assert "refreshd_event_commit_latency_seconds_sum 1.0" in text
+    assert metrics.recent_latency() == (0.5, 0.5)
+
+
+def test_ack_calls_on_done_then_the_added_callbacks_in_order():
+    calls: list[str] = []
+    ack = Ack(received_at=0.0, on_done=lambda a: calls.append("on_done"))
+    for name in ("first", "second", "third"):
+        ack.add_done_callback(lambda a, name=name: calls.append(name))
+    ack.expect(1)
+    ack.target_committed()
+    ack.add_done_callback(lambda a: calls.append("late"))  # already done: called at once
+    assert calls == ["on_done", "first", "second", "third", "late"]
+    ack.target_committed()  # a second resolution calls nothing again
+    assert len(calls) == 5
+
+
+def test_event_latencies_export_what_prometheus_client_would():
+    observed = [0.0, 0.01, 0.0101, 0.3, 2.5, 299.0, 300.0, 301.0, 1e-4, *[i / 7 for i in range(50)]]
+    own = CollectorRegistry()
+    histogram = Histogram(
+        "refreshd_event_commit_latency_seconds",
+        "From the cloud's event time (or receipt when it has none) to the refresh commit",
+        buckets=LATENCY_BUCKETS,
+        registry=own,
+    )
+    counter = Counter_(
+        "refreshd_events_committed", "Events whose targets were all committed", registry=own
+    )
+    ours = CollectorRegistry()
+    latencies = EventLatencies(LATENCY_BUCKETS)
+    ours.register(latencies)
+    for value in observed:
+        histogram.observe(value)
+        counter.inc()
+        latencies.observe(value)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [re.sub(r"(_created) \S+$", r"\1 -", line) for line in text.splitlines()]
+
+    assert lines(ours) == lines(own)
 
 
 async def test_request_full_is_accepted_when_the_queue_is_full(make_batcher, clock, refresh):

@@ -287,3 +287,72 @@ def test_kafka_record_errors(
 ) -> None:
     with pytest.raises(DecodeError, match=reason):
         decode_kafka_record(headers, value)
+
+
+def test_kafka_binary_record_reads_headers_case_insensitively_every_time() -> None:
+    mixed = [
+        (name.upper() if i % 2 else name, value) for i, (name, value) in enumerate(KAFKA_HEADERS)
+    ]
+    for _ in range(2):  # the second time the header names are known
+        [event] = decode_kafka_record(mixed, b'{"vm": "vm-1"}')
+        assert event == decode_binary(KAFKA_HEADERS, b'{"vm": "vm-1"}')
+        assert event.extensions == {"tenant": "acme"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ([("ce_data", b"x")], "header 'ce_data' is not a context attribute"),
+        ([("CE_Data_Base64", b"x")], "header 'CE_Data_Base64' is not a context attribute"),
+        ([("ce_subject", b"\xff")], "header 'ce_subject' is not UTF-8"),
+        ([("ce_Bad-Name", b"x")], "invalid attribute name 'bad-name'"),
+    ],
+)
+def test_kafka_binary_record_errors_are_those_of_decode_binary(
+    extra: list[tuple[str, bytes]], reason: str
+) -> None:
+    headers = KAFKA_HEADERS + extra
+    with pytest.raises(DecodeError, match=reason):
+        decode_binary(headers, b"{}")
+    with pytest.raises(DecodeError, match=reason):
+        decode_kafka_record(headers, b"{}")
+
+
+def test_ce_headers_of_a_structured_record_are_ignored() -> None:
+    headers = [("content-type", b"application/cloudevents+json"), ("ce_data", b"\xff")]
+    [event] = decode_kafka_record(headers, body(structured()))
+    assert event.mode is EventMode.STRUCTURED and event.id == "evt-1"
+
+
+def test_a_bad_time_is_reported_each_time_with_its_place() -> None:
+    document = [structured(), structured(time="2024-05-01T10:20:30")]
+    for _ in range(2):
+        with pytest.raises(DecodeError) as caught:
+            decode_batch(body(document))
+        assert caught.value.reason == (
+            "batch item 1: attribute 'time' is not an RFC 3339 timestamp: '2024-05-01T10:20:30'"
+        )
+
+
+def test_to_dict_keeps_extensions_first_and_attributes_win() -> None:
+    event = CloudEvent(id="a", source="s", type="t", extensions={"zone": "eu", "id": "shadow"})
+    assert list(event.to_dict()) == [
+        "zone",
+        "id",
+        "specversion",
+        "source",
+        "type",
+        "subject",
+        "time",
+        "datacontenttype",
+        "dataschema",
+        "data",
+    ]
+    assert event.to_dict()["id"] == "a"
+
+
+def test_json_bodies_in_other_encodings_still_decode() -> None:
+    document = {"vm": "vm-\u00e9"}
+    for encoding in ("utf-8", "utf-16-le", "utf-16", "utf-32"):
+        raw = json.dumps(document, ensure_ascii=False).encode(encoding)
+        assert decode_binary(KAFKA_HEADERS, raw).data == document

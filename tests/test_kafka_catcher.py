@@ -12,6 +12,7 @@ import inspect
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from catchers.cloudevents import CloudEvent
 from catchers.kafka import KafkaCatcher, kafka_catcher
+from catchers.kafka_records import Rejection, map_record
 from catchers.kafka_settings import DeadLetterReason, KafkaSettings
 from daemon.acks import Ack, QueueFullError
 from daemon.catcher import CatcherContext, ManagerEndpoint
@@ -70,6 +72,14 @@ class FakeSink:
         self.submissions.append(Submission(list(targets), ack))
         ack.resolve_if_empty()
         self._update()
+
+    def submit_many(self, events: Sequence[tuple[Sequence[Target], Ack]]) -> int:
+        for taken, (targets, ack) in enumerate(events):
+            try:
+                self.submit(targets, ack)
+            except QueueFullError:
+                return taken
+        return len(events)
 
     def has_room(self) -> bool:
         return self.open() < self.capacity
@@ -450,6 +460,111 @@ async def test_a_rebalance_commits_acked_offsets_on_revoke(
             )
             again = sink_a.ids()[8:] + sink_b.ids()
             assert sorted(again) == sorted(redelivered)
+
+
+@kafka
+async def test_a_bad_record_behind_a_refused_one_is_dead_lettered_once_when_read_again(
+    kafka_bootstrap: str, kafka_topic_factory: Any, kafka_group_id: str
+) -> None:
+    topic = await kafka_topic_factory()
+    dlq = await kafka_topic_factory(name=f"{topic}.dlq")
+    await produce(kafka_bootstrap, topic, [plain("vm-0"), plain("vm-1"), (b"{bad", [], 0)])
+    sink = FakeSink(capacity=1)  # takes record 0, refuses record 1: record 2 waits behind it
+    async with catcher_for(settings(kafka_bootstrap, topic, kafka_group_id), sink) as catcher:
+        await wait_until(lambda: sink.refused >= 1 and catcher.counters.paused, "a pause")
+        assert sum(catcher.counters.dead_lettered.values()) == 0
+        assert catcher.in_flight() == 1  # record 1 was given back, record 2 never handed on
+
+        sink.set_capacity(100)
+        await wait_until(
+            lambda: catcher.counters.dead_lettered[DeadLetterReason.UNDECODABLE] == 1,
+            "the dead letter",
+        )
+        sink.commit_all()
+        await wait_until(
+            lambda: catcher.stats()["committed"] == {f"{topic}/0": 3}, "offset 3 committed"
+        )
+        assert sink.ids() == ids(topic, 0, [0, 1])
+        assert catcher.stats()["received"] == 3
+    [letter] = await read_all(kafka_bootstrap, dlq, 1)
+    assert dict(letter.headers)["refreshd-source-offset"] == b"2"
+
+
+def record(value: bytes | None, headers: Sequence[tuple[str, bytes]] = (), offset: int = 7) -> Any:
+    return SimpleNamespace(value=value, headers=tuple(headers), offset=offset, key=b"k")
+
+
+TP = TopicPartition("t", 3)
+CE = [("ce_specversion", b"1.0"), ("ce_source", b"/awesome"), ("ce_type", b"vm.changed")]
+
+
+def test_map_record_gives_targets_and_the_earliest_event_time() -> None:
+    binary = [*CE, ("ce_id", b"b-1"), ("ce_time", b"2024-05-01T10:20:30Z")]
+    assert map_record(route, TP, record(b'{"vms": ["vm-1", "vm-2"]}', binary)) == (
+        [Target.of("m1", "vms", "vm-1"), Target.of("m1", "vms", "vm-2")],
+        1714558830.0,
+    )
+    targets, when = map_record(route, TP, record(b'{"vms": ["vm-3"]}'))
+    assert [t.event_id for t in targets] == ["t/3/7"] and when is None  # plain: no time
+    ce = {"specversion": "1.0", "source": "/awesome", "type": "vm.changed"}
+    batch = [
+        {**ce, "id": "x", "time": "2024-05-01T10:20:31Z", "data": {"vms": ["a"]}},
+        {**ce, "id": "y", "data": {"vms": ["b"]}},
+        {**ce, "id": "z", "time": "2024-05-01T10:20:30Z", "data": {"vms": []}},
+    ]
+    batch_ct = [("content-type", b"application/cloudevents-batch+json")]
+    targets, when = map_record(route, TP, record(json.dumps(batch).encode(), batch_ct))
+    assert [t.event_id for t in targets] == ["x", "y"] and when == 1714558830.0
+
+
+def test_map_record_says_why_a_record_is_rejected() -> None:
+    def mapper_returning(value: Any) -> Any:
+        return lambda topic, event: ("m1", lambda manager, event: [value])
+
+    def broken_route(topic: str, event: CloudEvent) -> tuple[str, EventMapper] | None:
+        raise KeyError("nope")
+
+    unknown = [*CE[:2], ("ce_type", b"unknown.type"), ("ce_id", b"u-1")]
+    cases: list[tuple[Any, Any, Rejection]] = [
+        (route, record(b"{bad"), Rejection(DeadLetterReason.UNDECODABLE, "", decoded=False)),
+        (
+            route,
+            record(b"{}", unknown),
+            Rejection(
+                DeadLetterReason.UNROUTABLE,
+                "no manager for event 'u-1' (type 'unknown.type', source '/awesome', topic 't')",
+                decoded=True,
+            ),
+        ),
+        (
+            broken_route,
+            record(b"{}"),
+            Rejection(DeadLetterReason.UNROUTABLE, "route raised KeyError: 'nope'", decoded=True),
+        ),
+        (
+            route,
+            record(b'{"explode": true}'),
+            Rejection(
+                DeadLetterReason.MAPPER_ERROR,
+                "mapper of manager 'm1' raised RuntimeError: boom",
+                decoded=True,
+            ),
+        ),
+        (
+            mapper_returning("vm-1"),
+            record(b"{}"),
+            Rejection(
+                DeadLetterReason.MAPPER_ERROR,
+                "mapper of manager 'm1' raised TypeError: returned a str, not a Target",
+                decoded=True,
+            ),
+        ),
+    ]
+    for routing, rec, expected in cases:
+        rejection = map_record(routing, TP, rec)
+        assert isinstance(rejection, Rejection)
+        assert (rejection.reason, rejection.decoded) == (expected.reason, expected.decoded)
+        assert rejection.message.startswith(expected.message)
 
 
 async def test_factory_builds_a_catcher_from_options() -> None:

@@ -170,3 +170,37 @@ def test_interleaved_tracks_acks_and_commits(steps: list[tuple[str, int]]) -> No
                 tracker.mark_committed(advanced)
         assert committed <= (min(pending) if pending else next_offset)
         assert tracker.in_flight(P0) == len(pending)
+
+
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["track_many", "untrack", "ack", "commit"]),
+            st.lists(st.integers(0, 40), max_size=6),
+        ),
+        max_size=60,
+    )
+)
+def test_track_many_is_track_of_each_offset(steps: list[tuple[str, list[int]]]) -> None:
+    """A fetched batch tracked at once behaves exactly like its records tracked one by one."""
+    batched: OffsetTracker[tuple[str, int]] = OffsetTracker()
+    single: OffsetTracker[tuple[str, int]] = OffsetTracker()
+    for action, offsets in steps:
+        if action == "track_many":
+            batched.track_many(P0, offsets)
+            for offset in offsets:
+                single.track(P0, offset)
+        elif action == "untrack":
+            for offset in offsets:
+                batched.untrack(P0, offset)
+                single.untrack(P0, offset)
+        elif action == "ack":
+            for offset in offsets:
+                assert batched.ack(P0, offset) == single.ack(P0, offset)
+        else:
+            advanced = batched.to_commit()
+            assert advanced == single.to_commit()
+            batched.mark_committed(advanced)
+            single.mark_committed(advanced)
+        assert batched.committable(P0) == single.committable(P0)
+        assert batched.in_flight(P0) == single.in_flight(P0)
