@@ -42,12 +42,11 @@ from catchers.kafka_dead_letters import (
 from catchers.kafka_polling import PollLoop
 from catchers.kafka_records import RecordIntake
 from catchers.kafka_settings import (
-    DeadLetterReason,
     KafkaCatcherStats,
     KafkaSettings,
     milliseconds,
 )
-from catchers.routing import ROUTING_OPTIONS, Route, route_from_options
+from catchers.routing import ROUTING_OPTIONS, DeadLetterReason, Route, route_from_options
 from daemon.acks import TargetSink
 from daemon.catcher import CatcherContext
 

@@ -33,8 +33,8 @@ from aiokafka import TopicPartition
 from catchers.cloudevents import CloudEvent, DecodeError, decode_kafka_record
 from catchers.kafka_commits import OffsetCommitter, RecordAck
 from catchers.kafka_dead_letters import DeadLetterProducer
-from catchers.kafka_settings import DeadLetterReason, KafkaCatcherStats
-from catchers.routing import Route
+from catchers.kafka_settings import KafkaCatcherStats
+from catchers.routing import DeadLetterReason, Route
 from daemon.acks import Ack, TargetSink
 from daemon.targets import Target
 

@@ -10,7 +10,6 @@ Unknown keys and incoherent timeouts are errors that name the key.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
@@ -18,6 +17,7 @@ from aiokafka import TopicPartition
 from aiokafka.helpers import create_ssl_context
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from catchers.routing import DeadLetterReason
 from daemon.config import Duration
 
 
@@ -122,12 +122,6 @@ class KafkaSettings(BaseModel):
 def milliseconds(seconds: float) -> int:
     """A duration as the whole milliseconds aiokafka takes (at least 1)."""
     return max(int(seconds * 1000), 1)
-
-
-class DeadLetterReason(enum.StrEnum):
-    UNDECODABLE = "undecodable"
-    UNROUTABLE = "unroutable"
-    MAPPER_ERROR = "mapper_error"
 
 
 @dataclass(slots=True)

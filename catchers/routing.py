@@ -14,6 +14,7 @@ attribute) and :func:`route_from_options` picks one from a ``[[catchers]]`` bloc
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,6 +23,15 @@ from daemon.catcher import ManagerEndpoint
 from daemon.provider import EventMapper
 
 _CONTEXT_ATTRIBUTES = frozenset({"id", "source", "type", "subject", "dataschema"})
+
+
+class DeadLetterReason(enum.StrEnum):
+    """Why a catcher refused an event (dead-lettered, or answered 400): a metrics label."""
+
+    UNDECODABLE = "undecodable"
+    UNROUTABLE = "unroutable"
+    MAPPER_ERROR = "mapper_error"
+
 
 Route = Callable[[str, CloudEvent], tuple[str, EventMapper] | None]
 """``(stream, event) -> (manager, mapper)``, or None when the event is unroutable."""

@@ -53,7 +53,7 @@ from catchers.cloudevents import (
     decode_binary,
     decode_structured,
 )
-from catchers.routing import Route, first_route, route_by_attribute
+from catchers.routing import DeadLetterReason, Route, first_route, route_by_attribute
 from daemon.acks import Ack, QueueFullError, TargetSink
 from daemon.catcher import CatcherContext, ManagerEndpoint
 from daemon.config import Duration, Secret
@@ -100,14 +100,6 @@ class WebhookSettings(BaseModel):
         if self.manager is None and not self.routes:
             raise ValueError("give manager and/or routes (source = manager)")
         return self
-
-
-class DeadLetterReason(enum.StrEnum):
-    """Why an event was refused with 400 (the labels of ``dead_lettered``)."""
-
-    UNDECODABLE = "undecodable"
-    UNROUTABLE = "unroutable"
-    MAPPER_ERROR = "mapper_error"
 
 
 class Outcome(enum.Enum):
