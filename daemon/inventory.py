@@ -30,6 +30,7 @@ from typing import Any
 
 from daemon import schema
 from daemon.collections import Collection, CollectionRegistry, Reference, Retention
+from daemon.targets import Target
 
 Row = dict[str, Any]
 
@@ -88,6 +89,13 @@ class InventoryPage:
     """Rows per collection, as one collector page parsed."""
 
     rows: dict[str, list[Row]] = field(default_factory=dict)
+    expanded: list[Target] = field(default_factory=list)
+    """Targets a targeted collection refreshed in full beyond those it was given.
+
+    A collector that expands a target it cannot fetch alone (an AWS volume id
+    to the vm it is attached to) names the vm here; the refresh adds it to its
+    deletion scope, so that vm's children are swept as if it had been targeted.
+    """
 
     def add(self, collection: str, row: Row) -> None:
         self.rows.setdefault(collection, []).append(row)

@@ -4,7 +4,9 @@ Flow: batcher -> **refresher** -> provider connection (collector + parser) -> pe
 
 * A manager with ``allow_targeted_refresh = false`` gets a full refresh for
   any batch.
-* Targets on child collections are resolved to their parents first.
+* Targets on child collections are resolved to their parents first; the
+  targets a collector expanded on its own (``InventoryPage.expanded``) join
+  the deletion scope.
 * A targeted refresh collects everything *before* opening its transaction
   (short transaction, short lock); a full refresh streams pages into one
   transaction, with the next page fetched while the current one is written.
@@ -80,6 +82,9 @@ class Refresher:
             )
             raise
         collect_time = time.perf_counter() - t0
+        expanded = [t for page in pages for t in page.expanded]
+        if expanded:
+            resolved = TargetCollection(manager.name, [*resolved, *expanded])
         result = await self._persister.save(manager.name, _iterate(pages), targets=resolved)
         result.extra["collect_seconds"] = collect_time
         log.debug(

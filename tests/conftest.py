@@ -2,4 +2,5 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.databases",
     "tests.fixtures.kafka_broker",
+    "tests.fixtures.moto_server",
 ]

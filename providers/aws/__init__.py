@@ -1,0 +1,50 @@
+"""AWS: EC2 inventory of one account in one region per manager.
+
+Flow: batch -> refresher -> **provider** (collector -> client -> parser) -> persister.
+
+The daemon finds :data:`provider` through the ``refreshd.providers`` entry
+point ``aws`` and never imports this package directly.  Its events are mapped
+by ``catchers.aws`` (EventBridge, CloudTrail and AWS Config) and arrive over
+Kafka or SQS.  Modules:
+
+- ``settings``   the manager settings model (``settings_model``)
+- ``collector``  :class:`AwsConnection`: full and targeted collection
+- ``client``     the EC2/STS clients on aiobotocore, retries and error translation
+- ``parser``     EC2 API objects -> inventory rows
+
+Needs the ``aws`` extra (``pip install 'refreshd[aws]'``: aiobotocore).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from pydantic import BaseModel
+
+from providers.aws.collector import AwsConnection
+from providers.aws.settings import AwsSettings
+
+__all__ = ["AwsConnection", "AwsProvider", "AwsSettings", "provider"]
+
+
+class AwsProvider:
+    """The entry point object: the settings model and connections."""
+
+    name: str = "aws"
+    settings_model: type[BaseModel] = AwsSettings
+
+    def connect(self, manager: str, settings: BaseModel) -> AwsConnection:
+        """A connection for ``manager`` (no I/O until it is entered with ``async with``)."""
+        if not isinstance(settings, AwsSettings):
+            raise TypeError(
+                f"manager {manager}: aws needs AwsSettings, not {type(settings).__name__}"
+            )
+        return AwsConnection(manager, settings)
+
+
+provider: Final = AwsProvider()
+
+if TYPE_CHECKING:  # mypy checks that the entry point object fits the daemon's protocol
+    from daemon.provider import Provider
+
+    _conforms: Provider = provider

@@ -1,0 +1,266 @@
+"""EC2 API objects -> inventory rows.
+
+Flow: collector -> client -> **parser** -> InventoryPage -> persister.
+
+Pure functions, shared by full and targeted refreshes, producing rows in the
+shapes of ``daemon.inventory``:
+
+=====================  ================================================================
+vms                    instance: ems_ref = InstanceId, name = the Name tag (else the id),
+                       state = State.Name, flavor = InstanceType, image = ImageId,
+                       tags, extra = placement, network and launch details
+disks                  a block device mapping: vm, device_name, size_gb (from the
+                       volume when known), extra = volume id, type, status...
+network_ports          a network interface: vm, ems_ref = NetworkInterfaceId,
+                       mac_address, ip_address (the private IP), extra
+vm_security_groups     vm, security_group: the instance's groups and its interfaces'
+security_groups        ems_ref = GroupId, name = GroupName, extra = vpc, description
+images                 ems_ref = ImageId, name, os (Windows/Linux/...), extra
+flavors                ems_ref = name = instance type, cpus = default vCPUs,
+                       memory_mb = memory in MiB, extra
+=====================  ================================================================
+
+``extra`` values are JSON-able (datetimes become ISO 8601 text).  A page of
+instances always carries the four vm collections (possibly empty lists) so
+that a vm which lost its last disk gets its disks removed; children are
+unique by their key within their vm.  An object without a usable id is
+skipped with a warning, never raised on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from daemon.inventory import InventoryPage, Row
+
+log = logging.getLogger(__name__)
+
+ApiObject = Mapping[str, Any]
+
+VM_COLLECTIONS = ("vms", "disks", "network_ports", "vm_security_groups")
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with datetimes as ISO 8601 text (API answers hold datetimes)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def _compact(values: Mapping[str, Any]) -> dict[str, Any] | None:
+    kept = {k: jsonable(v) for k, v in values.items() if v not in (None, "", [], {})}
+    return kept or None
+
+
+def tags_of(obj: ApiObject) -> dict[str, str]:
+    return {
+        str(t["Key"]): str(t.get("Value", ""))
+        for t in obj.get("Tags") or obj.get("TagSet") or ()
+        if isinstance(t, Mapping) and "Key" in t
+    }
+
+
+def instance_groups(instance: ApiObject) -> list[str]:
+    """The security group ids of an instance and of its network interfaces, in order."""
+    groups: dict[str, None] = {}
+    for group in instance.get("SecurityGroups") or ():
+        if group.get("GroupId"):
+            groups[group["GroupId"]] = None
+    for eni in instance.get("NetworkInterfaces") or ():
+        for group in eni.get("Groups") or ():
+            if group.get("GroupId"):
+                groups[group["GroupId"]] = None
+    return list(groups)
+
+
+def volume_ids(instance: ApiObject) -> list[str]:
+    return [
+        m["Ebs"]["VolumeId"]
+        for m in instance.get("BlockDeviceMappings") or ()
+        if isinstance(m.get("Ebs"), Mapping) and m["Ebs"].get("VolumeId")
+    ]
+
+
+def parse_instances(
+    instances: Iterable[ApiObject], volumes: Mapping[str, ApiObject] | None = None
+) -> InventoryPage:
+    """A page of vms with their disks, ports and security group links."""
+    page = InventoryPage({name: [] for name in VM_COLLECTIONS})
+    volumes = volumes or {}
+    for instance in instances:
+        vm = instance.get("InstanceId")
+        if not isinstance(vm, str) or not vm:
+            log.warning("skipping an EC2 instance without an InstanceId: %.200r", instance)
+            continue
+        page.add("vms", vm_row(instance))
+        page.extend("disks", disk_rows(vm, instance, volumes))
+        page.extend("network_ports", port_rows(vm, instance))
+        page.extend(
+            "vm_security_groups",
+            [{"vm": vm, "security_group": group} for group in instance_groups(instance)],
+        )
+    return page
+
+
+def vm_row(instance: ApiObject) -> Row:
+    tags = tags_of(instance)
+    placement = instance.get("Placement") or {}
+    return {
+        "ems_ref": instance["InstanceId"],
+        "name": tags.get("Name") or instance["InstanceId"],
+        "state": (instance.get("State") or {}).get("Name"),
+        "flavor": instance.get("InstanceType"),
+        "image": instance.get("ImageId"),
+        "tags": tags or None,
+        "extra": _compact(
+            {
+                "placement": {k: v for k, v in placement.items() if v not in (None, "")},
+                "vpc_id": instance.get("VpcId"),
+                "subnet_id": instance.get("SubnetId"),
+                "private_ip": instance.get("PrivateIpAddress"),
+                "public_ip": instance.get("PublicIpAddress"),
+                "private_dns": instance.get("PrivateDnsName"),
+                "public_dns": instance.get("PublicDnsName"),
+                "launch_time": instance.get("LaunchTime"),
+                "architecture": instance.get("Architecture"),
+                "platform": instance.get("PlatformDetails") or instance.get("Platform"),
+                "key_name": instance.get("KeyName"),
+                "root_device_name": instance.get("RootDeviceName"),
+                "lifecycle": instance.get("InstanceLifecycle"),
+                "state_reason": (instance.get("StateReason") or {}).get("Message"),
+            }
+        ),
+    }
+
+
+def disk_rows(vm: str, instance: ApiObject, volumes: Mapping[str, ApiObject]) -> list[Row]:
+    rows: dict[str, Row] = {}
+    for mapping in instance.get("BlockDeviceMappings") or ():
+        device = mapping.get("DeviceName")
+        if not isinstance(device, str) or not device or device in rows:
+            continue
+        ebs = mapping.get("Ebs") or {}
+        volume = volumes.get(ebs.get("VolumeId", ""), {})
+        rows[device] = {
+            "vm": vm,
+            "device_name": device,
+            "size_gb": volume.get("Size"),
+            "extra": _compact(
+                {
+                    "volume_id": ebs.get("VolumeId"),
+                    "status": ebs.get("Status"),
+                    "delete_on_termination": ebs.get("DeleteOnTermination"),
+                    "volume_type": volume.get("VolumeType"),
+                    "iops": volume.get("Iops"),
+                    "encrypted": volume.get("Encrypted"),
+                    "availability_zone": volume.get("AvailabilityZone"),
+                }
+            ),
+        }
+    return list(rows.values())
+
+
+def port_rows(vm: str, instance: ApiObject) -> list[Row]:
+    rows: dict[str, Row] = {}
+    for eni in instance.get("NetworkInterfaces") or ():
+        ref = eni.get("NetworkInterfaceId")
+        if not isinstance(ref, str) or not ref or ref in rows:
+            continue
+        attachment = eni.get("Attachment") or {}
+        rows[ref] = {
+            "vm": vm,
+            "ems_ref": ref,
+            "mac_address": eni.get("MacAddress"),
+            "ip_address": eni.get("PrivateIpAddress"),
+            "extra": _compact(
+                {
+                    "public_ip": (eni.get("Association") or {}).get("PublicIp"),
+                    "subnet_id": eni.get("SubnetId"),
+                    "vpc_id": eni.get("VpcId"),
+                    "device_index": attachment.get("DeviceIndex"),
+                    "status": eni.get("Status"),
+                    "description": eni.get("Description"),
+                    "interface_type": eni.get("InterfaceType"),
+                }
+            ),
+        }
+    return list(rows.values())
+
+
+def security_group_rows(groups: Iterable[ApiObject]) -> list[Row]:
+    return [
+        {
+            "ems_ref": g["GroupId"],
+            "name": g.get("GroupName") or g["GroupId"],
+            "extra": _compact(
+                {
+                    "vpc_id": g.get("VpcId"),
+                    "description": g.get("Description"),
+                    "owner_id": g.get("OwnerId"),
+                    "tags": tags_of(g),
+                }
+            ),
+        }
+        for g in groups
+        if g.get("GroupId")
+    ]
+
+
+def image_rows(images: Iterable[ApiObject]) -> list[Row]:
+    return [
+        {
+            "ems_ref": i["ImageId"],
+            "name": i.get("Name") or i["ImageId"],
+            "os": image_os(i),
+            "extra": _compact(
+                {
+                    "owner_id": i.get("OwnerId"),
+                    "public": i.get("Public"),
+                    "state": i.get("State"),
+                    "architecture": i.get("Architecture"),
+                    "creation_date": i.get("CreationDate"),
+                    "description": i.get("Description"),
+                    "root_device_type": i.get("RootDeviceType"),
+                    "tags": tags_of(i),
+                }
+            ),
+        }
+        for i in images
+        if i.get("ImageId")
+    ]
+
+
+def image_os(image: ApiObject) -> str:
+    """The image's operating system family: the platform details, else Windows or Linux/UNIX."""
+    details = image.get("PlatformDetails")
+    if isinstance(details, str) and details:
+        return details
+    return "Windows" if image.get("Platform") == "windows" else "Linux/UNIX"
+
+
+def flavor_rows(types: Iterable[ApiObject]) -> list[Row]:
+    return [
+        {
+            "ems_ref": t["InstanceType"],
+            "name": t["InstanceType"],
+            "cpus": (t.get("VCpuInfo") or {}).get("DefaultVCpus"),
+            "memory_mb": (t.get("MemoryInfo") or {}).get("SizeInMiB"),
+            "extra": _compact(
+                {
+                    "architectures": (t.get("ProcessorInfo") or {}).get("SupportedArchitectures"),
+                    "current_generation": t.get("CurrentGeneration"),
+                    "hypervisor": t.get("Hypervisor"),
+                    "network_performance": (t.get("NetworkInfo") or {}).get("NetworkPerformance"),
+                }
+            ),
+        }
+        for t in types
+        if t.get("InstanceType")
+    ]
