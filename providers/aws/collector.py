@@ -22,7 +22,9 @@ DescribeNetworkInterfaces), and those instances join the deletion scope
 (``InventoryPage.expanded``).  Then the instances, and the images, instance
 types and security groups they use or that are targeted themselves, are
 fetched with ``Filters`` of at most ``ids_per_request`` (<= 200) ids, so the
-number of requests depends on the number of targets, not on the account.
+number of requests depends on the number of targets, not on the account; the
+requests that do not depend on each other are sent concurrently (instances
+first, then their volumes, types, images and groups together).
 An id the API does not know (absent from a filtered answer, or an
 ``Invalid*.NotFound`` code) is simply absent, so the persister archives it.
 
@@ -31,6 +33,7 @@ Terminated instances are left out (so archived) unless ``keep_terminated``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from types import TracebackType
@@ -196,13 +199,15 @@ class AwsConnection:
     async def _attached_instances(self, volumes: set[str], interfaces: set[str]) -> set[str]:
         """The instances the targeted volumes and network interfaces are attached to."""
         found: set[str] = set()
-        for volume in await self._by_filter("describe_volumes", "volume-id", volumes):
+        by_volume, by_interface = await asyncio.gather(
+            self._by_filter("describe_volumes", "volume-id", volumes),
+            self._by_filter("describe_network_interfaces", "network-interface-id", interfaces),
+        )
+        for volume in by_volume:
             for attachment in volume.get("Attachments") or ():
                 if attachment.get("InstanceId"):
                     found.add(attachment["InstanceId"])
-        for eni in await self._by_filter(
-            "describe_network_interfaces", "network-interface-id", interfaces
-        ):
+        for eni in by_interface:
             instance = (eni.get("Attachment") or {}).get("InstanceId")
             if instance:
                 found.add(instance)
@@ -217,23 +222,19 @@ class AwsConnection:
         images: set[str],
         groups: Iterable[str],
     ) -> InventoryPage:
-        """Instances with their children, preceded by the objects they use."""
-        volumes = {
-            v["VolumeId"]: v
-            for v in await self._by_filter(
+        """Instances with their children and the objects they use (fetched concurrently)."""
+        volumes, flavors, used_images, used_groups = await asyncio.gather(
+            self._by_filter(
                 "describe_volumes", "volume-id", {v for i in instances for v in volume_ids(i)}
-            )
-        }
-        page = parse_instances(instances, volumes)
-        page.extend("flavors", flavor_rows(await self._instance_types(types)))
-        used_images = await self._by_filter("describe_images", "image-id", images)
-        page.extend("images", image_rows(used_images))
-        page.extend(
-            "security_groups",
-            security_group_rows(
-                await self._by_filter("describe_security_groups", "group-id", set(groups))
             ),
+            self._instance_types(types),
+            self._by_filter("describe_images", "image-id", images),
+            self._by_filter("describe_security_groups", "group-id", set(groups)),
         )
+        page = parse_instances(instances, {v["VolumeId"]: v for v in volumes})
+        page.extend("flavors", flavor_rows(flavors))
+        page.extend("images", image_rows(used_images))
+        page.extend("security_groups", security_group_rows(used_groups))
         return page
 
     async def _instance_types(self, types: set[str]) -> list[dict[str, Any]]:
