@@ -8,8 +8,9 @@ event came from (a Kafka topic, an SQS queue, a webhook path) and the decoded
 event; it answers the manager name and the provider's pure event mapper, or
 None when the event belongs to no configured manager (the catcher
 dead-letters it).  The helpers here build the common routes (one manager per
-catcher, one per stream, or events naming their manager in a CloudEvents
-attribute) and :func:`route_from_options` picks one from a ``[[catchers]]`` block.
+catcher, one per stream, events naming their manager in a CloudEvents
+attribute, or AWS events going to the manager of their account and region)
+and :func:`route_from_options` picks one from a ``[[catchers]]`` block.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import enum
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from catchers.aws import account_region
 from catchers.cloudevents import CloudEvent
 from daemon.catcher import ManagerEndpoint
 from daemon.provider import EventMapper
@@ -66,6 +68,57 @@ def route_by_attribute(attribute: str, table: Mapping[str, tuple[str, EventMappe
     return route
 
 
+def route_by_account(managers: Mapping[str, ManagerEndpoint]) -> Route:
+    """AWS events go to the ``aws`` manager of their account and region.
+
+    The event's account and region come from :func:`catchers.aws.account_region`;
+    a manager's from its open connection's ``account_region`` attribute
+    (``(account id, region)``, or None while the connection does not know its
+    account yet).  The table is rebuilt when an event finds no manager, so a
+    connection that learns its account later is found.  When two managers
+    share an account and region, the first configured one gets the events.
+    ValueError when no manager has provider ``aws``.
+    """
+    aws = [m for m in managers.values() if m.provider == "aws"]
+    if not aws:
+        known = ", ".join(f"{m.name} ({m.provider})" for m in managers.values()) or "none"
+        raise ValueError(
+            f"manager_by_account needs a manager of provider 'aws' (configured: {known})"
+        )
+    table: dict[tuple[str, str], tuple[str, EventMapper]] = {}
+
+    def rebuild() -> None:
+        table.clear()
+        for manager in aws:
+            key = _account_region_of(manager.connection)
+            if key is not None:
+                table.setdefault(key, (manager.name, manager.mapper))
+
+    rebuild()
+
+    def route(stream: str, event: CloudEvent) -> tuple[str, EventMapper] | None:
+        key = account_region({"data": event.data})
+        if key is None:
+            return None
+        found = table.get(key)
+        if found is None:
+            rebuild()
+            found = table.get(key)
+        return found
+
+    return route
+
+
+def _account_region_of(connection: object) -> tuple[str, str] | None:
+    """The ``account_region`` a connection knows, when it is a pair of non-empty strings."""
+    key = getattr(connection, "account_region", None)
+    if isinstance(key, tuple) and len(key) == 2:
+        account, region = key
+        if isinstance(account, str) and account and isinstance(region, str) and region:
+            return (account, region)
+    return None
+
+
 def first_route(*routes: Route) -> Route:
     """The first route that answers."""
 
@@ -79,8 +132,16 @@ def first_route(*routes: Route) -> Route:
     return route
 
 
-ROUTING_OPTIONS = ("manager", "managers", "manager_attribute")
+ROUTING_OPTIONS = ("manager", "managers", "manager_attribute", "manager_by_account")
 """The catcher options that choose a route (exactly one is given)."""
+
+
+def _given(key: str, value: Any) -> bool:
+    if key != "manager_by_account":
+        return value is not None
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"'manager_by_account' must be true or false, not {value!r}")
+    return value is True
 
 
 def route_from_options(
@@ -91,9 +152,12 @@ def route_from_options(
     * ``manager = "aws-prod"``: every event of the catcher belongs to that manager;
     * ``managers = {"<stream>" = "<manager>", ...}``: one manager per topic/queue/path;
     * ``manager_attribute = "<attribute>"``: a CloudEvents attribute or extension
-      whose value is the manager name.
+      whose value is the manager name;
+    * ``manager_by_account = true``: AWS events go to the ``aws`` manager whose
+      account and region are the event's (see :func:`route_by_account`);
+      ``false`` is the same as leaving it out.
     """
-    given = [key for key in ROUTING_OPTIONS if options.get(key) is not None]
+    given = [key for key in ROUTING_OPTIONS if _given(key, options.get(key))]
     if len(given) != 1:
         raise ValueError(
             f"give exactly one of {', '.join(ROUTING_OPTIONS)} (got {given or 'none'})"
@@ -113,6 +177,8 @@ def route_from_options(
         if not isinstance(table, Mapping) or not table:
             raise ValueError("'managers' must be a non-empty table of stream = manager")
         return route_by_stream({str(k): endpoint(v) for k, v in table.items()})
+    if given == ["manager_by_account"]:
+        return route_by_account(managers)
     attribute = options["manager_attribute"]
     if not isinstance(attribute, str) or not attribute:
         raise ValueError("'manager_attribute' must be an attribute name")

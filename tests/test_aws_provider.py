@@ -141,7 +141,7 @@ async def test_targeted_refresh_updates_only_its_instance_with_a_few_requests(
     assert set(written) <= {"vms", "disks", "network_ports"}  # a stopped vm loses its public IP
     calls = aws.calls()
     assert sum(calls.values()) <= 5, calls
-    assert "get_caller_identity" not in calls  # learnt once, at the first refresh
+    assert "get_caller_identity" not in calls  # learnt once, when the connection opened
 
 
 async def test_targeted_request_count_does_not_grow_with_the_targets(aws: Harness) -> None:
@@ -270,8 +270,8 @@ async def test_exhausted_retries_fail_the_refresh_as_retryable(
             await refresher.refresh(TargetCollection(MANAGER, [Target.full(MANAGER)]))
     assert failure.value.retryable
     assert getattr(failure.value, "retry_after", 0) > 0
-    # max_attempts = 2; the account lookup (STS) was throttled too, which only delays routing
-    assert conn.api.calls == {"get_caller_identity": 2, "describe_security_groups": 2}
+    # max_attempts = 2 (the account was looked up before the throttling began)
+    assert conn.api.calls == {"get_caller_identity": 1, "describe_security_groups": 2}
 
 
 async def test_refused_credentials_fail_clearly_and_are_recorded(
@@ -286,7 +286,7 @@ async def test_refused_credentials_fail_clearly_and_are_recorded(
         with pytest.raises(ProviderAuthError, match="AuthFailure") as failure:
             await refresher.refresh(TargetCollection(MANAGER, [Target.of(MANAGER, "vms", "i-1")]))
     assert not failure.value.retryable
-    assert front.requests == 1  # not retried
+    assert conn.api.calls["describe_instances"] == 1  # not retried
     async with engine.connect() as c:
         error = (
             await c.execute(
@@ -298,10 +298,23 @@ async def test_refused_credentials_fail_clearly_and_are_recorded(
     assert "AuthFailure" in error
 
 
-async def test_the_account_is_learnt_for_event_routing(aws: Harness) -> None:
-    assert aws.connection.account_region is None
-    await aws.full()
-    assert aws.connection.account_region == ("123456789012", "us-east-1")
+async def test_the_account_is_learnt_for_event_routing(moto: MotoServer) -> None:
+    async with AwsConnection(MANAGER, settings(moto)) as connection:
+        assert connection.account_region == ("123456789012", "us-east-1")
+        assert connection.api.calls == {"get_caller_identity": 1}
+    async with AwsConnection(MANAGER, settings(moto, account_id="000011112222")) as connection:
+        assert connection.account_region == ("000011112222", "us-east-1")
+        assert not connection.api.calls
+
+
+async def test_refused_credentials_do_not_stop_the_connection_from_opening(
+    moto: MotoServer,
+) -> None:
+    async with FaultyFront(moto.endpoint_url, always=("InvalidClientTokenId", 403)) as front:
+        async with AwsConnection(MANAGER, settings(moto, endpoint_url=front.url)) as connection:
+            assert connection.account_region is None  # learnt at a later refresh: logged
+        assert front.requests == 1
+
 
 
 def test_settings_refuse_bad_values() -> None:

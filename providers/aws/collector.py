@@ -3,9 +3,11 @@
 Flow: refresher -> **collector** -> client (EC2 API) -> parser -> InventoryPage -> persister.
 
 :class:`AwsConnection` is the provider's ``ManagerConnection``.  Entering it
-opens the EC2 and STS clients and does no request, so a manager whose
-credentials are refused does not stop the daemon: its refreshes fail with
-:class:`~daemon.provider.ProviderAuthError` and are retried slowly.
+opens the EC2 and STS clients and, unless ``account_id`` is set, asks STS for
+the account id (events are routed by account and region); a failure there is
+only logged, so a manager whose credentials are refused does not stop the
+daemon: its refreshes fail with :class:`~daemon.provider.ProviderAuthError`
+and are retried slowly.
 
 Full refresh (streamed, memory flat whatever the account's size):
 
@@ -67,6 +69,8 @@ NOT_FOUND: Final = (
     "InvalidNetworkInterfaceID.NotFound",
     "InvalidInstanceType",
 )
+ACCOUNT_LOOKUP_TIMEOUT: Final = 10.0
+"""Seconds entering a connection may spend asking STS for the account id."""
 INSTANCE_TYPES_PER_REQUEST: Final = 100
 """DescribeInstanceTypes takes at most 100 instance types."""
 
@@ -98,6 +102,17 @@ class AwsConnection:
         self._open = True
         where = self.settings.endpoint_url or "AWS"
         log.info("manager %s: EC2 client for %s at %s", self.manager, self.settings.region, where)
+        if self._account is None:  # before catchers start, so that events route at once
+            try:
+                async with asyncio.timeout(ACCOUNT_LOOKUP_TIMEOUT):
+                    await self._learn_account()
+            except (TimeoutError, ProviderAuthError) as exc:
+                log.warning(
+                    "manager %s: account id unknown until the first refresh (%s); events "
+                    "routed by account wait for it: set account_id to route them at once",
+                    self.manager,
+                    exc or "STS did not answer in time",
+                )
         return self
 
     async def __aexit__(
