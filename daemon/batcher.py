@@ -107,6 +107,8 @@ class Batcher:
         self._room = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._settled = asyncio.Event()
+        """Set whenever a refresh ends (drain looks again)."""
         self.stats = BatcherStats()
         """Live counters (read them, do not write them)."""
 
@@ -200,8 +202,38 @@ class Batcher:
         await asyncio.sleep(0)
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 -- on the injected clock
-        """Wait (clock time) until nothing is pending or in flight; returns whether it is so."""
-        return await self._clock.wait_event(self._idle, self._clock.now() + timeout)
+        """Wait (clock time) until nothing is pending or in flight; returns whether it is so.
+
+        Stops waiting early (returning False) once nothing is in flight and every
+        batch left belongs to a manager whose retry delay ends after the
+        deadline: those could not be refreshed in time anyway (a manager whose
+        credentials are refused waits ``retry_max``), and their events stay
+        unacknowledged, so they are delivered again.
+        """
+        deadline = self._clock.now() + timeout
+        while not self._idle.is_set():
+            if self._only_late_retries_left(deadline):
+                return False
+            self._settled.clear()
+            if not await self._clock.wait_event(self._settled, deadline):
+                break
+        return self._idle.is_set()
+
+    def _only_late_retries_left(self, deadline: float) -> bool:
+        return not self.in_flight_managers() and all(
+            state.next_retry_at is not None and state.next_retry_at > deadline
+            for state in self._states.values()
+            if state.pending
+        )
+
+    def waiting_to_retry(self) -> dict[str, int]:
+        """Pending targets per manager that is waiting out a retry delay now."""
+        now = self._clock.now()
+        return {
+            state.manager: len(state.pending)
+            for state in self._states.values()
+            if state.pending and state.next_retry_at is not None and state.next_retry_at > now
+        }
 
     async def close(self, *, cancel: bool = False) -> None:
         """Stop, end the dispatcher and wait for in-flight refreshes.
@@ -384,6 +416,7 @@ class Batcher:
             state.task = None
             self._running -= 1
             self._wake.set()
+            self._settled.set()
             if self.pending_count() == 0 and not self.in_flight_managers():
                 self._idle.set()
 

@@ -7,7 +7,8 @@ signal; then shuts down in the written order (docs/operations.md):
 1. readiness goes 503, systemd is told STOPPING=1;
 2. catchers stop taking events in (Kafka stops fetching, the webhook answers 503);
 3. the batcher stops accepting targets and flushes every pending batch at once;
-4. in-flight and flushed refreshes get ``shutdown_timeout`` to commit;
+4. in-flight and flushed refreshes get ``shutdown_timeout`` to commit (a manager
+   waiting out a retry delay that ends after it is not waited for);
 5. catchers acknowledge what was committed (Kafka commits offsets) and close;
 6. refreshes still running are cancelled (their events stay unacknowledged
    and are re-read after restart: at-least-once), the HTTP endpoint closes,
@@ -262,6 +263,14 @@ class Daemon:
         await batcher.flush()
         if await batcher.drain(self.config.shutdown_timeout):
             log.info("all refreshes committed")
+        elif not batcher.in_flight_managers() and (late := batcher.waiting_to_retry()):
+            for manager, count in sorted(late.items()):
+                log.warning(
+                    "manager %s: %d target(s) wait for a retry after the shutdown deadline; "
+                    "their events stay unacknowledged and will be re-read",
+                    manager,
+                    count,
+                )
         else:
             log.warning(
                 "shutdown_timeout (%.0fs) reached with refreshes in flight; their events "

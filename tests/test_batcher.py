@@ -857,3 +857,38 @@ async def test_loop_clock_wait_event():
     assert await clock.wait_event(event, clock.now()) is False
     event.set()
     assert await clock.wait_event(event, clock.now()) is True
+
+
+
+async def test_drain_does_not_wait_for_a_retry_due_after_its_deadline(make_batcher, clock, refresh):
+    refresh.fail("m1", Boom(retry_after=300))  # a manager whose credentials are refused
+    batcher = make_batcher(retry_initial=1, retry_max=600)
+    ack = submit(batcher, clock, vm("a"))
+    await clock.advance(0.5)
+    assert len(refresh.calls) == 1
+    assert batcher.waiting_to_retry() == {"m1": 1}
+    batcher.stop()
+    await batcher.flush()
+
+    drained = asyncio.create_task(batcher.drain(30))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert drained.done() and drained.result() is False  # at once: no clock time passed
+    assert clock.now() == 0.5
+    assert len(refresh.calls) == 1 and not ack.done
+
+
+async def test_drain_waits_for_a_retry_due_before_its_deadline(make_batcher, clock, refresh):
+    refresh.fail("m1", Boom(retry_after=10))
+    batcher = make_batcher(retry_initial=1, retry_max=600)
+    ack = submit(batcher, clock, vm("a"))
+    await clock.advance(0.5)
+    batcher.stop()
+    await batcher.flush()
+
+    drained = asyncio.create_task(batcher.drain(30))
+    await clock.advance(5)
+    assert not drained.done()
+    await clock.advance(6)
+    assert drained.done() and drained.result() is True
+    assert len(refresh.calls) == 2 and ack.done
