@@ -23,7 +23,12 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from daemon.acks import TargetSink
-from daemon.provider import EventMapper, ManagerConnection
+from daemon.provider import (
+    EventMapper,
+    ManagerConnection,
+    PluginUnavailableError,
+    load_entry_point,
+)
 
 CATCHER_GROUP = "refreshd.catchers"
 MAPPER_GROUP = "refreshd.event_mappers"
@@ -95,7 +100,10 @@ def _load(group: str, name: str, what: str) -> Any:
     if name not in plugins:
         known = ", ".join(sorted(plugins)) or "none"
         raise UnknownPluginError(f"unknown {what} {name!r}; installed: {known}")
-    return plugins[name].load()
+    try:
+        return load_entry_point(plugins[name], what)
+    except PluginUnavailableError as exc:
+        raise UnknownPluginError(str(exc)) from exc
 
 
 def load_catcher(kind: str) -> CatcherFactory:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from functools import cache
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
@@ -80,19 +80,45 @@ class UnknownProviderError(LookupError):
     pass
 
 
-@cache
-def available_providers() -> dict[str, Provider]:
-    """Providers installed in this environment, by name."""
-    found: dict[str, Provider] = {}
-    for ep in entry_points(group=PROVIDER_GROUP):
-        found[ep.name] = ep.load()
-    return found
+EXTRA_OF_MODULE = {"aiobotocore": "aws", "botocore": "aws", "asyncpg": "postgres"}
+"""The optional dependencies of plugins, and the ``refreshd[...]`` extra that installs each."""
 
 
-def load_provider(name: str) -> Provider:
-    providers = available_providers()
+def load_entry_point(entry: EntryPoint, what: str) -> Any:
+    """Load a plugin; a plugin whose optional dependencies are missing says which extra.
+
+    Raises :class:`PluginUnavailableError` instead of the bare ImportError, so
+    a daemon that does not use that plugin is not bothered by it.
+    """
     try:
-        return providers[name]
-    except KeyError:
-        known = ", ".join(sorted(providers)) or "none (is refreshd installed?)"
-        raise UnknownProviderError(f"unknown provider {name!r}; installed: {known}") from None
+        return entry.load()
+    except ImportError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        extra = EXTRA_OF_MODULE.get(missing)
+        hint = f": pip install 'refreshd[{extra}]'" if extra else ""
+        raise PluginUnavailableError(
+            f"{what} {entry.name!r} cannot be loaded ({exc}); install what it needs{hint}"
+        ) from exc
+
+
+class PluginUnavailableError(LookupError):
+    """A plugin is registered but its optional dependencies are not installed."""
+
+
+@cache
+def _provider_entries() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=PROVIDER_GROUP)}
+
+
+@cache
+def load_provider(name: str) -> Provider:
+    """The provider ``name``; UnknownProviderError (a LookupError) says why not."""
+    entries = _provider_entries()
+    if name not in entries:
+        known = ", ".join(sorted(entries)) or "none (is refreshd installed?)"
+        raise UnknownProviderError(f"unknown provider {name!r}; installed: {known}")
+    try:
+        provider: Provider = load_entry_point(entries[name], "provider")
+    except PluginUnavailableError as exc:
+        raise UnknownProviderError(str(exc)) from exc
+    return provider

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from daemon.inventory import COLLECTIONS, InventoryPage
-from daemon.provider import ManagerConnection, ProviderAuthError, available_providers
+from daemon.provider import ManagerConnection, ProviderAuthError, load_provider
 from daemon.targets import Target, TargetCollection
 from providers.awesome_cloud import AwesomeCloudSettings, AwesomeConnection, provider
 from providers.awesome_cloud.parser import parse_page, parse_vms
@@ -57,7 +57,7 @@ def vm_targets(*refs: str, extra: tuple[Target, ...] = ()) -> TargetCollection:
 
 
 def test_provider_is_registered_and_fits_the_protocol() -> None:
-    assert available_providers()["awesome_cloud"] is provider
+    assert load_provider("awesome_cloud") is provider
     assert provider.settings_model is AwesomeCloudSettings
     connection = provider.connect("m1", AwesomeCloudSettings(endpoint="http://cloud.example"))
     assert isinstance(connection, ManagerConnection)

@@ -220,3 +220,16 @@ def test_refresh_against_a_cloud_that_is_down(
             conn.execute("SELECT count(*) FROM refresh_runs WHERE error IS NOT NULL").fetchone()[0]
             == 1
         )
+
+
+def test_a_plugin_whose_extra_is_missing_names_the_extra() -> None:
+    from importlib.metadata import EntryPoint
+
+    from daemon.provider import PluginUnavailableError, load_entry_point
+
+    entry = EntryPoint("sqs", "aiobotocore.not_installed_here:create", "refreshd.catchers")
+    with pytest.raises(PluginUnavailableError, match=r"pip install 'refreshd\[aws\]'"):
+        load_entry_point(entry, "catcher type")
+    entry = EntryPoint("x", "no_such_module_anywhere:create", "refreshd.catchers")
+    with pytest.raises(PluginUnavailableError, match="catcher type 'x' cannot be loaded"):
+        load_entry_point(entry, "catcher type")
