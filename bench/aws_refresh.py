@@ -172,9 +172,7 @@ async def run(moto: Moto, instances: int, repeats: int) -> None:
             _, rows = await measured("collect only (no save)", moto, connection, collect_only)
             print(f"{'':<32} {rows} rows collected")
             for label in ("full refresh (first)", "full refresh (no change)"):
-                _, result = await measured(
-                    label, moto, connection, lambda: refresher.refresh(full)
-                )
+                _, result = await measured(label, moto, connection, lambda: refresher.refresh(full))
                 print(f"{'':<32} {result.rows_written} rows written")
             for size in (1, 100):
                 walls: list[float] = []

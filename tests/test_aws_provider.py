@@ -316,7 +316,6 @@ async def test_refused_credentials_do_not_stop_the_connection_from_opening(
         assert front.requests == 1
 
 
-
 def test_settings_refuse_bad_values() -> None:
     with pytest.raises(ValueError, match="region"):
         AwsSettings(region="mars")

@@ -859,7 +859,6 @@ async def test_loop_clock_wait_event():
     assert await clock.wait_event(event, clock.now()) is True
 
 
-
 async def test_drain_does_not_wait_for_a_retry_due_after_its_deadline(make_batcher, clock, refresh):
     refresh.fail("m1", Boom(retry_after=300))  # a manager whose credentials are refused
     batcher = make_batcher(retry_initial=1, retry_max=600)

@@ -316,16 +316,17 @@ async def test_refused_credentials_fail_that_manager_not_the_daemon(
         async def recorded() -> str | None:
             m = schema.managers
             async with env.engine.connect() as conn:
-                error = await conn.scalar(
-                    select(m.c.last_refresh_error).where(m.c.name == MANAGER)
-                )
+                error = await conn.scalar(select(m.c.last_refresh_error).where(m.c.name == MANAGER))
             return error if isinstance(error, str) and "AuthFailure" in error else None
 
         error = await wait_for(recorded, timeout=TIMEOUT, interval=0.2, what="the auth error")
         assert "AuthFailure" in error
-        assert await env.daemon.metric(
-            "refreshd_refreshes_total", {"manager": MANAGER, "outcome": "failure"}
-        ) >= 1
+        assert (
+            await env.daemon.metric(
+                "refreshd_refreshes_total", {"manager": MANAGER, "outcome": "failure"}
+            )
+            >= 1
+        )
         assert env.daemon.alive()
         assert (await env.daemon.get("/healthz"))[0] == 200
         assert "AuthFailure" in env.daemon.log()
