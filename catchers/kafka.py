@@ -194,6 +194,7 @@ class KafkaCatcher:
             "received": c.received,
             "decoded": c.decoded,
             "submitted": c.submitted,
+            "skipped": c.skipped,
             "acknowledged": c.acknowledged,
             "dead_lettered": {str(reason): n for reason, n in c.dead_lettered.items()},
             "dead_letter_errors": c.dead_letter_errors,

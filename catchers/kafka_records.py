@@ -167,6 +167,7 @@ class RecordIntake:
         counters.received += taken
         counters.decoded += taken
         counters.submitted += taken
+        counters.skipped += sum(1 for targets, _ in events[:taken] if not targets)
         if taken == len(events):
             return None
         self._commits.untrack(tp, offsets[taken:])

@@ -132,6 +132,8 @@ class KafkaCatcherStats:
     """Records handed to the sink or dead-lettered (a re-read after QueueFull counts once)."""
     decoded: int = 0
     submitted: int = 0
+    skipped: int = 0
+    """Submitted records that asked for no target (an event kind with nothing to refresh)."""
     acknowledged: int = 0
     dead_lettered: dict[DeadLetterReason, int] = field(
         default_factory=lambda: dict.fromkeys(DeadLetterReason, 0)

@@ -3,7 +3,7 @@
 Flow: catchers -> batcher -> refresher -> persister, all observed here; scraped at ``/metrics``.
 
 Counters that live in the pipeline's own stats (catchers' received/decoded/
-dead-lettered, the batcher's enqueued/coalesced, pending targets, consumer
+skipped/dead-lettered, the batcher's enqueued/coalesced, pending targets, consumer
 lag) are read at scrape time by a custom collector, so the pipeline never
 imports prometheus.  Refresh outcomes, durations, rows written and
 event-to-commit latency are recorded as they happen.  Each daemon has its own
@@ -246,6 +246,11 @@ class _PipelineCollector(Collector):
         decoded = CounterMetricFamily(
             "refreshd_events_decoded", "Events decoded and mapped", labels=["catcher"]
         )
+        skipped = CounterMetricFamily(
+            "refreshd_events_skipped",
+            "Events decoded that asked for nothing to refresh (event kinds refreshd ignores)",
+            labels=["catcher"],
+        )
         dead = CounterMetricFamily(
             "refreshd_events_dead_lettered",
             "Events sent to the dead-letter destination",
@@ -260,8 +265,9 @@ class _PipelineCollector(Collector):
             s = read()
             received.add_metric([name], float(s.get("received", 0)))
             decoded.add_metric([name], float(s.get("decoded", 0)))
+            skipped.add_metric([name], float(s.get("skipped", 0)))
             for reason, n in dict(s.get("dead_lettered", {})).items():
                 dead.add_metric([name, str(reason)], float(n))
             for partition, n in dict(s.get("lag", {})).items():
                 lag.add_metric([name, str(partition)], float(n))
-        yield from (received, decoded, dead, lag)
+        yield from (received, decoded, skipped, dead, lag)

@@ -266,10 +266,17 @@ async def test_eventbridge_json_through_kafka_to_postgresql(
         await env.wait_vms({i: {"pending", "running"} for i in ids}, "the start-up full refresh")
 
         events, expected = await env.cloud_changes(ids)
+        # an EventBridge event of a kind refreshd does not refresh from: skipped, not dead-lettered
+        other = state_change(moto, ids[2], "running") | {
+            "id": "spot-warning",
+            "detail-type": "EC2 Spot Instance Interruption Warning",
+            "detail": {"instance-id": ids[2], "instance-action": "terminate"},
+        }
+        records = [other, *events.values()]
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
         await producer.start()
         try:
-            for event in events.values():
+            for event in records:
                 await producer.send_and_wait(topic, json.dumps(event).encode())
         finally:
             await producer.stop()
@@ -277,9 +284,12 @@ async def test_eventbridge_json_through_kafka_to_postgresql(
         await env.wait_vms(expected, "the events to reach the database through Kafka")
 
         async def all_committed() -> bool:
-            return await committed_offset(kafka_bootstrap, kafka_group_id, topic) == len(events)
+            return await committed_offset(kafka_bootstrap, kafka_group_id, topic) == len(records)
 
         await wait_for(all_committed, timeout=TIMEOUT, interval=0.25, what="offsets committed")
+        assert await env.daemon.metric("refreshd_events_skipped_total") == 1
+        assert await env.daemon.metric("refreshd_events_dead_lettered_total") == 0
+        assert await env.daemon.metric("refreshd_events_received_total") == len(records)
 
 
 async def test_refused_credentials_fail_that_manager_not_the_daemon(
