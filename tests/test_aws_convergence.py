@@ -16,10 +16,8 @@ refresh never archives an unused instance type: docs/design.md, Known edges).
 
 from __future__ import annotations
 
-import asyncio
-import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +28,6 @@ from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catchers.aws import map_event
-from daemon.db import create_engine
-from daemon.migrate import upgrade
 from daemon.persister import Persister
 from daemon.refresh_result import PersisterSettings
 from daemon.refresher import RefreshableManager, Refresher
@@ -39,8 +35,8 @@ from daemon.targets import Target, TargetCollection
 from providers.aws import AwsConnection, AwsSettings
 from tests.aws_cloud import AMI, OTHER_AMI
 from tests.cloud_state import State, database_state
-from tests.fixtures.moto_server import CREDENTIALS, MotoServer
-from tests.test_convergence import empty_database
+from tests.fixtures.moto_server import AwsClients, MotoServer, moto_credentials
+from tests.test_convergence import Database, empty_database, migrated
 
 EVENTS = "events"
 MIRROR = "mirror"
@@ -205,42 +201,14 @@ def comparable(state: State) -> State:
 # -- harness ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Runner:
-    engine: AsyncEngine
-    runner: asyncio.Runner
-    moto: MotoServer
-
-    def run(self, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self.runner.run(body())
-
-
 @pytest.fixture(scope="module")
-def aws_credentials() -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@pytest.fixture(scope="module")
-def aws_runner(
-    moto_process: MotoServer, aws_credentials: None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Runner]:
+def database(
+    moto_process: MotoServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Database]:
+    """A migrated SQLite database for the module (hypothesis examples share it)."""
     url = f"sqlite:///{tmp_path_factory.mktemp('aws-convergence') / 'refreshd.db'}"
-    with asyncio.Runner() as runner:
-        engine = create_engine(url)
-        runner.run(upgrade(engine))
-        try:
-            yield Runner(engine, runner, moto_process)
-        finally:
-            runner.run(engine.dispose())
+    with moto_credentials(), migrated(url) as database:
+        yield database
 
 
 @dataclass
@@ -261,13 +229,11 @@ class Harness:
 
 
 @asynccontextmanager
-async def harness(r: Runner) -> AsyncIterator[Harness]:
-    from aiobotocore.session import get_session
-
-    r.moto.reset()
-    await empty_database(r.engine)
-    persister = Persister(r.engine, settings=PersisterSettings(max_delete_ratio=1.0))
-    settings_ = AwsSettings(region=r.moto.region, endpoint_url=r.moto.endpoint_url)
+async def harness(engine: AsyncEngine, moto: MotoServer) -> AsyncIterator[Harness]:
+    moto.reset()
+    await empty_database(engine)
+    persister = Persister(engine, settings=PersisterSettings(max_delete_ratio=1.0))
+    settings_ = AwsSettings(region=moto.region, endpoint_url=moto.endpoint_url)
     async with AsyncExitStack() as stack:
         managers = {
             name: RefreshableManager(
@@ -275,21 +241,17 @@ async def harness(r: Runner) -> AsyncIterator[Harness]:
             )
             for name in (EVENTS, MIRROR)
         }
-        ec2 = await stack.enter_async_context(
-            get_session().create_client(
-                "ec2", region_name=r.moto.region, endpoint_url=r.moto.endpoint_url
-            )
-        )
-        yield Harness(Account(ec2), Refresher(persister, managers), r.engine)
+        ec2 = await stack.enter_async_context(AwsClients(moto)("ec2", region_name=moto.region))
+        yield Harness(Account(ec2), Refresher(persister, managers), engine)
 
 
 @settings(deadline=None, max_examples=8)
 @given(ops=st.lists(operations, min_size=1, max_size=10))
 def test_targeted_refreshes_of_cloudtrail_events_equal_a_full_refresh(
-    aws_runner: Runner, ops: list[Operation]
+    database: Database, moto_process: MotoServer, ops: list[Operation]
 ) -> None:
     async def body() -> None:
-        async with harness(aws_runner) as h:
+        async with harness(database.engine, moto_process) as h:
             await h.account.apply(("launch", TYPES[0], IMAGES[0], False))
             await h.refresh(EVENTS, [Target.full(EVENTS)])
             for step, op in enumerate(ops, 1):
@@ -302,4 +264,4 @@ def test_targeted_refreshes_of_cloudtrail_events_equal_a_full_refresh(
                     await h.refresh(EVENTS, targets)
                 await h.assert_converged(f"after step {step}: {op}")
 
-    aws_runner.run(body)
+    database.run(body)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from random import Random
 from typing import Any
@@ -110,6 +110,13 @@ def database(
         url = f"sqlite:///{tmp_path_factory.mktemp('convergence') / 'refreshd.db'}"
     else:
         url = request.getfixturevalue("pg_database")
+    with migrated(url) as database:
+        yield database
+
+
+@contextmanager
+def migrated(url: str) -> Iterator[Database]:
+    """The database at ``url`` migrated, with its own event loop and engine."""
     with asyncio.Runner() as runner:
         engine = create_engine(url)
         try:
