@@ -26,7 +26,7 @@ from dataclasses import fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from daemon import schema
@@ -43,15 +43,17 @@ from daemon.clock import LOOP_CLOCK, Clock
 from daemon.config import BatchingConfig, Config, LoadedConfig
 from daemon.db import create_engine
 from daemon.http import HttpDeps, Readiness, make_app, start_site
-from daemon.metrics import MeteredSink, Metrics
+from daemon.metrics import CatcherProbe, MeteredSink, Metrics, ProviderStats
 from daemon.migrate import upgrade
 from daemon.persister import Persister
 from daemon.provider import EventMapper, load_provider
 from daemon.refresh_result import PersisterSettings, RefreshResult
 from daemon.refresher import RefreshableManager, Refresher
+from daemon.retention import prune_forever
 from daemon.scheduler import Scheduler
 from daemon.systemd import Notifier
 from daemon.targets import Target, TargetCollection
+from daemon.version import refreshd_version
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.clock = clock
         self.readiness = Readiness()
-        self.metrics = Metrics()
+        self.metrics = Metrics(version=refreshd_version())
         self.batcher: Batcher | None = None
         self.catchers: list[Catcher] = []
         self.sink: MeteredSink | None = None
@@ -210,8 +212,14 @@ class Daemon:
             self.metrics.register_pipeline(
                 batcher_stats=lambda: _as_dict(batcher.stats),
                 pending=lambda: {m: batcher.pending_count(m) for m in refreshable},
-                catchers=[(c.name, c.stats) for c in self.catchers],
+                catchers=[CatcherProbe(c.name, c.stats, c.healthy) for c in self.catchers],
+                providers=_api_stats(refreshable),
             )
+            last_success = await _last_success(engine)
+            for m in cfg.managers:
+                self.metrics.manager_configured(
+                    m.name, interval=m.refresh_interval, last_success=last_success.get(m.name, {})
+                )
 
             host, port = cfg.http.host_port
             stack.push_async_callback(await start_site(app, host, port))
@@ -231,6 +239,10 @@ class Daemon:
             loops = [
                 asyncio.create_task(scheduler.run(), name="refreshd-scheduler"),
                 asyncio.create_task(self._status_loop(), name="refreshd-status"),
+                asyncio.create_task(
+                    prune_forever(engine, keep=cfg.persister.keep_runs, clock=self.clock),
+                    name="refreshd-retention",
+                ),
             ]
             if self.notifier.watchdog_interval:
                 loops.append(asyncio.create_task(self._watchdog_loop(), name="refreshd-watchdog"))
@@ -322,6 +334,36 @@ class Daemon:
             else:
                 log.error("pipeline unhealthy: not pinging the systemd watchdog")
             await self.clock.sleep_until(self.clock.now() + interval)
+
+
+def _api_stats(managers: dict[str, RefreshableManager]) -> dict[str, ProviderStats]:
+    """The connections that count their API requests (``api_stats()``), by manager."""
+    out: dict[str, ProviderStats] = {}
+    for name, m in managers.items():
+        read = getattr(m.connection, "api_stats", None)
+        if callable(read):
+            out[name] = read
+    return out
+
+
+async def _last_success(engine: AsyncEngine) -> dict[str, dict[str, float]]:
+    """Per manager and kind, when its last successful refresh started (Unix seconds; a
+    conservative seed for the freshness gauge, which later runs set to their end)."""
+    runs, m = schema.refresh_runs, schema.managers
+    query = (
+        select(m.c.name, runs.c.kind, func.max(runs.c.started_at))
+        .join(m, m.c.id == runs.c.manager_id)
+        .where(runs.c.error.is_(None))
+        .group_by(m.c.name, runs.c.kind)
+    )
+    out: dict[str, dict[str, float]] = {}
+    async with engine.connect() as conn:
+        for name, kind, started in (await conn.execute(query)).all():
+            if started is not None:
+                if started.tzinfo is None:
+                    started = started.replace(tzinfo=UTC)
+                out.setdefault(name, {})[kind] = started.timestamp()
+    return out
 
 
 def _as_dict(stats: object) -> dict[str, Any]:

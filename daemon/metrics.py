@@ -7,7 +7,13 @@ skipped/dead-lettered, the batcher's enqueued/coalesced, pending targets, consum
 lag) are read at scrape time by a custom collector, so the pipeline never
 imports prometheus.  Refresh outcomes, durations, rows written and
 event-to-commit latency are recorded as they happen.  Each daemon has its own
-registry (tests run several).
+registry (tests run several), with the process, platform and gc collectors in it.
+
+Freshness: ``refreshd_manager_last_success_timestamp_seconds{manager,kind}`` is
+the wall time of each manager's last successful refresh per kind (seeded from
+``refresh_runs`` at start, so a restart does not reset it), next to
+``refreshd_manager_refresh_interval_seconds{manager}`` so an alert can compare
+the two.  No ``_created`` series are exported (``disable_created_metrics``).
 """
 
 from __future__ import annotations
@@ -16,9 +22,19 @@ import bisect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -53,10 +69,39 @@ LATENCY_BUCKETS = (
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
+disable_created_metrics()  # type: ignore[no-untyped-call]
+"""Process-wide in prometheus_client: no ``_created`` series beside counters and histograms."""
+
+ProviderStats = Callable[[], Mapping[str, int]]
+"""A manager connection's ``api_stats()``: ``{"requests": n, "throttled": n}`` so far."""
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, version: str = "unknown") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # the default registry's collectors, registered again in ours
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
+        build_info = Gauge(
+            "refreshd_build_info",
+            "The running refreshd's version (always 1)",
+            ["version"],
+            registry=r,
+        )
+        build_info.labels(version).set(1)
+        self.last_success = Gauge(
+            "refreshd_manager_last_success_timestamp_seconds",
+            "Wall time (Unix seconds) of the manager's last successful refresh of this kind",
+            ["manager", "kind"],
+            registry=r,
+        )
+        self.refresh_interval = Gauge(
+            "refreshd_manager_refresh_interval_seconds",
+            "The manager's configured refresh_interval (periodic full refresh)",
+            ["manager"],
+            registry=r,
+        )
         self.refreshes = Counter(
             "refreshd_refreshes", "Refreshes finished", ["manager", "kind", "outcome"], registry=r
         )
@@ -66,14 +111,14 @@ class Metrics:
         self.refresh_duration = Histogram(
             "refreshd_refresh_duration_seconds",
             "Refresh duration",
-            ["kind"],
+            ["manager", "kind"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
         self.rows_written = Counter(
             "refreshd_rows_written",
             "Rows written by refreshes",
-            ["collection", "action"],
+            ["manager", "collection", "action"],
             registry=r,
         )
         self.event_latency = EventLatencies(LATENCY_BUCKETS)
@@ -87,7 +132,8 @@ class Metrics:
     def refresh_succeeded(self, result: RefreshResult) -> None:
         kind = result.kind.value
         self.refreshes.labels(result.manager, kind, "success").inc()
-        self.refresh_duration.labels(kind).observe(result.duration)
+        self.refresh_duration.labels(result.manager, kind).observe(result.duration)
+        self.last_success.labels(result.manager, kind).set(time.time())
         for collection, c in result.counts.items():
             for action, n in (
                 ("created", c.created),
@@ -96,10 +142,19 @@ class Metrics:
                 ("deleted", c.deleted),
             ):
                 if n:
-                    self.rows_written.labels(collection, action).inc(n)
+                    self.rows_written.labels(result.manager, collection, action).inc(n)
 
     def refresh_failed(self, manager: str, kind: str) -> None:
         self.refreshes.labels(manager, kind, "failure").inc()
+
+    def manager_configured(
+        self, manager: str, *, interval: float, last_success: Mapping[str, float]
+    ) -> None:
+        """A configured manager: its interval and, per kind, its last success (Unix seconds)
+        from ``refresh_runs``; a manager never fully refreshed shows ``kind="full"`` as 0."""
+        self.refresh_interval.labels(manager).set(interval)
+        for kind, when in ({"full": 0.0} | dict(last_success)).items():
+            self.last_success.labels(manager, kind).set(when)
 
     def observe_ack(self, ack: Ack, *, loop_clock: Callable[[], float]) -> None:
         """Record a resolved event: from its cloud time, else from its receipt (loop time)."""
@@ -124,9 +179,11 @@ class Metrics:
         *,
         batcher_stats: Callable[[], Mapping[str, Any]],
         pending: Callable[[], Mapping[str, int]],
-        catchers: Sequence[tuple[str, Callable[[], Mapping[str, Any]]]],
+        catchers: Sequence[CatcherProbe],
+        providers: Mapping[str, ProviderStats] | None = None,
     ) -> None:
         self.registry.register(_PipelineCollector(batcher_stats, pending, catchers))
+        self.registry.register(_ProviderCollector(dict(providers or {})))
 
 
 _go_float: Callable[[float], str] = floatToGoString
@@ -140,7 +197,7 @@ class EventLatencies(Collector):
     Observed once per event, so kept in plain numbers -- a bisection and two
     additions, no lock (observations and scrapes both run on the event loop)
     -- and exported at scrape time with the samples prometheus_client's
-    Histogram and Counter would give (buckets, count, sum, created).
+    Histogram and Counter would give (buckets, count, sum; no ``_created``).
     """
 
     HISTOGRAM = "refreshd_event_commit_latency_seconds"
@@ -151,7 +208,6 @@ class EventLatencies(Collector):
         self._le = tuple(_go_float(bound) for bound in self._bounds)
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
-        self._created = time.time()
 
     def observe(self, latency: float) -> None:
         self._counts[bisect.bisect_left(self._bounds, latency)] += 1
@@ -176,9 +232,8 @@ class EventLatencies(Collector):
             histogram.add_sample(f"{name}_bucket", {"le": le}, float(count))
         histogram.add_sample(f"{name}_count", {}, float(count))
         histogram.add_sample(f"{name}_sum", {}, self._sum)
-        histogram.add_sample(f"{name}_created", {}, self._created)
         counter = CounterMetricFamily(self.COUNTER, "Events whose targets were all committed")
-        counter.add_metric([], float(count), created=self._created)
+        counter.add_metric([], float(count))
         return [histogram, counter]
 
 
@@ -216,12 +271,32 @@ class MeteredSink:
         self._metrics.observe_ack(ack, loop_clock=self._clock)
 
 
+@dataclass(frozen=True, slots=True)
+class CatcherProbe:
+    """What metrics read from one catcher at scrape time."""
+
+    name: str
+    stats: Callable[[], Mapping[str, Any]]
+    healthy: Callable[[], bool]
+
+
+def split_stream(key: object) -> tuple[str, str]:
+    """A lag key -> ``(topic, partition)``: ``"orders/3"`` -> ``("orders", "3")``;
+    a key without a partition (an SQS queue, an in-process log) -> ``(key, "")``."""
+    if isinstance(key, tuple) and len(key) == 2:
+        return str(key[0]), str(key[1])
+    topic, sep, partition = str(key).rpartition("/")
+    if sep and partition.isdigit():
+        return topic, partition
+    return str(key), ""
+
+
 class _PipelineCollector(Collector):
     def __init__(
         self,
         batcher_stats: Callable[[], Mapping[str, Any]],
         pending: Callable[[], Mapping[str, int]],
-        catchers: Sequence[tuple[str, Callable[[], Mapping[str, Any]]]],
+        catchers: Sequence[CatcherProbe],
     ) -> None:
         self._batcher_stats = batcher_stats
         self._pending = pending
@@ -240,6 +315,11 @@ class _PipelineCollector(Collector):
         for manager, n in self._pending().items():
             g.add_metric([manager], float(n))
         yield g
+        up = GaugeMetricFamily(
+            "refreshd_catcher_up",
+            "1 while the catcher runs and reads its stream, 0 when its loop died or lost it",
+            labels=["catcher"],
+        )
         received = CounterMetricFamily(
             "refreshd_events_received", "Events read by catchers", labels=["catcher"]
         )
@@ -259,15 +339,40 @@ class _PipelineCollector(Collector):
         lag = GaugeMetricFamily(
             "refreshd_consumer_lag",
             "Messages behind the stream's end",
-            labels=["catcher", "partition"],
+            labels=["catcher", "topic", "partition"],
         )
-        for name, read in self._catchers:
-            s = read()
+        for probe in self._catchers:
+            name, s = probe.name, probe.stats()
+            up.add_metric([name], 1.0 if probe.healthy() else 0.0)
             received.add_metric([name], float(s.get("received", 0)))
             decoded.add_metric([name], float(s.get("decoded", 0)))
             skipped.add_metric([name], float(s.get("skipped", 0)))
             for reason, n in dict(s.get("dead_lettered", {})).items():
                 dead.add_metric([name, str(reason)], float(n))
-            for partition, n in dict(s.get("lag", {})).items():
-                lag.add_metric([name, str(partition)], float(n))
-        yield from (received, decoded, skipped, dead, lag)
+            for stream, n in dict(s.get("lag", {})).items():
+                lag.add_metric([name, *split_stream(stream)], float(n))
+        yield from (up, received, decoded, skipped, dead, lag)
+
+
+class _ProviderCollector(Collector):
+    """Cloud API requests and throttled answers per manager, read from its connection."""
+
+    def __init__(self, providers: Mapping[str, ProviderStats]) -> None:
+        self._providers = providers
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "refreshd_provider_api_requests",
+            "Requests sent to the cloud API (each retry counts)",
+            labels=["manager"],
+        )
+        throttled = CounterMetricFamily(
+            "refreshd_provider_api_throttled",
+            "Cloud API answers that asked to slow down (HTTP 429, throttling codes)",
+            labels=["manager"],
+        )
+        for manager, read in sorted(self._providers.items()):
+            s = read()
+            requests.add_metric([manager], float(s.get("requests", 0)))
+            throttled.add_metric([manager], float(s.get("throttled", 0)))
+        yield from (requests, throttled)

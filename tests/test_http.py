@@ -127,7 +127,10 @@ async def test_metrics_count_refreshes_and_rows(daemon: tuple[Daemon, str]) -> N
     ]
     assert full_ok >= 1
     created_vms = samples[
-        ("refreshd_rows_written_total", (("action", "created"), ("collection", "vms")))
+        (
+            "refreshd_rows_written_total",
+            (("action", "created"), ("collection", "vms"), ("manager", "awesome")),
+        )
     ]
     assert created_vms == 10
     assert ("refreshd_pending_targets", (("manager", "awesome"),)) in samples

@@ -74,6 +74,10 @@ class AwesomeClient:
         self._sleep = sleep
         self._rng = rng or Random()
         self._session: aiohttp.ClientSession | None = None
+        self.requests = 0
+        """Requests sent (each retry counts)."""
+        self.throttled = 0
+        """Answers that asked to slow down (HTTP 429)."""
 
     async def __aenter__(self) -> Self:
         if self._session is None:
@@ -184,6 +188,7 @@ class AwesomeClient:
     async def _attempt(self, url: str, params: dict[str, str]) -> dict[str, Any]:
         if self._session is None:
             raise RuntimeError("AwesomeClient used outside 'async with'")
+        self.requests += 1
         try:
             async with self._session.get(url, params=params) as resp:
                 status, body, headers = resp.status, await resp.read(), resp.headers
@@ -205,6 +210,8 @@ class AwesomeClient:
                 )
             return payload
         message = f"HTTP {status}{_server_message(body)}"
+        if status == 429:
+            self.throttled += 1
         if status in RETRYABLE_STATUSES:
             retry_after = None
             if status in RETRY_AFTER_STATUSES:

@@ -93,6 +93,14 @@ class AwesomeConnection:
         self._stack: AsyncExitStack | None = None
         self._client: AwesomeClient | None = None
         self._simulator: SimulatorServer | None = None
+        self._api_totals = {"requests": 0, "throttled": 0}
+        """Counts of the clients of earlier openings (a reopened connection keeps counting)."""
+
+    def api_stats(self) -> dict[str, int]:
+        """Requests sent to the API and throttled answers, since this object was made."""
+        client = self._client
+        now = {"requests": client.requests, "throttled": client.throttled} if client else {}
+        return {k: v + now.get(k, 0) for k, v in self._api_totals.items()}
 
     @property
     def endpoint(self) -> str:
@@ -151,6 +159,7 @@ class AwesomeConnection:
         tb: TracebackType | None,
     ) -> None:
         stack, self._stack = self._stack, None
+        self._api_totals = self.api_stats()
         try:
             if stack is not None:
                 await stack.aclose()

@@ -106,6 +106,8 @@ class Ec2Api:
         self.settings = settings
         self.calls: Counter[str] = Counter()
         """Requests sent, per operation (each botocore retry counts once more)."""
+        self.throttled = 0
+        """Answers with a throttling error code or HTTP 429 (retried by botocore or not)."""
         self._stack: AsyncExitStack | None = None
         self._ec2: Any = None
         self._sts: Any = None
@@ -136,6 +138,7 @@ class Ec2Api:
             raise
         for client in (self._ec2, self._sts):
             client.meta.events.register("before-send", self._count)
+            client.meta.events.register("needs-retry", self._count_throttle)
         self._stack = stack
         return self
 
@@ -155,6 +158,19 @@ class Ec2Api:
         operation = event_name.rpartition(".")[2]
         self.calls[_snake(operation)] += 1
         return None  # a value would replace the HTTP response
+
+    def _count_throttle(self, *, response: Any = None, **_: Any) -> None:
+        """Count a throttled answer (``needs-retry`` sees every answer before botocore's
+        retry handler decides; ``response`` is ``(http_response, parsed)`` or None)."""
+        if isinstance(response, tuple) and len(response) == 2:
+            http, parsed = response
+            code = parsed.get("Error", {}).get("Code", "") if isinstance(parsed, dict) else ""
+            if code in THROTTLING_CODES or getattr(http, "status_code", 0) == 429:
+                self.throttled += 1
+        return None  # a value would decide the retry
+
+    def api_stats(self) -> dict[str, int]:
+        return {"requests": self.total_calls, "throttled": self.throttled}
 
     @property
     def total_calls(self) -> int:

@@ -90,6 +90,10 @@ class AwsConnection:
         self._account: str | None = settings.account_id
         self._open = False
 
+    def api_stats(self) -> dict[str, int]:
+        """Requests sent to AWS (each retry counts) and throttled answers."""
+        return self.api.api_stats()
+
     @property
     def account_region(self) -> tuple[str, str] | None:
         """(account id, region) once the account id is known: how events are routed here."""
