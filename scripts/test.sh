@@ -31,6 +31,28 @@ if ! pg_ready; then
   fi
 fi
 
+# Debian packages the operator tests use: promtool and prometheus (alert rules, a real
+# scrape), chromium and its driver (the status page).  Installed only when missing, with
+# apt-get as root; a container's policy-rc.d (exit 101) keeps the prometheus service from
+# starting, and where systemd runs it is stopped and disabled at once (the tests start
+# their own server on a free loopback port, never the packaged one on 9090).
+need_pkgs=()
+command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need_pkgs+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_pkgs+=(chromium-driver)
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ${need_pkgs[*]} (apt-get)"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_pkgs[@]}"
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+      systemctl disable --now prometheus prometheus-node-exporter 2>/dev/null || true
+    fi
+  else
+    echo "missing ${need_pkgs[*]}: their tests are skipped (install with apt-get as root)" >&2
+  fi
+fi
+
 echo "== ruff"; "$BIN/ruff" check .
 echo "== mypy"; "$BIN/mypy"
 echo "== import contracts"; "$BIN/lint-imports"
