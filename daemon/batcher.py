@@ -46,7 +46,7 @@ from daemon.batches import (
 )
 from daemon.clock import LOOP_CLOCK, Clock
 from daemon.refresh_result import RefreshKind
-from daemon.targets import Target, TargetCollection
+from daemon.targets import Target, TargetCollection, Trigger
 
 __all__ = [
     "NO_HOOKS",
@@ -164,13 +164,13 @@ class Batcher:
             self._room.clear()
             await self._room.wait()
 
-    def request_full(self, manager: str) -> Ack:
+    def request_full(self, manager: str, *, trigger: Trigger = Trigger.MANUAL) -> Ack:
         """Queue a full refresh of ``manager`` (scheduler, manual refresh); never QueueFull."""
         if self._stopped:
             raise BatcherStoppedError("the batcher is stopped")
         now = self._clock.now()
         ack = Ack(received_at=now)
-        self._queue([Target.full(manager)], ack, now=now, pending=0, limit=None)
+        self._queue([Target.full(manager, trigger=trigger)], ack, now=now, pending=0, limit=None)
         self.stats.targets_enqueued += 1
         self._queued()
         return ack

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from daemon.acks import Ack
 from daemon.backoff import Backoff
 from daemon.refresh_result import RefreshKind
-from daemon.targets import Ref, Target, TargetCollection
+from daemon.targets import Ref, Target, TargetCollection, Trigger
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +215,9 @@ class PendingBatch:
         if not self.is_full(threshold):
             return self.targets
         manager = self.targets.manager
-        full = next((t for t in self.targets if t.is_full), None) or Target.full(manager)
+        full = next((t for t in self.targets if t.is_full), None) or Target.full(
+            manager, trigger=Trigger.ESCALATED
+        )
         return TargetCollection(manager, [full])
 
     def commit(self) -> None:
@@ -313,7 +315,7 @@ class ManagerState:
         self.failures += 1
         self.restore(batch)
         if escalate:
-            self.pending.add(Target.full(self.manager), (), now=now)
+            self.pending.add(Target.full(self.manager, trigger=Trigger.ESCALATED), (), now=now)
         self.next_retry_at = retry_at
         self.last_failure_at = now
         self.last_error = f"{type(exc).__name__}: {exc}"

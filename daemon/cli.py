@@ -37,7 +37,7 @@ from daemon.persister import Persister
 from daemon.provider import load_provider
 from daemon.refresh_result import PersisterSettings
 from daemon.refresher import RefreshableManager, Refresher
-from daemon.targets import Ref, Target, TargetCollection
+from daemon.targets import Ref, Target, TargetCollection, Trigger
 
 log = logging.getLogger("refreshd")
 
@@ -58,8 +58,8 @@ def parse_target(manager: str, spec: str) -> Target:
         pairs = [p.partition("=") for p in ref.split(",")]
         if any(not k or not v for k, _, v in pairs):
             raise UsageError(f"--target {spec!r}: expected key=value pairs after ':'")
-        return Target(manager, collection, Ref({k: v for k, _, v in pairs}))
-    return Target.of(manager, collection, ref)
+        return Target(manager, collection, Ref({k: v for k, _, v in pairs}), trigger=Trigger.MANUAL)
+    return Target.of(manager, collection, ref, trigger=Trigger.MANUAL)
 
 
 def persister_settings(loaded: LoadedConfig) -> PersisterSettings:
@@ -73,7 +73,9 @@ async def cmd_refresh(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     manager_cfg = loaded.config.manager(args.manager)
     targets = [parse_target(manager_cfg.name, t) for t in args.target or []]
-    collection = TargetCollection(manager_cfg.name, targets or [Target.full(manager_cfg.name)])
+    collection = TargetCollection(
+        manager_cfg.name, targets or [Target.full(manager_cfg.name, trigger=Trigger.MANUAL)]
+    )
     engine = create_engine(loaded.config.database_url)
     try:
         await upgrade(engine)

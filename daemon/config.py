@@ -96,6 +96,10 @@ class PersisterConfig(_Strict):
     mass_delete_min_rows: int = Field(
         10, ge=0, description="removing at most this many rows is never refused"
     )
+    keep_runs: Duration = Field(
+        30 * 86400.0,
+        description="refresh_runs rows older than this are pruned by the daemon (0: keep all)",
+    )
 
 
 class BatchingConfig(_Strict):

@@ -33,7 +33,7 @@ from daemon import schema
 from daemon.acks import Ack, QueueFullError
 from daemon.batcher import Batcher
 from daemon.metrics import Metrics
-from daemon.targets import Ref, Target
+from daemon.targets import Ref, Target, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ def parse_target_spec(manager: str, spec: str) -> Target:
     if not sep or not collection or not ref:
         raise ValueError(f"target {spec!r}: expected COLLECTION:REF")
     if "=" in ref:
-        return Target(manager, collection, Ref(dict(p.split("=", 1) for p in ref.split(","))))
-    return Target.of(manager, collection, ref)
+        ref_ = Ref(dict(p.split("=", 1) for p in ref.split(",")))
+        return Target(manager, collection, ref_, trigger=Trigger.MANUAL)
+    return Target.of(manager, collection, ref, trigger=Trigger.MANUAL)
 
 
 @dataclass(slots=True)
@@ -143,7 +144,9 @@ def make_app(deps: HttpDeps) -> web.Application:
                 raise ValueError(f"unknown manager {manager!r}")
             if not isinstance(specs, list):
                 raise ValueError("targets must be a list of COLLECTION:REF strings")
-            targets = [parse_target_spec(manager, str(s)) for s in specs] or [Target.full(manager)]
+            targets = [parse_target_spec(manager, str(s)) for s in specs] or [
+                Target.full(manager, trigger=Trigger.MANUAL)
+            ]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             return web.json_response({"error": f"bad request: {exc}"}, status=400)
         ack = Ack(received_at=deps.clock())

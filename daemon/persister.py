@@ -39,7 +39,7 @@ from daemon.inventory import COLLECTIONS, InventoryPage, Row
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
 from daemon.staging import TEMP_TABLES_READY, Stager
 from daemon.statements import Statements, statements_for
-from daemon.targets import Ref, Target, TargetCollection
+from daemon.targets import Ref, Target, TargetCollection, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class Persister:
                             parent_ref[0],
                             Ref({"ems_ref": parent_ref[1]}),
                             target.event_id,
+                            target.trigger,
                         )
                     )
         return out
@@ -192,6 +193,7 @@ class Persister:
     ) -> RefreshResult:
         """Save ``pages`` in one transaction; scope FULL when ``targets`` is None or full."""
         kind = RefreshKind.FULL if targets is None or targets.is_full else RefreshKind.TARGETED
+        trigger = targets.trigger if targets is not None else Trigger.MANUAL
         manager_id = self._manager_id(manager)
         started = self._now()
         t0 = time.perf_counter()
@@ -221,6 +223,7 @@ class Persister:
                     counts=counts,
                     started_at=started,
                     duration=time.perf_counter() - t0,
+                    trigger=trigger,
                 )
                 await self._record(conn, manager_id, result, now=now)
         except asyncio.CancelledError:
@@ -229,6 +232,7 @@ class Persister:
             await self.record_failure(
                 manager,
                 kind=kind,
+                trigger=trigger,
                 targets=len(targets) if targets is not None else 1,
                 started_at=started,
                 duration=time.perf_counter() - t0,
@@ -364,6 +368,7 @@ class Persister:
             insert(schema.refresh_runs).values(
                 manager_id=manager_id,
                 kind=result.kind.value,
+                trigger=result.trigger.value,
                 targets=result.targets,
                 created=total.created,
                 updated=total.updated,
@@ -395,6 +400,7 @@ class Persister:
         started_at: datetime,
         duration: float,
         error: BaseException,
+        trigger: Trigger = Trigger.EVENT,
     ) -> None:
         """Record a failed refresh in ``refresh_runs`` and on the manager (own transaction)."""
         manager_id = self._manager_ids.get(manager)
@@ -408,6 +414,7 @@ class Persister:
                     insert(schema.refresh_runs).values(
                         manager_id=manager_id,
                         kind=kind.value,
+                        trigger=trigger.value,
                         targets=targets,
                         created=0,
                         updated=0,

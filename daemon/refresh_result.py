@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from daemon.targets import Trigger
+
 
 class RefreshKind(enum.Enum):
     FULL = "full"
@@ -68,6 +70,8 @@ class RefreshResult:
     started_at: datetime
     duration: float
     extra: dict[str, Any] = field(default_factory=dict)
+    trigger: Trigger = Trigger.EVENT
+    """Why it ran (``refresh_runs.trigger``)."""
 
     @property
     def total(self) -> Counts:

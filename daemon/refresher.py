@@ -55,7 +55,9 @@ class Refresher:
         await self._persister.ensure_manager(manager.name, manager.provider)
         if not targets.is_full and not manager.allow_targeted_refresh:
             log.debug("manager %s: targeted refresh disabled, refreshing fully", manager.name)
-            targets = TargetCollection(manager.name, [Target.full(manager.name)])
+            targets = TargetCollection(
+                manager.name, [Target.full(manager.name, trigger=targets.trigger)]
+            )
         if targets.is_full:
             async with aclosing(prefetched(manager.connection.collect_full())) as pages:
                 return await self._persister.save(manager.name, pages, targets=targets)
@@ -75,6 +77,7 @@ class Refresher:
             await self._persister.record_failure(
                 manager.name,
                 kind=RefreshKind.TARGETED,
+                trigger=targets.trigger,
                 targets=len(targets),
                 started_at=started,
                 duration=time.perf_counter() - t0,

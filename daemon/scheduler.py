@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from daemon.batcher import Batcher
 from daemon.clock import Clock
+from daemon.targets import Trigger
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class Scheduler:
         self._intervals = dict(intervals)
         self._clock = clock
         self._next: dict[str, float] = {}
+        self._startup: set[str] = set()
+        """Managers whose first request is the start-up refresh (never refreshed, or overdue)."""
 
     def plan(self, last_full: Mapping[str, datetime | None], *, now_wall: datetime) -> None:
         """Compute each manager's first due time from its last full refresh."""
@@ -42,11 +45,14 @@ class Scheduler:
             last = last_full.get(manager)
             if last is None:
                 self._next[manager] = now
+                self._startup.add(manager)
                 continue
             if last.tzinfo is None:
                 last = last.replace(tzinfo=UTC)
             age = (now_wall - last).total_seconds()
             self._next[manager] = now + max(0.0, interval - age)
+            if age >= interval:
+                self._startup.add(manager)
 
     def due_in(self, manager: str) -> float:
         return self._next[manager] - self._clock.now()
@@ -59,14 +65,16 @@ class Scheduler:
             now = self._clock.now()
             for manager, due in sorted(self._next.items(), key=lambda kv: kv[1]):
                 if due <= now:
-                    log.info("manager %s: scheduled full refresh", manager)
+                    trigger = Trigger.STARTUP if manager in self._startup else Trigger.SCHEDULED
+                    log.info("manager %s: %s full refresh", manager, trigger.value)
                     try:
-                        self._batcher.request_full(manager)
+                        self._batcher.request_full(manager, trigger=trigger)
                     except Exception as exc:  # noqa: BLE001 - stopping or full: try next round
                         log.warning("manager %s: could not queue full refresh: %s", manager, exc)
                         self._next[manager] = now + min(60.0, self._intervals[manager])
                         continue
                     self._next[manager] = now + self._intervals[manager]
+                    self._startup.discard(manager)
             await self._clock.sleep_until(min(self._next.values()))
 
 

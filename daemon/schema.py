@@ -149,6 +149,7 @@ refresh_runs = Table(
     _id(),
     _manager_id(),
     Column("kind", String(20), nullable=False),
+    Column("trigger", String(20)),
     Column("targets", Integer, nullable=False),
     Column("created", Integer, nullable=False),
     Column("updated", Integer, nullable=False),

@@ -7,7 +7,9 @@ A :class:`Target` names one object of one manager by its collection (the
 ``{"ems_ref": ...}``).  A Target whose association is :data:`MANAGER` means
 "refresh the whole manager".  A :class:`TargetCollection` holds the
 deduplicated targets of one manager that are refreshed together; it is the
-scope of a targeted refresh.
+scope of a targeted refresh.  Each Target carries its :class:`Trigger` (why it
+was asked for), recorded in ``refresh_runs.trigger``; it never takes part in
+deduplication.
 
 Every event builds at least one Target, so the common case (one ``ems_ref``)
 is built without sorting, and hashing and comparing refs stays cheap.
@@ -15,12 +17,28 @@ is built without sorting, and hashing and comparing refs stays cheap.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 MANAGER = "manager"
 """The association of a target that means a full refresh of its manager."""
+
+
+class Trigger(enum.Enum):
+    """Why a refresh runs (``refresh_runs.trigger``)."""
+
+    SCHEDULED = "scheduled"
+    """The periodic full refresh (``refresh_interval``)."""
+    STARTUP = "startup"
+    """The full refresh at start of a manager never refreshed, or overdue."""
+    EVENT = "event"
+    """Events from a catcher."""
+    MANUAL = "manual"
+    """An operator: ``POST /refresh`` or ``refreshd refresh``."""
+    ESCALATED = "escalated"
+    """The batcher turned targets into a full refresh (too many, or failing retries)."""
 
 
 class Ref(Mapping[str, str]):
@@ -75,6 +93,7 @@ class Target:
     association: str
     manager_ref: Ref = field(default_factory=Ref)
     event_id: str | None = field(default=None, compare=False)
+    trigger: Trigger = field(default=Trigger.EVENT, compare=False)
 
     def __post_init__(self) -> None:
         ref = self.manager_ref
@@ -82,16 +101,24 @@ class Target:
             object.__setattr__(self, "manager_ref", Ref(self.manager_ref))
 
     @classmethod
-    def full(cls, manager: str, *, event_id: str | None = None) -> Target:
+    def full(
+        cls, manager: str, *, event_id: str | None = None, trigger: Trigger = Trigger.EVENT
+    ) -> Target:
         """A target meaning: refresh every collection of ``manager``."""
-        return cls(manager, MANAGER, Ref(), event_id)
+        return cls(manager, MANAGER, Ref(), event_id, trigger)
 
     @classmethod
     def of(
-        cls, manager: str, association: str, ems_ref: str, *, event_id: str | None = None
+        cls,
+        manager: str,
+        association: str,
+        ems_ref: str,
+        *,
+        event_id: str | None = None,
+        trigger: Trigger = Trigger.EVENT,
     ) -> Target:
         """The common case: an object identified by its ``ems_ref``."""
-        return cls(manager, association, Ref.single("ems_ref", ems_ref), event_id)
+        return cls(manager, association, Ref.single("ems_ref", ems_ref), event_id, trigger)
 
     @property
     def is_full(self) -> bool:
@@ -157,6 +184,17 @@ class TargetCollection:
     def is_full(self) -> bool:
         """True when the collection asks for a full refresh of its manager."""
         return (MANAGER, Ref()) in self._targets
+
+    @property
+    def trigger(self) -> Trigger:
+        """Why this refresh runs: a full one's manager target says; a targeted one is
+        manual when an operator asked for any of its targets, else from events."""
+        full = self._targets.get((MANAGER, Ref()))
+        if full is not None:
+            return full.trigger
+        if any(t.trigger is Trigger.MANUAL for t in self._targets.values()):
+            return Trigger.MANUAL
+        return Trigger.EVENT
 
     def references(self, association: str, attribute: str = "ems_ref") -> set[str]:
         """The values of ``attribute`` of the refs targeted in ``association``."""
