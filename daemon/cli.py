@@ -3,13 +3,17 @@
 Flow: operator -> **cli** -> config -> (run | refresh | db upgrade | simulator | check-config).
 
 Exit codes: 0 success, 1 the operation failed (refresh error, guard refusal),
-2 bad usage or configuration (the message names the file and key).
+2 bad usage or configuration (the message names the file and key) -- also when
+``run`` finds a configuration problem at start, so systemd does not restart it
+(``RestartPreventExitStatus=2``).  ``--log-level`` and ``--log-format`` are
+accepted before or after the subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -32,14 +36,25 @@ from daemon.config import ConfigError, LoadedConfig, format_validation_error, lo
 from daemon.db import DatabaseURLError, create_engine
 from daemon.inventory import COLLECTIONS
 from daemon.lifecycle import Daemon
+from daemon.logging_setup import LEVELS, LogFormat, configure_logging
 from daemon.migrate import upgrade
 from daemon.persister import Persister
 from daemon.provider import load_provider
-from daemon.refresh_result import PersisterSettings
+from daemon.refresh_result import PersisterSettings, RefreshResult, vars_of
 from daemon.refresher import RefreshableManager, Refresher
 from daemon.targets import Ref, Target, TargetCollection, Trigger
+from daemon.version import refreshd_version
 
 log = logging.getLogger("refreshd")
+
+HEADLINE = "refreshd: keep a relational copy of cloud inventory fresh from events and schedules"
+EPILOG = """examples:
+  refreshd run                                   the demo: SQLite + an embedded cloud
+  refreshd check-config --config /etc/refreshd/refreshd.toml
+  refreshd run --config /etc/refreshd/refreshd.toml --log-format json
+  refreshd refresh --config refreshd.toml --manager aws-prod --target vms:i-0abc --json
+
+docs: docs/operations.md (install, secrets, watch, upgrade)"""
 
 
 class UsageError(ValueError):
@@ -90,11 +105,29 @@ async def cmd_refresh(args: argparse.Namespace) -> int:
                 allow_targeted_refresh=manager_cfg.allow_targeted_refresh,
             )
             result = await Refresher(persister, {managed.name: managed}).refresh(collection)
-        for line in result.summary_lines():
-            print(line)
+        if args.json:
+            print(json.dumps(result_json(result), indent=2))
+        else:
+            for line in result.summary_lines():
+                print(line)
         return 0
     finally:
         await engine.dispose()
+
+
+def result_json(result: RefreshResult) -> dict[str, object]:
+    """``refresh --json``: what the refresh did, for scripts."""
+    return {
+        "manager": result.manager,
+        "kind": result.kind.value,
+        "trigger": result.trigger.value,
+        "targets": result.targets,
+        "started_at": result.started_at.isoformat(),
+        "duration_seconds": round(result.duration, 6),
+        "rows_written": result.rows_written,
+        "total": vars_of(result.total),
+        "collections": {name: vars_of(c) for name, c in result.counts.items()},
+    }
 
 
 async def cmd_run(loaded: LoadedConfig) -> int:
@@ -181,12 +214,39 @@ def check_catchers(loaded: LoadedConfig) -> None:
             raise ConfigError(f"{loaded.source}: catchers[{i}] ({c.type}): {exc}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refreshd", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _logging_options(parser: argparse.ArgumentParser, *, default: object) -> None:
+    parser.add_argument(
+        "--log-level",
+        choices=LEVELS,
+        default=default,
+        help="log level (default: the config's log_level, else info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=[f.value for f in LogFormat],
+        default=default,
+        help="text (one line per event) or json (one object per line); default: the "
+        "config's log_format, else text",
+    )
 
-    p = sub.add_parser("refresh", help="refresh one manager now (full, or --target ...)")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refreshd",
+        description=HEADLINE,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"refreshd {refreshd_version()}")
+    _logging_options(parser, default=None)
+    # the same options after the subcommand; SUPPRESS keeps an earlier value
+    common = argparse.ArgumentParser(add_help=False)
+    _logging_options(common, default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "refresh", parents=[common], help="refresh one manager now (full, or --target ...)"
+    )
     p.add_argument("--config", help="TOML config (default: the embedded default)")
     p.add_argument("--manager", required=True)
     p.add_argument(
@@ -195,13 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COLLECTION:REF",
         help="refresh only this object (repeatable), e.g. vms:vm-000012",
     )
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
-    db = sub.add_parser("db", help="database schema")
+    db = sub.add_parser("db", parents=[common], help="database schema")
     dbsub = db.add_subparsers(dest="db_command", required=True)
-    up = dbsub.add_parser("upgrade", help="apply migrations")
+    up = dbsub.add_parser("upgrade", parents=[common], help="apply migrations")
     up.add_argument("--config")
 
-    c = sub.add_parser("check-config", help="validate a config file")
+    c = sub.add_parser(
+        "check-config", parents=[common], help="validate a config file (all problems at once)"
+    )
     c.add_argument("--config", required=True)
 
     sub.add_parser(
@@ -210,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
-    r = sub.add_parser("run", help="run the daemon (no --config: the embedded default)")
+    r = sub.add_parser(
+        "run", parents=[common], help="run the daemon (no --config: the embedded demo)"
+    )
     r.add_argument("--config", help="TOML config (default: SQLite + embedded simulator)")
     return parser
 
@@ -218,16 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["simulator"]:
-        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(level="info")
         try:
             return cmd_simulator(argv[1:])
         except UsageError as exc:
             print(f"refreshd: {exc}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=(args.log_level or "info").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    configure_logging(
+        level=args.log_level or "info", fmt=LogFormat(args.log_format or LogFormat.TEXT.value)
     )
     try:
         if args.command == "refresh":
@@ -238,8 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check_config(args)
         if args.command == "run":
             loaded = load_config(args.config)
-            if args.log_level is None:
-                logging.getLogger().setLevel(loaded.config.log_level.upper())
+            configure_logging(
+                level=args.log_level or loaded.config.log_level,
+                fmt=LogFormat(args.log_format or loaded.config.log_format),
+            )
             return asyncio.run(cmd_run(loaded))
     except (ConfigError, UsageError, DatabaseURLError) as exc:
         print(f"refreshd: {exc}", file=sys.stderr)

@@ -163,6 +163,7 @@ class CatcherConfig(BaseModel):
 class Config(_Strict):
     database_url: str = DEFAULT_DATABASE_URL
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
     shutdown_timeout: Duration = 30.0
     status_interval: Duration = 10.0
     persister: PersisterConfig = PersisterConfig()
