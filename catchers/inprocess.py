@@ -308,6 +308,16 @@ def create(options: Mapping[str, Any], context: CatcherContext) -> InProcessCatc
         raise ValueError(
             f"inprocess catcher: unknown manager {settings.manager!r} (configured: {known})"
         )
+    if endpoint.connection is None:
+        # check-config builds catchers before any provider connection exists: the
+        # options are valid; whether the endpoint is embedded is known once it is open
+        return InProcessCatcher(
+            settings,
+            log_=_NoEvents(),
+            mapper=endpoint.mapper,
+            sink=context.sink,
+            clock=context.clock,
+        )
     cloud = getattr(endpoint.connection, "cloud", None)
     if cloud is None:
         raise ValueError(
@@ -321,6 +331,27 @@ def create(options: Mapping[str, Any], context: CatcherContext) -> InProcessCatc
     return InProcessCatcher(
         settings, log_=cloud, mapper=endpoint.mapper, sink=context.sink, clock=context.clock
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _EmptyPage:
+    events: Sequence[Mapping[str, Any]] = ()
+    latest: int = 0
+    truncated: bool = False
+
+
+class _NoEvents:
+    """The log of a catcher built for checking only (never started)."""
+
+    @property
+    def last_sequence(self) -> int:
+        return 0
+
+    def events_after(self, after: int, *, limit: int = 0) -> EventsPage:
+        return _EmptyPage()
+
+    def subscribe(self, callback: Callable[[Any], None]) -> Callable[[], None]:
+        return lambda: None
 
 
 def _epoch(value: Any) -> float | None:

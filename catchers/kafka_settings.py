@@ -15,10 +15,11 @@ from typing import Any, Literal, Self
 
 from aiokafka import TopicPartition
 from aiokafka.helpers import create_ssl_context
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from catchers.routing import DeadLetterReason
 from daemon.config import Duration
+from daemon.secrets import Secret
 
 
 class KafkaSettings(BaseModel):
@@ -62,7 +63,8 @@ class KafkaSettings(BaseModel):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    sasl_password: Secret | None = None
+    """A secret: ``{ value | env | file | credential }``."""
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
@@ -93,6 +95,14 @@ class KafkaSettings(BaseModel):
             )
         if self.sasl_mechanism is not None and not self.security_protocol.startswith("SASL"):
             raise ValueError("sasl_mechanism needs security_protocol SASL_PLAINTEXT or SASL_SSL")
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
+        if self.sasl_mechanism is not None and (
+            self.sasl_username is None or self.sasl_password is None
+        ):
+            raise ValueError(
+                f"sasl_mechanism {self.sasl_mechanism} needs sasl_username and sasl_password"
+            )
         return self
 
     def dead_letter_topic_for(self, topic: str) -> str:
@@ -115,7 +125,7 @@ class KafkaSettings(BaseModel):
             options["sasl_mechanism"] = self.sasl_mechanism
             options["sasl_plain_username"] = self.sasl_username
             if self.sasl_password is not None:
-                options["sasl_plain_password"] = self.sasl_password.get_secret_value()
+                options["sasl_plain_password"] = self.sasl_password.reveal()
         return options
 
 

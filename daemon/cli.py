@@ -18,30 +18,20 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 
-from aiohttp import web
-from pydantic import ValidationError
-
-from daemon.batcher import Batcher
-from daemon.catcher import (
-    CatcherContext,
-    ManagerEndpoint,
-    UnknownPluginError,
-    load_catcher,
-    load_event_mapper,
-)
-from daemon.config import ConfigError, LoadedConfig, format_validation_error, load_config
+from daemon.config import ConfigError, LoadedConfig, load_config
 from daemon.db import DatabaseURLError, create_engine
 from daemon.inventory import COLLECTIONS
 from daemon.lifecycle import Daemon
 from daemon.logging_setup import LEVELS, LogFormat, configure_logging
 from daemon.migrate import upgrade
 from daemon.persister import Persister
-from daemon.provider import load_provider
+from daemon.preflight import config_problems
+from daemon.provider import EXTRA_OF_MODULE, load_provider
 from daemon.refresh_result import PersisterSettings, RefreshResult, vars_of
 from daemon.refresher import RefreshableManager, Refresher
+from daemon.secrets import SecretUnavailableError
 from daemon.targets import Ref, Target, TargetCollection, Trigger
 from daemon.version import refreshd_version
 
@@ -85,7 +75,7 @@ def persister_settings(loaded: LoadedConfig) -> PersisterSettings:
 
 
 async def cmd_refresh(args: argparse.Namespace) -> int:
-    loaded = load_config(args.config)
+    loaded = load_config(args.config).usable()
     manager_cfg = loaded.config.manager(args.manager)
     targets = [parse_target(manager_cfg.name, t) for t in args.target or []]
     collection = TargetCollection(
@@ -154,7 +144,7 @@ async def cmd_run(loaded: LoadedConfig) -> int:
 
 
 async def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    loaded = load_config(args.config)
+    loaded = load_config(args.config).usable()
     engine = create_engine(loaded.config.database_url)
     try:
         revision = await upgrade(engine)
@@ -167,10 +157,16 @@ async def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     cfg = loaded.config
-    create_engine(cfg.database_url)  # validates the URL and the driver, no I/O
-    check_catchers(loaded)
+    preflight(loaded)
     print(f"{loaded.source}: OK ({len(cfg.managers)} manager(s), {len(cfg.catchers)} catcher(s))")
     return 0
+
+
+def preflight(loaded: LoadedConfig) -> None:
+    """Raise ConfigError listing everything ``run`` would refuse (all problems at once)."""
+    problems = config_problems(loaded)
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def cmd_simulator(argv: Sequence[str]) -> int:
@@ -180,38 +176,6 @@ def cmd_simulator(argv: Sequence[str]) -> int:
     if simulator_main is None:
         raise UsageError("the installed awesome_cloud provider has no simulator")
     return int(simulator_main(list(argv)))
-
-
-def check_catchers(loaded: LoadedConfig) -> None:
-    """Build every configured catcher (constructors do no I/O) to validate its options."""
-    cfg = loaded.config
-    endpoints = {}
-    for m in cfg.managers:
-        try:
-            mapper = load_event_mapper(m.provider)
-        except UnknownPluginError:
-            continue
-        endpoints[m.name] = ManagerEndpoint(m.name, m.provider, mapper)
-
-    async def never(_targets: TargetCollection) -> None:
-        raise RuntimeError("check-config does not refresh")
-
-    context = CatcherContext(
-        sink=Batcher(never),
-        managers=endpoints,
-        clock=time.monotonic,
-        http_app=web.Application(),
-        token=None,
-    )
-    for i, c in enumerate(cfg.catchers):
-        try:
-            load_catcher(c.type)(c.options | ({"name": c.name} if c.name else {}), context)
-        except ValidationError as exc:
-            raise ConfigError(
-                format_validation_error(loaded.source, exc, prefix=f"catchers[{i}]")
-            ) from None
-        except (ValueError, UnknownPluginError) as exc:
-            raise ConfigError(f"{loaded.source}: catchers[{i}] ({c.type}): {exc}") from None
 
 
 def _logging_options(parser: argparse.ArgumentParser, *, default: object) -> None:
@@ -302,13 +266,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check_config(args)
         if args.command == "run":
             loaded = load_config(args.config)
+            preflight(loaded)
             configure_logging(
                 level=args.log_level or loaded.config.log_level,
                 fmt=LogFormat(args.log_format or loaded.config.log_format),
             )
             return asyncio.run(cmd_run(loaded))
-    except (ConfigError, UsageError, DatabaseURLError) as exc:
+    except (ConfigError, UsageError, DatabaseURLError, SecretUnavailableError) as exc:
         print(f"refreshd: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        extra = EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"refreshd: {exc}: pip install 'refreshd[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

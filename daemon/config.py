@@ -6,34 +6,42 @@ Unknown keys and bad values are errors (``refreshd.toml: managers[0].page_size:
 Input should be greater than or equal to 1``), never silently ignored.
 Durations accept seconds (``1.5``) or a unit (``"500ms"``, ``"30s"``, ``"5m"``,
 ``"1h"``).  ``REFRESHD_DATABASE_URL`` overrides ``database_url``; secrets can
-be read from the environment or a file (see ``Secret``).  Each manager's
+be given inline, by environment variable, file or systemd credential
+(:mod:`daemon.secrets`).  Each manager's
 provider-specific keys are validated by that provider's own settings model.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
+from daemon.batches import BatchingSettings
 from daemon.db import DEFAULT_DATABASE_URL
 from daemon.provider import UnknownProviderError, load_provider
+from daemon.secrets import Secret, SecretUnavailableError
+
+__all__ = ["ConfigError", "Duration", "LoadedConfig", "Secret", "load_config", "parse_config"]
 
 DATABASE_URL_ENV = "REFRESHD_DATABASE_URL"
+UNREADABLE_DATABASE_URL = "sqlite+aiosqlite:///unreadable-database-url-secret"
+"""Stands in for a ``database_url`` secret that cannot be read (never used: see deferred)."""
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -57,33 +65,6 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Secret(_Strict):
-    """A secret given inline, by environment variable, or by file (exactly one)."""
-
-    value: SecretStr | None = None
-    env: str | None = None
-    file: Path | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> Secret:
-        if sum(x is not None for x in (self.value, self.env, self.file)) != 1:
-            raise ValueError("give exactly one of value, env, file")
-        return self
-
-    def reveal(self) -> str:
-        if self.value is not None:
-            return self.value.get_secret_value()
-        if self.env is not None:
-            if self.env not in os.environ:
-                raise ConfigError(f"environment variable {self.env} (a secret) is not set")
-            return os.environ[self.env]
-        assert self.file is not None
-        try:
-            return self.file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read secret file {self.file}: {exc}") from None
 
 
 class PersisterConfig(_Strict):
@@ -141,6 +122,16 @@ class HttpConfig(_Strict):
     listen: str = "127.0.0.1:8080"
     token: Secret | None = None
 
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        _, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"expected HOST:PORT with a port 1-65535, e.g. 127.0.0.1:8080; got {value!r}"
+            )
+        return value
+
     @property
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
@@ -196,17 +187,62 @@ class LoadedConfig:
     config: Config
     source: str
     provider_settings: Mapping[str, BaseModel]
+    deferred: tuple[str, ...] = ()
+    """Problems that do not stop validation but stop any use (an unreadable
+    ``database_url`` secret): listed by check-config with the rest, raised by
+    :meth:`usable`."""
+
+    def usable(self) -> LoadedConfig:
+        """This config, or ConfigError when a deferred problem makes it unusable."""
+        if self.deferred:
+            raise ConfigError("\n".join(f"{self.source}: {p}" for p in self.deferred))
+        return self
 
 
-def format_validation_error(source: str, exc: ValidationError, prefix: str = "") -> str:
-    """One line per error: ``FILE: key.path: message``."""
+def format_validation_error(
+    source: str,
+    exc: ValidationError,
+    prefix: str = "",
+    *,
+    model: type[BaseModel] | None = None,
+    also_known: Iterable[str] = (),
+) -> str:
+    """One line per error: ``FILE: key.path: message``; an unknown key gets the closest
+    known one of ``model`` at that place (plus ``also_known``) as a suggestion."""
     lines = []
     for err in exc.errors():
         loc = prefix
         for part in err["loc"]:
             loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
-        lines.append(f"{source}: {loc or '(top level)'}: {err['msg']}")
+        message = err["msg"]
+        if err["type"] == "extra_forbidden" and model is not None and err["loc"]:
+            known = [*_known_keys(model, err["loc"][:-1]), *also_known]
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.6)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+        lines.append(f"{source}: {loc or '(top level)'}: {message}")
     return "\n".join(lines)
+
+
+def _known_keys(model: type[BaseModel], path: Sequence[int | str]) -> list[str]:
+    """The field names of the model found at ``path`` inside ``model``."""
+    current: type[BaseModel] | None = model
+    for part in path:
+        if isinstance(part, int) or current is None:
+            continue
+        field = current.model_fields.get(part)
+        current = _model_in(field.annotation) if field is not None else None
+    return list(current.model_fields) if current is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> LoadedConfig:
@@ -214,25 +250,91 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Loaded
     data = dict(data)
     if env_url := os.environ.get(DATABASE_URL_ENV):
         data["database_url"] = env_url
+    deferred: list[str] = []
+    errors: list[str] = []
+    if not env_url and isinstance(data.get("database_url"), Mapping):
+        try:
+            data["database_url"] = _database_url_secret(data["database_url"], source)
+        except SecretUnavailableError as exc:
+            deferred.append(f"database_url: {exc}")
+            data["database_url"] = UNREADABLE_DATABASE_URL
+        except ConfigError as exc:
+            errors.append(str(exc))
+            data.pop("database_url")
+    config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(source, exc)) from None
+        errors.append(format_validation_error(source, exc, model=Config))
+    # each manager's provider keys, even when the rest has errors (all problems at once)
     settings: dict[str, BaseModel] = {}
-    errors = []
-    for i, m in enumerate(config.managers):
+    raw_managers = data.get("managers")
+    for i, raw in enumerate(raw_managers if isinstance(raw_managers, list) else []):
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("provider"), str):
+            continue
         try:
-            provider = load_provider(m.provider)
+            provider = load_provider(raw["provider"])
         except UnknownProviderError as exc:
             errors.append(f"{source}: managers[{i}].provider: {exc}")
             continue
+        options = {k: v for k, v in raw.items() if k not in ManagerConfig.model_fields}
         try:
-            settings[m.name] = provider.settings_model.model_validate(m.provider_options)
+            settings[str(raw.get("name"))] = provider.settings_model.model_validate(options)
         except ValidationError as exc:
-            errors.append(format_validation_error(source, exc, prefix=f"managers[{i}]"))
+            errors.append(
+                format_validation_error(
+                    source,
+                    exc,
+                    prefix=f"managers[{i}]",
+                    model=provider.settings_model,
+                    also_known=ManagerConfig.model_fields,
+                )
+            )
+    if config is not None:
+        errors += _batching_errors(config, source)
     if errors:
         raise ConfigError("\n".join(errors))
-    return LoadedConfig(config=config, source=source, provider_settings=settings)
+    assert config is not None
+    return LoadedConfig(
+        config=config, source=source, provider_settings=settings, deferred=tuple(deferred)
+    )
+
+
+def _batching_errors(config: Config, source: str) -> list[str]:
+    """What BatchingSettings would refuse at start (retry_initial > retry_max, ...), per
+    layer: ``[batching]``, then each manager's own table over it."""
+    base = BatchingSettings()
+    errors = []
+    layers = [("batching", config.batching.overrides())] + [
+        (f"managers[{i}].batching", config.batching.overrides() | m.batching.overrides())
+        for i, m in enumerate(config.managers)
+    ]
+    for key, values in layers:
+        merged = {"retry_initial": base.retry_initial, "retry_max": base.retry_max} | values
+        if merged["retry_initial"] > merged["retry_max"]:
+            errors.append(
+                f"{source}: {key}: retry_initial ({merged['retry_initial']:g}s) is longer than "
+                f"retry_max ({merged['retry_max']:g}s)"
+            )
+            if key == "batching":
+                break
+            continue
+        try:
+            replace(base, **values)
+        except ValueError as exc:
+            errors.append(f"{source}: {key}: {exc}")
+            if key == "batching":
+                break  # every manager inherits it: one message is enough
+    return errors
+
+
+def _database_url_secret(value: Mapping[str, Any], source: str) -> str:
+    """``database_url = { credential = "database-url" }``: the URL (with its password) as a
+    secret, read at load time."""
+    try:
+        return Secret.model_validate(value).reveal()
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc, prefix="database_url")) from None
 
 
 def load_config(path: str | Path | None) -> LoadedConfig:

@@ -138,7 +138,7 @@ class Daemon:
     # -- running --------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> int:
-        cfg = self.config
+        cfg = self.loaded.usable().config
         async with AsyncExitStack() as stack:
             engine = create_engine(cfg.database_url)
             stack.push_async_callback(engine.dispose)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
-from daemon.config import ConfigError, load_config, parse_config
+from daemon.config import load_config, parse_config
 from daemon.migrate import head_revision
+from daemon.secrets import SecretUnavailableError
 from tests.daemon_process import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,9 +34,33 @@ def embedded(tmp_path: Path, **manager: object) -> Path:
     )
 
 
-def test_example_config_in_deploy_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check-config", "--config", str(ROOT / "deploy" / "refreshd.toml")]) == 0
+def test_example_config_in_deploy_is_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the credentials the unit loads (LoadCredential=), the example config passes;
+    without them check-config names every missing one at once."""
+    unit = (ROOT / "deploy" / "refreshd.service").read_text()
+    names = [
+        line.split("=", 1)[1].split(":", 1)[0]
+        for line in unit.splitlines()
+        if line.startswith("LoadCredential=")
+    ]
+    assert names
+    monkeypatch.delenv("REFRESHD_DATABASE_URL", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    config = str(ROOT / "deploy" / "refreshd.toml")
+    assert main(["check-config", "--config", config]) == 2
+    err = capsys.readouterr().err
+    for name in names:
+        assert f"systemd credential {name}" in err
+    for name in names:
+        (tmp_path / name).write_text(
+            "postgresql://refreshd:pw@db/refreshd\n" if name == "database-url" else "s3cret\n"
+        )
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert main(["check-config", "--config", config]) == 0
     assert "OK" in capsys.readouterr().out
+    assert "CHANGE-ME" not in (ROOT / "deploy" / "refreshd.toml").read_text()
 
 
 @pytest.mark.parametrize(
@@ -101,7 +126,7 @@ def test_durations_secrets_and_database_url_from_the_environment(
     assert cfg.http.token is not None and cfg.http.token.reveal() == "s3cret"
     env = parse_config({"http": {"token": {"env": "TOKEN_FROM_ENV"}}}).config.http.token
     assert env is not None and env.reveal() == "from-env"
-    with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE"):
+    with pytest.raises(SecretUnavailableError, match="NOT_SET_ANYWHERE"):
         missing = parse_config({"http": {"token": {"env": "NOT_SET_ANYWHERE"}}}).config.http.token
         assert missing is not None
         missing.reveal()

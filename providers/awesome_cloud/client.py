@@ -83,7 +83,7 @@ class AwesomeClient:
         if self._session is None:
             headers = {"Accept": "application/json"}
             if self._settings.token is not None:
-                headers["Authorization"] = f"Bearer {self._settings.token.get_secret_value()}"
+                headers["Authorization"] = f"Bearer {self._settings.token.reveal()}"
             self._session = aiohttp.ClientSession(
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self._settings.request_timeout),

@@ -129,7 +129,7 @@ class AwesomeConnection:
                 cloud = await asyncio.to_thread(
                     Cloud.generate, vms=s.embedded_vms, seed=s.embedded_seed, name=s.embedded_name
                 )
-                token = s.token.get_secret_value() if s.token is not None else None
+                token = s.token.reveal() if s.token is not None else None
                 self._simulator = await stack.enter_async_context(
                     SimulatorServer(cloud, token=token)
                 )

@@ -13,7 +13,10 @@ from __future__ import annotations
 from typing import Self
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from daemon.config import Duration
+from daemon.secrets import Secret
 
 EMBEDDED = "embedded"
 """The endpoint value that starts an in-process simulator instead of calling a remote one."""
@@ -54,7 +57,7 @@ class AwesomeCloudSettings(BaseModel):
         le=1000,
         description="Ids per by-id request of a targeted refresh, 1..1000. Default 100.",
     )
-    request_timeout: float = Field(
+    request_timeout: Duration = Field(
         30.0, gt=0, description="Seconds one HTTP request may take in total. Default 30."
     )
     retries: int = Field(
@@ -65,10 +68,10 @@ class AwesomeCloudSettings(BaseModel):
             "(attempts = retries + 1). Default 5."
         ),
     )
-    backoff_initial: float = Field(
+    backoff_initial: Duration = Field(
         0.2, gt=0, description="Seconds before the first retry; doubles each retry. Default 0.2."
     )
-    backoff_max: float = Field(
+    backoff_max: Duration = Field(
         10.0,
         gt=0,
         description=(
@@ -76,8 +79,10 @@ class AwesomeCloudSettings(BaseModel):
             "honoured as given). Default 10."
         ),
     )
-    token: SecretStr | None = Field(
-        None, description="Bearer token sent as 'Authorization: Bearer ...'. Default none."
+    token: Secret | None = Field(
+        None,
+        description="Bearer token sent as 'Authorization: Bearer ...' (a secret: "
+        "{ value | env | file | credential }). Default none.",
     )
 
     @field_validator("endpoint")

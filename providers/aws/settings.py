@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from daemon.config import Duration
+
 MAX_FILTER_VALUES = 200
 """EC2 accepts at most 200 values in one filter (ManageIQ's max_filter_size)."""
 
@@ -88,8 +90,8 @@ class AwsSettings(BaseModel):
             '"adaptive" (also rate-limits the client after throttling). Default "standard".'
         ),
     )
-    connect_timeout: float = Field(10.0, gt=0, description="Seconds to connect. Default 10.")
-    read_timeout: float = Field(
+    connect_timeout: Duration = Field(10.0, gt=0, description="Seconds to connect. Default 10.")
+    read_timeout: Duration = Field(
         60.0, gt=0, description="Seconds to wait for an answer. Default 60."
     )
 
