@@ -20,8 +20,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from daemon.config import ConfigError, LoadedConfig, load_config
-from daemon.db import DatabaseURLError, create_engine
+from daemon.config import DATABASE_URL_ENV, ConfigError, LoadedConfig, load_config
+from daemon.db import DatabaseURLError, create_engine, normalize_url
 from daemon.inventory import COLLECTIONS
 from daemon.lifecycle import Daemon
 from daemon.logging_setup import LEVELS, LogFormat, configure_logging
@@ -74,7 +74,23 @@ def persister_settings(loaded: LoadedConfig) -> PersisterSettings:
     )
 
 
+def refuse_demo_into_database(args: argparse.Namespace) -> None:
+    """Without ``--config`` the embedded demo runs: a simulated cloud.  Writing its vms into
+    the database ``REFRESHD_DATABASE_URL`` names (a real one, most likely) needs
+    ``--demo-into-database``."""
+    url = os.environ.get(DATABASE_URL_ENV)
+    if args.config is None and url and not args.demo_into_database:
+        where = normalize_url(url).render_as_string(hide_password=True)
+        raise UsageError(
+            f"without --config, {args.command} runs the embedded demo, whose simulated cloud "
+            f"would be written into {where} ({DATABASE_URL_ENV}); give --config for your "
+            "own managers, unset the variable for the demo's SQLite file, or add "
+            "--demo-into-database to write the demo there anyway"
+        )
+
+
 async def cmd_refresh(args: argparse.Namespace) -> int:
+    refuse_demo_into_database(args)
     loaded = load_config(args.config).usable()
     manager_cfg = loaded.config.manager(args.manager)
     targets = [parse_target(manager_cfg.name, t) for t in args.target or []]
@@ -178,6 +194,12 @@ def cmd_simulator(argv: Sequence[str]) -> int:
     return int(simulator_main(list(argv)))
 
 
+DEMO_HELP = (
+    "without --config: run the demo even though REFRESHD_DATABASE_URL names a database "
+    "(its simulated inventory is written there)"
+)
+
+
 def _logging_options(parser: argparse.ArgumentParser, *, default: object) -> None:
     parser.add_argument(
         "--log-level",
@@ -220,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="refresh only this object (repeatable), e.g. vms:vm-000012",
     )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--demo-into-database", action="store_true", help=DEMO_HELP)
 
     db = sub.add_parser("db", parents=[common], help="database schema")
     dbsub = db.add_subparsers(dest="db_command", required=True)
@@ -241,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run", parents=[common], help="run the daemon (no --config: the embedded demo)"
     )
     r.add_argument("--config", help="TOML config (default: SQLite + embedded simulator)")
+    r.add_argument("--demo-into-database", action="store_true", help=DEMO_HELP)
     return parser
 
 
@@ -265,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return cmd_check_config(args)
         if args.command == "run":
+            refuse_demo_into_database(args)
             loaded = load_config(args.config)
             preflight(loaded)
             configure_logging(

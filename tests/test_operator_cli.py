@@ -119,3 +119,19 @@ def test_a_traceback_stays_on_one_line(capsys: pytest.CaptureFixture[str]) -> No
         logging.getLogger("refreshd.test").exception("it broke")
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "it broke" in err and "second line" in err
+
+
+def test_the_demo_refuses_a_database_named_by_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "production.db"
+    monkeypatch.setenv("REFRESHD_DATABASE_URL", f"sqlite:///{db}")
+    for command in (["run"], ["refresh", "--manager", "awesome"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "embedded demo" in err and "--demo-into-database" in err
+    assert not db.exists()  # nothing was written
+    # asked explicitly: the demo refreshes into that database
+    assert main(["refresh", "--manager", "awesome", "--demo-into-database", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["collections"]["vms"]["created"] == 1000
+    assert db.exists()
