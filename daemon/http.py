@@ -7,7 +7,9 @@ Flow: operator / Prometheus -> **http** -> (status of the pipeline | batcher.req
   catchers started, and until shutdown begins; 503 with the reason otherwise.
 * ``GET /metrics``: Prometheus text format.
 * ``GET /managers``: per manager: last refresh, last full refresh, last error,
-  pending targets, refreshing now.
+  pending targets, refreshing now and, while it does, its ``progress`` (kind,
+  trigger, pages, rows, rows/s).
+* ``GET /``: the status page (daemon/status_page.py).
 * ``POST /refresh``: ``{"manager": "...", "targets": ["vms:vm-1", ...]}`` (no
   targets: full); bearer-token authenticated like the webhook; 202 with the
   number of targets queued, or 200 once committed with ``?wait=true``.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +34,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from daemon import schema
 from daemon.acks import Ack, QueueFullError
 from daemon.batcher import Batcher
-from daemon.metrics import Metrics
+from daemon.metrics import CatcherProbe, Metrics
+from daemon.progress import ProgressBoard
 from daemon.targets import Ref, Target, Trigger
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,9 @@ class HttpDeps:
     managers: frozenset[str]
     token: str | None
     clock: Callable[[], float]
+    progress: ProgressBoard = field(default_factory=ProgressBoard)
+    catchers: Sequence[CatcherProbe] = ()
+    """Filled once the catchers are built (after the app: webhooks add routes to it)."""
 
 
 def make_app(deps: HttpDeps) -> web.Application:
@@ -128,6 +134,7 @@ def make_app(deps: HttpDeps) -> web.Application:
                     "last_refresh_error_at": _iso(row["last_refresh_error_at"]) if row else None,
                     "pending_targets": deps.batcher.pending_count(name),
                     "refreshing": status.in_flight,
+                    "progress": deps.progress.current(name),
                 }
             )
         return web.json_response({"managers": out})

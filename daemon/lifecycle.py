@@ -46,11 +46,13 @@ from daemon.http import HttpDeps, Readiness, make_app, start_site
 from daemon.metrics import CatcherProbe, MeteredSink, Metrics, ProviderStats
 from daemon.migrate import upgrade
 from daemon.persister import Persister
+from daemon.progress import ProgressBoard
 from daemon.provider import EventMapper, load_provider
 from daemon.refresh_result import PersisterSettings, RefreshResult
 from daemon.refresher import RefreshableManager, Refresher
 from daemon.retention import prune_forever
 from daemon.scheduler import Scheduler
+from daemon.status_page import add_status_page
 from daemon.systemd import Notifier
 from daemon.targets import Target, TargetCollection
 from daemon.version import refreshd_version
@@ -108,6 +110,8 @@ class Daemon:
         self.clock = clock
         self.readiness = Readiness()
         self.metrics = Metrics(version=refreshd_version())
+        self.progress = ProgressBoard()
+        self.catcher_probes: list[CatcherProbe] = []
         self.batcher: Batcher | None = None
         self.catchers: list[Catcher] = []
         self.sink: MeteredSink | None = None
@@ -172,7 +176,7 @@ class Daemon:
 
             base = batching_settings(BatchingSettings(), cfg.batching)
             batcher = Batcher(
-                Refresher(persister, refreshable).refresh,
+                Refresher(persister, refreshable, progress=self.progress).refresh,
                 settings=base,
                 overrides={
                     # a manager without targeted refresh: every batch is full at dispatch
@@ -192,16 +196,20 @@ class Daemon:
             sink = MeteredSink(batcher, self.metrics, self.clock.now)
             self.sink = sink
             token = cfg.http.token.reveal() if cfg.http.token is not None else None
-            app = make_app(
-                HttpDeps(
-                    engine=engine,
-                    batcher=batcher,
-                    metrics=self.metrics,
-                    readiness=self.readiness,
-                    managers=frozenset(refreshable),
-                    token=token,
-                    clock=self.clock.now,
-                )
+            app_deps = HttpDeps(
+                engine=engine,
+                batcher=batcher,
+                metrics=self.metrics,
+                readiness=self.readiness,
+                managers=frozenset(refreshable),
+                token=token,
+                clock=self.clock.now,
+                progress=self.progress,
+                catchers=self.catcher_probes,
+            )
+            app = make_app(app_deps)
+            add_status_page(
+                app, app_deps, intervals={m.name: m.refresh_interval for m in cfg.managers}
             )
             context = CatcherContext(
                 sink=sink, managers=endpoints, clock=self.clock.now, http_app=app, token=token
@@ -209,10 +217,11 @@ class Daemon:
             for c in cfg.catchers:
                 options = c.options | ({"name": c.name} if c.name else {})
                 self.catchers.append(load_catcher(c.type)(options, context))
+            self.catcher_probes += [CatcherProbe(c.name, c.stats, c.healthy) for c in self.catchers]
             self.metrics.register_pipeline(
                 batcher_stats=lambda: _as_dict(batcher.stats),
                 pending=lambda: {m: batcher.pending_count(m) for m in refreshable},
-                catchers=[CatcherProbe(c.name, c.stats, c.healthy) for c in self.catchers],
+                catchers=self.catcher_probes,
                 providers=_api_stats(refreshable),
             )
             last_success = await _last_success(engine)

@@ -12,6 +12,8 @@ Flow: batcher -> **refresher** -> provider connection (collector + parser) -> pe
   transaction, with the next page fetched while the current one is written.
 * Any failure is recorded on the manager and in ``refresh_runs`` and
   re-raised, so the batcher keeps the targets and retries.
+* Pages and rows are counted on the :class:`~daemon.progress.ProgressBoard` as they
+  go to the persister (``/managers``, the status page, a log line every few seconds).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 from daemon.inventory import InventoryPage
 from daemon.persister import Persister, utcnow
+from daemon.progress import Progress, ProgressBoard, counted
 from daemon.provider import ManagerConnection
 from daemon.refresh_result import RefreshKind, RefreshResult
 from daemon.targets import Target, TargetCollection
@@ -43,9 +46,16 @@ class RefreshableManager:
 
 
 class Refresher:
-    def __init__(self, persister: Persister, managers: Mapping[str, RefreshableManager]) -> None:
+    def __init__(
+        self,
+        persister: Persister,
+        managers: Mapping[str, RefreshableManager],
+        *,
+        progress: ProgressBoard | None = None,
+    ) -> None:
         self._persister = persister
         self._managers = managers
+        self._progress = progress if progress is not None else ProgressBoard()
 
     async def refresh(self, targets: TargetCollection) -> RefreshResult:
         """Refresh ``targets`` (one manager); raises when the refresh failed."""
@@ -58,13 +68,24 @@ class Refresher:
             targets = TargetCollection(
                 manager.name, [Target.full(manager.name, trigger=targets.trigger)]
             )
-        if targets.is_full:
-            async with aclosing(prefetched(manager.connection.collect_full())) as pages:
-                return await self._persister.save(manager.name, pages, targets=targets)
-        return await self._targeted(manager, targets)
+        kind = RefreshKind.FULL if targets.is_full else RefreshKind.TARGETED
+        board = self._progress
+        progress = board.start(
+            manager.name, kind=kind, trigger=targets.trigger, targets=len(targets)
+        )
+        try:
+            if targets.is_full:
+                async with (
+                    aclosing(prefetched(manager.connection.collect_full())) as pages,
+                    aclosing(counted(pages, board, progress)) as seen,
+                ):
+                    return await self._persister.save(manager.name, seen, targets=targets)
+            return await self._targeted(manager, targets, progress)
+        finally:
+            board.finish(progress)
 
     async def _targeted(
-        self, manager: RefreshableManager, targets: TargetCollection
+        self, manager: RefreshableManager, targets: TargetCollection, progress: Progress
     ) -> RefreshResult:
         started, t0 = utcnow(), time.perf_counter()
         try:
@@ -88,7 +109,8 @@ class Refresher:
         expanded = [t for page in pages for t in page.expanded]
         if expanded:
             resolved = TargetCollection(manager.name, [*resolved, *expanded])
-        result = await self._persister.save(manager.name, _iterate(pages), targets=resolved)
+        async with aclosing(counted(_iterate(pages), self._progress, progress)) as seen:
+            result = await self._persister.save(manager.name, seen, targets=resolved)
         result.extra["collect_seconds"] = collect_time
         log.debug(
             "manager %s: targeted refresh collected %d page(s) in %.3fs",
