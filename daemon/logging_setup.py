@@ -39,6 +39,9 @@ _SYSLOG_PRIORITY = {
 }
 
 
+_HANDLER_NAME = "refreshd"
+
+
 class LogFormat(enum.Enum):
     TEXT = "text"
     JSON = "json"
@@ -97,16 +100,19 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(
     *, level: str = "info", fmt: LogFormat = LogFormat.TEXT, stream: IO[str] | None = None
 ) -> None:
-    """Replace the root logger's handlers with one writing to ``stream`` (stderr)."""
+    """Log to ``stream`` (stderr) through one root handler (replacing the one an
+    earlier call installed)."""
     out = stream if stream is not None else sys.stderr
     handler = logging.StreamHandler(out)
     if fmt is LogFormat.JSON:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter(journald=under_journald(out)))
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if old.get_name() == _HANDLER_NAME:  # ours from an earlier call; others stay
+            root.removeHandler(old)
     root.addHandler(handler)
     set_level(level)
 

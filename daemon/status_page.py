@@ -73,8 +73,11 @@ async def snapshot(deps: HttpDeps, *, intervals: Mapping[str, float]) -> dict[st
         )
     by_name = {r["name"]: r for r in rows}
     managers = []
+    now = deps.clock()
     for name in sorted(deps.managers):
         row = by_name.get(name)
+        status = deps.batcher.manager_status(name)
+        retry_at = status.next_retry_at
         managers.append(
             {
                 "name": name,
@@ -85,7 +88,9 @@ async def snapshot(deps: HttpDeps, *, intervals: Mapping[str, float]) -> dict[st
                 "error": row["last_refresh_error"] if row else None,
                 "error_at": _utc(row["last_refresh_error_at"]) if row else None,
                 "pending": deps.batcher.pending_count(name),
-                "in_flight": deps.batcher.manager_status(name).in_flight,
+                "in_flight": status.in_flight,
+                "failures": status.consecutive_failures,
+                "retry_in": max(retry_at - now, 0.0) if retry_at is not None else None,
                 "progress": deps.progress.current(name),
             }
         )
@@ -169,8 +174,12 @@ def _managers_table(managers: list[dict[str, Any]], now: datetime) -> str:
 
 def _progress(m: dict[str, Any]) -> str:
     p = m["progress"]
+    if p is None and m["in_flight"]:
+        return "refreshing"
+    if p is None and m["retry_in"] is not None:
+        return f"failed {m['failures']} time(s) in a row; retry in {m['retry_in']:.0f}s"
     if p is None:
-        return "refreshing" if m["in_flight"] else '<span class="muted">idle</span>'
+        return '<span class="muted">idle</span>'
     rate = f", {p['rows_per_second']:.0f} rows/s" if p["rows_per_second"] else ""
     return (
         f"{_e(p['kind'])} ({_e(p['trigger'])}) for {p['seconds']:.0f}s: "

@@ -130,6 +130,7 @@ async def test_status_page_in_headless_chromium(
     assert "rows/s" in rows["slow"]["progress"]
     assert "ProviderError" in rows["unreachable"]["error"]
     assert rows["unreachable"]["freshness"].startswith("never")
+    assert "failed 1 time(s) in a row; retry in" in rows["unreachable"]["progress"]
     assert page["catchers"]["awesome-events"]["state"] == "up"
     assert "startup" in page["triggers"]
     screenshot = tmp_path / "status_page.png"
