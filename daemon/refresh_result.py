@@ -57,6 +57,11 @@ class PersisterSettings:
     rows is refused (0..1, default 0.5)."""
     mass_delete_min_rows: int = 10
     """Removing at most this many rows is never refused (default 10)."""
+    small_batch_max_targets: int = 200
+    """A targeted refresh of at most this many targets is saved by the small-batch path
+    (rows as parameters, no temp tables: daemon/small_batch.py); larger ones by the staged
+    path (COPY into temp tables).  0 sends every refresh to the staged path.  The default
+    is where the two cost the same (measured: bench/RESULTS.md, 2026-12-02)."""
 
 
 @dataclass(slots=True)
