@@ -210,30 +210,34 @@ class SmallBatchSaver:
             driver = await _driver(conn)
             try:
                 await driver.execute_fetchall("BEGIN IMMEDIATE")
+                # every upsert first, then every sweep (as the staged path): a skeletal
+                # row made for a targeted, absent ref is swept like any other
                 for st in self._sqlite:
                     c = st.collection
-                    batch = rows.get(c.name, [])
-                    refs = scope_refs.get(st.scope_of, []) if st.sweep else []
-                    if not batch and not refs:
+                    batch = rows.get(c.name)
+                    if not batch:
                         continue
                     params = base | {"rows": st.rows_parameter(batch)}
-                    if batch:
-                        for referred, sql in st.skeletal:
-                            made = len(await driver.execute_fetchall(sql, params))
-                            if made:
-                                counts[referred] = counts[referred] + Counts(created=made)
-                        flags = await driver.execute_fetchall(st.upsert, params)
-                        created = sum(1 for (fresh,) in flags if fresh)
-                        counts[c.name] = counts[c.name] + Counts(
-                            created=created, updated=len(flags) - created
-                        )
-                    if st.sweep and refs:
-                        removed = len(
-                            await driver.execute_fetchall(
-                                st.sweep, params | {"refs": canonical_json(refs)}
-                            )
-                        )
-                        counts[c.name] = counts[c.name] + _removed(c, removed)
+                    for referred, sql in st.skeletal:
+                        made = len(await driver.execute_fetchall(sql, params))
+                        if made:
+                            counts[referred] = counts[referred] + Counts(created=made)
+                    flags = await driver.execute_fetchall(st.upsert, params)
+                    created = sum(1 for (fresh,) in flags if fresh)
+                    counts[c.name] = counts[c.name] + Counts(
+                        created=created, updated=len(flags) - created
+                    )
+                for st in self._sqlite:
+                    refs = scope_refs.get(st.scope_of) if st.sweep else None
+                    if not st.sweep or not refs:
+                        continue
+                    c = st.collection
+                    params = base | {
+                        "rows": st.rows_parameter(rows.get(c.name, [])),
+                        "refs": canonical_json(refs),
+                    }
+                    removed = len(await driver.execute_fetchall(st.sweep, params))
+                    counts[c.name] = counts[c.name] + _removed(c, removed)
                 done: RefreshResult = result()
                 await self._sqlite_record(driver, manager_id, done, now)
                 await driver.execute_fetchall("COMMIT")

@@ -147,14 +147,14 @@ class _Builder:
                 and isinstance(c.table.c[a].type, JSON)
             )
             inputs.append((c, json_attrs))
+        scopes = tuple(c.name for c in self.collections if not c.is_child)
+        scope_params = {s: self.param() for s in scopes}
         for c in self.collections:
             self._upsert(c)
             if c.name in self.skeletal:
-                self._skeletal(c)
+                self._skeletal(c, f"{scope_params[c.name]}::text[]")
             if c.name in self.referrers:
                 self._ids(c)
-        scopes = tuple(c.name for c in self.collections if not c.is_child)
-        scope_params = {s: self.param() for s in scopes}
         for c in self.collections:
             scope_of = c.parent.collection if c.parent else c.name
             if scope_of in scope_params:
@@ -238,23 +238,39 @@ class _Builder:
         """The ems_refs of ``name`` that the batch refers to."""
         return " UNION ".join(f"SELECT {attr} FROM in_{src}" for src, attr in self.referrers[name])
 
-    def _skeletal(self, c: Collection) -> None:
+    def _skeletal(self, c: Collection, refs: str) -> None:
+        """Skeletal rows; one whose ref is targeted (and so absent from the batch) is
+        inserted archived, as the staged path's end-of-refresh sweep would leave it."""
         table = c.table.name
-        refs = " UNION ".join(
+        referring = " UNION ".join(
             f"SELECT {attr} AS ref FROM in_{src}"
             for src, attr in self.referrers[c.name]
             if self.collections[src].reference(attr) is not None
         )
+        cols = "manager_id, ems_ref, created_at, updated_at"
+        values = f"{M}, r.ref, {NOW}, {NOW}"
+        archived = "false"
+        if c.retention is Retention.ARCHIVE:
+            cols += ", archived_at"
+            values += f", CASE WHEN r.ref = ANY({refs}) THEN {NOW} END"
+            archived = "archived_at IS NOT NULL"
         self.ctes.append(
-            f"skel_{c.name} AS (INSERT INTO {table} (manager_id, ems_ref, created_at, updated_at) "
-            f"SELECT {M}, r.ref, {NOW}, {NOW} FROM ({refs}) r WHERE r.ref IS NOT NULL "
+            f"skel_{c.name} AS (INSERT INTO {table} ({cols}) "
+            f"SELECT {values} FROM ({referring}) r WHERE r.ref IS NOT NULL "
             f"AND NOT EXISTS (SELECT 1 FROM {table} x WHERE x.manager_id = {M} "
             f"AND x.ems_ref = r.ref) "
             f"AND NOT EXISTS (SELECT 1 FROM in_{c.name} i WHERE i.ems_ref = r.ref) "
-            f"ON CONFLICT (manager_id, ems_ref) DO NOTHING RETURNING id, ems_ref)"
+            f"ON CONFLICT (manager_id, ems_ref) DO NOTHING "
+            f"RETURNING id, ems_ref, ({archived}) AS archived)"
         )
         self.counts.append(
             (CountColumn(c.name, "created"), f"(SELECT count(*) FROM skel_{c.name})")
+        )
+        self.counts.append(
+            (
+                CountColumn(c.name, "archived"),
+                f"(SELECT count(*) FROM skel_{c.name} WHERE archived)",
+            )
         )
 
     def _ids(self, c: Collection) -> None:
