@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import JSON
 
@@ -36,7 +35,7 @@ from daemon.inventory import Row
 
 @dataclass(frozen=True, slots=True)
 class SqliteCollectionStatements:
-    """The statements of one collection (named parameters ``:m``, ``:now``, ``:rows``, ``:refs``)."""
+    """One collection's statements (named parameters ``:m``, ``:now``, ``:rows``, ``:refs``)."""
 
     collection: Collection
     json_attrs: frozenset[int]
@@ -65,18 +64,26 @@ def _input(c: Collection) -> str:
 
 
 def _joins(c: Collection, *, only_key: bool = False) -> tuple[list[str], dict[str, str]]:
+    """Joins from the JSON rows ``s`` to the referenced tables.
+
+    ``CROSS JOIN`` makes SQLite keep ``s`` (a few rows) as the outer loop and search the
+    tables by their (manager_id, ems_ref) index: without statistics on ``json_each`` it
+    otherwise scans the manager's rows and re-reads the JSON for each (13 ms instead of
+    0.1 ms for one vm's links at 1,000 vms)."""
     joins: list[str] = []
     exprs: dict[str, str] = {}
     if c.parent is not None:
         p = c.parent
-        joins.append(f"JOIN {p.collection} p ON p.manager_id = :m AND p.ems_ref = s.{p.attribute}")
+        joins.append(
+            f"CROSS JOIN {p.collection} p ON p.manager_id = :m AND p.ems_ref = s.{p.attribute}"
+        )
         exprs[p.attribute] = "p.id"
     for r in c.references:
         in_key = r.attribute in c.key
         if only_key and not in_key:
             continue
         alias = f"r_{r.attribute}"
-        kind = "JOIN" if in_key else "LEFT JOIN"
+        kind = "CROSS JOIN" if in_key else "LEFT JOIN"
         joins.append(
             f"{kind} {r.collection} {alias} "
             f"ON {alias}.manager_id = :m AND {alias}.ems_ref = s.{r.attribute}"
@@ -121,31 +128,33 @@ def _upsert(c: Collection) -> str:
 
 
 def _skeletal(c: Collection) -> tuple[tuple[str, str], ...]:
-    out = []
-    for r in c.references:
-        out.append(
-            (
-                r.collection,
-                f"{_input(c)}INSERT INTO {r.collection} (manager_id, ems_ref, created_at, "
-                f"updated_at) SELECT DISTINCT :m, s.{r.attribute}, :now, :now FROM s "
-                f"WHERE s.{r.attribute} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM "
-                f"{r.collection} x WHERE x.manager_id = :m AND x.ems_ref = s.{r.attribute}) "
-                f"ON CONFLICT (manager_id, ems_ref) DO NOTHING RETURNING id",
-            )
+    return tuple(
+        (
+            r.collection,
+            f"{_input(c)}INSERT INTO {r.collection} (manager_id, ems_ref, created_at, "
+            f"updated_at) SELECT DISTINCT :m, s.{r.attribute}, :now, :now FROM s "
+            f"WHERE s.{r.attribute} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM "
+            f"{r.collection} x WHERE x.manager_id = :m AND x.ems_ref = s.{r.attribute}) "
+            f"ON CONFLICT (manager_id, ems_ref) DO NOTHING RETURNING id",
         )
-    return tuple(out)
+        for r in c.references
+    )
 
 
 def _sweep(c: Collection) -> str:
     table = c.table.name
     joins, exprs = _joins(c, only_key=True)
-    match = []
-    if c.parent is not None:
-        match.append(f"t.{c.parent.column} = p.id")
-    else:
-        match.append("t.manager_id = :m")
-    match += [f"t.{c.column_of(a)} = {exprs.get(a, f's.{a}')}" for a in c.key]
-    seen = f"NOT EXISTS (SELECT 1 FROM s {' '.join(joins)} WHERE {' AND '.join(match)})"
+    # uncorrelated (evaluated once into an ephemeral index): a NOT EXISTS correlated to
+    # ``s`` re-reads the JSON for every row in scope (100 vms: 4 s instead of ms)
+    key_cols = [f"t.{c.parent.column}"] if c.parent is not None else []
+    key_exprs = ["p.id"] if c.parent is not None else []
+    key_cols += [f"t.{c.column_of(a)}" for a in c.key]
+    key_exprs += [exprs.get(a, f"s.{a}") for a in c.key]
+    not_null = " AND ".join(f"{e} IS NOT NULL" for e in key_exprs)
+    seen = (
+        f"({', '.join(key_cols)}) NOT IN (SELECT {', '.join(key_exprs)} FROM s "
+        f"{' '.join(joins)} WHERE {not_null})"
+    )
     refs = "(SELECT value FROM json_each(:refs))"
     if c.parent is None:
         scope = ["t.manager_id = :m", f"t.ems_ref IN {refs}"]

@@ -105,8 +105,15 @@ async def comparable(engine: AsyncEngine, manager_id: int) -> dict[str, Any]:
     async with engine.connect() as conn:
         result = await conn.execute(
             select(
-                t.c.kind, t.c.targets, t.c.created, t.c.updated, t.c.archived, t.c.deleted,
-                t.c.started_at, t.c.error, t.c.details,
+                t.c.kind,
+                t.c.targets,
+                t.c.created,
+                t.c.updated,
+                t.c.archived,
+                t.c.deleted,
+                t.c.started_at,
+                t.c.error,
+                t.c.details,
             )
             .where(t.c.manager_id == manager_id)
             .order_by(t.c.id)
@@ -189,7 +196,7 @@ async def test_small_batch_value_the_database_refuses_is_reported_as_by_the_stag
         await persister.save("m1", pages(*cloud.full_pages()))
         cloud.flavors["f1"]["cpus"] = 2**40
         targets = TargetCollection("m1", [Target.of("m1", "vms", "a")])
-        with pytest.raises(Exception, match="out of range|too large|value") as raised:
+        with pytest.raises(Exception, match=r"out of range|too large|value") as raised:
             await persister.save("m1", pages(cloud.targeted_page("a")), targets=targets)
         assert "small-batch" not in str(raised.value)
         async with engine.connect() as conn:
