@@ -11,6 +11,7 @@ for; so must the counts and the ``refresh_runs`` rows.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -204,4 +205,54 @@ async def test_small_batch_value_the_database_refuses_is_reported_as_by_the_stag
             last = (await conn.execute(select(t.c.error).order_by(t.c.id.desc()).limit(1))).one()
         assert last.error is not None
     finally:
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_small_batch_save_waits_for_the_managers_lock(pg_url: str) -> None:
+    """Semantics 6: a small-batch save takes the manager's advisory lock (the one the
+    staged path and other processes take) before it writes anything."""
+    import asyncpg
+
+    from daemon.db import create_engine
+    from daemon.migrate import upgrade
+    from daemon.persister import ADVISORY_NAMESPACE
+    from tests.inventory_builders import until, vm_targets
+
+    engine = create_engine(pg_url)
+    holder = await asyncpg.connect(pg_url)
+    try:
+        await upgrade(engine)
+        persister = Persister(engine)
+        mid = await persister.ensure_manager("m1", "awesome_cloud")
+        cloud = Cloud().flavor("f1").image("img1").vm("a")
+        await persister.save("m1", pages(*cloud.full_pages()))
+        cloud.vms["a"]["name"] = "renamed"
+
+        tr = holder.transaction()
+        await tr.start()
+        await holder.execute("SELECT pg_advisory_xact_lock($1, $2)", ADVISORY_NAMESPACE, mid)
+        save = asyncio.create_task(
+            persister.save("m1", pages(cloud.targeted_page("a")), targets=vm_targets("a"))
+        )
+
+        async def waiting() -> bool:
+            return bool(
+                await holder.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND NOT granted AND classid = $1 AND objid = $2",
+                    ADVISORY_NAMESPACE,
+                    mid,
+                )
+            )
+
+        await until(waiting)
+        assert not save.done()
+        assert (await snapshot(engine, mid))["vms"]["a"]["name"] == "a"
+        await tr.commit()
+        result = await asyncio.wait_for(save, 10)
+        assert result.counts["vms"].updated == 1
+        assert (await snapshot(engine, mid))["vms"]["a"]["name"] == "renamed"
+    finally:
+        await holder.close()
         await engine.dispose()
