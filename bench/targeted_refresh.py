@@ -207,6 +207,7 @@ async def open_inventory(
         raw = await aiosqlite.connect(url.removeprefix("sqlite:///"), isolation_level=None)
         stack.push_async_callback(raw.close)
         await raw.execute("PRAGMA busy_timeout=30000")
+        await raw.execute("PRAGMA synchronous=NORMAL")  # as the daemon (daemon/db.py)
         ts = schema.Timestamp.dialect_impl(engine.dialect)
         sqlite_now = ts.bind_processor(engine.dialect)
     inv = Inventory(
