@@ -14,9 +14,10 @@ import enum
 import json
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util import await_
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./refreshd.db"
 
@@ -59,19 +60,34 @@ def dialect_of(engine: AsyncEngine) -> Dialect:
 def create_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> AsyncEngine:
     """An engine for ``url`` with refreshd's settings (no I/O happens here)."""
     parsed = normalize_url(url)
-    kwargs: dict[str, Any] = {
-        "echo": echo,
-        "json_serializer": canonical_json,
-        "pool_pre_ping": True,
-    }
+    kwargs: dict[str, Any] = {"echo": echo, "json_serializer": canonical_json}
     if parsed.get_backend_name() == "postgresql":
-        kwargs.update(pool_size=pool_size, max_overflow=pool_size)
+        # SQLAlchemy's pre-ping is three round trips on asyncpg: ours is one
+        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False)
         engine = create_async_engine(parsed, **kwargs)
+        event.listen(engine.sync_engine, "checkout", _pg_on_checkout)
     else:
+        kwargs["pool_pre_ping"] = True
         kwargs["connect_args"] = {"timeout": 30}
         engine = create_async_engine(parsed, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     return engine
+
+
+def _pg_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Ping a pooled PostgreSQL connection at checkout in ONE round trip.
+
+    SQLAlchemy's ``pool_pre_ping`` costs three round trips per checkout on asyncpg
+    (``BEGIN``, ``;``, ``ROLLBACK``), a fifth of the CPU of a one-vm targeted refresh
+    (bench/RESULTS.md, 2026-12-02).  This sends one simple ``SELECT 1`` instead; a
+    connection that fails it (closed by a restart, ``pg_terminate_backend``, an idle
+    timeout) raises ``DisconnectionError``, so the pool discards it and connects afresh.
+    """
+    driver = dbapi_connection.driver_connection
+    try:
+        await_(driver.execute("SELECT 1"))
+    except Exception as error:
+        raise exc.DisconnectionError(f"PostgreSQL connection failed its ping: {error}") from error
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +37,7 @@ from daemon.collections import Collection, CollectionRegistry, Retention
 from daemon.db import Dialect, dialect_of
 from daemon.inventory import COLLECTIONS, InventoryPage, Row
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
+from daemon.small_batch import SmallBatchRefusedError, SmallBatchSaver
 from daemon.staging import TEMP_TABLES_READY, Stager
 from daemon.statements import Statements, statements_for
 from daemon.targets import Ref, Target, TargetCollection, Trigger
@@ -85,6 +86,12 @@ class Persister:
         self._statements: dict[str, Statements] = {c.name: statements_for(c) for c in collections}
         self._manager_ids: dict[str, int] = {}
         self._sqlite_writer = asyncio.Lock()
+        self._small_batch = SmallBatchSaver(
+            engine,
+            collections=collections,
+            max_targets=self._settings.small_batch_max_targets,
+            sqlite_writer=self._sqlite_writer,
+        )
 
     @property
     def collections(self) -> CollectionRegistry:
@@ -197,6 +204,29 @@ class Persister:
         manager_id = self._manager_id(manager)
         started = self._now()
         t0 = time.perf_counter()
+        if self._small_batch.accepts(kind, targets):
+            assert targets is not None
+            batch: list[InventoryPage] = []
+            try:
+                batch += [page async for page in pages]  # a targeted refresh's are in memory
+                return await self._small_batch.save(
+                    manager, batch, manager_id=manager_id, targets=targets, now=started
+                )
+            except SmallBatchRefusedError as exc:
+                log.info("manager %s: %s; saving through the staged path", manager, exc)
+                pages = _replay(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self.record_failure(
+                    manager,
+                    kind=kind,
+                    targets=len(targets),
+                    started_at=started,
+                    duration=time.perf_counter() - t0,
+                    error=exc,
+                )
+                raise
         counts: dict[str, Counts] = {c.name: Counts() for c in self._collections}
         try:
             async with self._write() as conn:
@@ -493,6 +523,11 @@ class _WriteTransaction:
         finally:
             if self._lock is not None:
                 self._lock.release()
+
+
+async def _replay(pages: list[InventoryPage]) -> AsyncIterator[InventoryPage]:
+    for page in pages:
+        yield page
 
 
 def _removed(collection: Collection, n: int) -> Counts:
