@@ -374,6 +374,11 @@ def statement_kind(sql: str) -> str:
         if up.startswith("INSERT INTO REFRESH_RUNS"):
             return "insert refresh_runs"
         return f"upsert {table}"
+    if up.startswith("WITH SRC AS ("):  # daemon.diff_statements, PostgreSQL
+        table = s.split(" ins AS (INSERT INTO ", 1)[1].split(" ", 1)[0]
+        return f"diff save {table}" + (" +seen" if " marked AS (" in s else "")
+    if up.startswith("UPDATE") and " FROM (SELECT " in up and "RETURNING" in up:
+        return f"diff update {words[1]}"  # daemon.diff_statements, SQLite
     if up.startswith("SELECT COUNT(*) FROM STAGE_"):
         return f"count_new {words[3]}"
     if up.startswith("SELECT COUNT(*) FROM"):
