@@ -12,7 +12,8 @@ JSONB values and would not care).
 orjson (about 5x faster, measured in bench/RESULTS.md) writes that exact text
 for the common case.  Where it may not, the standard library encodes instead:
 
-* output that is not pure ASCII (orjson does not escape; ``json.dumps`` does);
+* output with a byte outside printable ASCII (``json.dumps`` escapes non-ASCII
+  text and DEL as ``\\uXXXX``, orjson does not);
 * floats written with a negative exponent of one digit, or as ``0.0000...``
   (orjson writes ``1e-7`` and ``0.00005`` where Python writes ``1e-07`` and
   ``5e-05``) - a cheap search of the output finds them, with a few false alarms
@@ -39,7 +40,8 @@ _OPTIONS = (
     | orjson.OPT_PASSTHROUGH_DATACLASS
     | orjson.OPT_PASSTHROUGH_SUBCLASS
 )
-_SPELLED_DIFFERENTLY = re.compile(rb"\de-\d|0\.0000")
+# a byte json.dumps would have escaped (outside printable ASCII), or a float it spells otherwise
+_SPELLED_DIFFERENTLY = re.compile(rb"[^\x20-\x7e]|\de-\d|0\.0000")
 
 
 def _standard(value: Any) -> str:
@@ -56,6 +58,6 @@ def canonical_json(value: Any) -> str:
         out = orjson.dumps(value, default=_refuse, option=_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return _standard(value)
-    if not out.isascii() or _SPELLED_DIFFERENTLY.search(out):
+    if _SPELLED_DIFFERENTLY.search(out):
         return _standard(value)
     return out.decode()

@@ -72,8 +72,7 @@ def _source(collection: Collection, stage: str) -> tuple[list[str], str, str]:
         changed.append("t.archived_at IS NOT NULL")
     select = [f"{e} AS {c}" for c, e in cols]
     source = (
-        f"FROM {stage} s {' '.join(joins)} "
-        f"LEFT JOIN {table} t ON {_key_match(collection, exprs)}"
+        f"FROM {stage} s {' '.join(joins)} LEFT JOIN {table} t ON {_key_match(collection, exprs)}"
     )
     return select, source, " OR ".join(changed) or "false"
 
@@ -103,8 +102,7 @@ def _pg_save(collection: Collection, *, seen: str | None) -> TextClause:
     select, source, changed = _source(collection, st.stage.name)
     data_cols = _insert_columns(collection)[1:]
     parts = [
-        f"src AS (SELECT {', '.join(select)}, t.id AS tid, ({changed}) AS changed "
-        f"{source})",
+        f"src AS (SELECT {', '.join(select)}, t.id AS tid, ({changed}) AS changed {source})",
         f"ins AS (INSERT INTO {table} ({', '.join(['manager_id', *data_cols])}, "
         f"created_at, updated_at) SELECT :m, {', '.join(f'src.{c}' for c in data_cols)}, "
         f":now, :now FROM src WHERE src.tid IS NULL RETURNING id)",

@@ -36,7 +36,7 @@ from daemon import schema
 from daemon.collections import Collection, CollectionRegistry, Retention
 from daemon.db import Dialect, dialect_of
 from daemon.diff_statements import diff_statements_for
-from daemon.inventory import COLLECTIONS, InventoryPage, Row
+from daemon.inventory import COLLECTIONS, InventoryPage
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
 from daemon.staging import TEMP_TABLES_READY, Stager
 from daemon.statements import Statements, statements_for
@@ -300,7 +300,7 @@ class Persister:
             if not rows:
                 continue
             st = self._statements[collection.name]
-            await stager.load(st, _dedupe(collection, rows))
+            await stager.load(st, rows)
             for referred, statement in st.skeletal:
                 made = len((await conn.execute(statement, params)).all())
                 if made:
@@ -345,7 +345,9 @@ class Persister:
         # an untracked collection has nothing to sweep (see _tracked)
         would_remove = 0
         for name in tracked:
-            would_remove += (await conn.execute(self._statements[name].count_full, params)).scalar_one()
+            would_remove += (
+                await conn.execute(self._statements[name].count_full, params)
+            ).scalar_one()
         s = self._settings
         if would_remove > s.mass_delete_min_rows and would_remove > s.max_delete_ratio * max(
             total_before, 1
@@ -512,14 +514,3 @@ def _removed(collection: Collection, n: int) -> Counts:
     if collection.retention is Retention.ARCHIVE:
         return Counts(archived=n)
     return Counts(deleted=n)
-
-
-def _dedupe(collection: Collection, rows: list[Row]) -> list[Row]:
-    """One row per conflict key (the last wins): an upsert may touch a row only once."""
-    key_attrs = ((collection.parent.attribute,) if collection.parent else ()) + collection.key
-    if len(rows) < 2:
-        return rows
-    by_key: dict[tuple[Any, ...], Row] = {}
-    for row in rows:
-        by_key[tuple(row.get(a) for a in key_attrs)] = row
-    return list(by_key.values()) if len(by_key) != len(rows) else rows
