@@ -369,7 +369,7 @@ def statement_kind(sql: str) -> str:
         if table.startswith("seen_"):
             return f"mark_seen -> {table}"
         if "DO NOTHING RETURNING ID" in up and "SELECT DISTINCT" in up:
-            src = s.split(" FROM ", 1)[1].split(" ", 1)[0]
+            src = "stage_" + s.split(" FROM stage_", 1)[1].split(" ", 1)[0]
             return f"skeletal {table} <- {src}"
         if up.startswith("INSERT INTO REFRESH_RUNS"):
             return "insert refresh_runs"

@@ -48,7 +48,7 @@ class DiffStatements:
     pg_save_untracked: TextClause
     """PostgreSQL: the same without marking seen rows."""
     sqlite_update: TextClause | None
-    """SQLite: update the stored rows that differ; returns ``created_at = :now`` per row
+    """SQLite: rewrite the stored rows that differ; returns ``created_at = :now`` per row
     (None: the collection has nothing to update)."""
     sqlite_insert: TextClause
     """SQLite: insert the staged rows that have no stored row (rowcount = created)."""
@@ -153,16 +153,28 @@ def _pg_save(collection: Collection, *, seen: str | None) -> TextClause:
 
 
 def _sqlite_update(collection: Collection) -> TextClause | None:
+    """The stored rows that differ, rewritten through the upsert path.
+
+    An ``UPDATE ... FROM (staged rows that differ)`` made SQLite scan the whole table
+    for each page (no statistics; it put the table in the outer loop).  An upsert
+    fed only the rows that differ reaches each stored row by its unique key.
+    """
     if not (collection.updatable_columns or collection.retention is Retention.ARCHIVE):
         return None
     st = statements_for(collection)
     table = collection.table.name
     select, source, changed = _source(collection, st.stage.name)
+    values = [e.rsplit(" AS ", 1)[0] for e in select]
+    sets = [f"{c} = excluded.{c}" for c in collection.updatable_columns]
+    sets.append("updated_at = excluded.updated_at")
+    if collection.retention is Retention.ARCHIVE:
+        sets.append("archived_at = NULL")
     sql = (
-        f"UPDATE {table} SET {_set_clause(collection, 'src')} FROM "
-        f"(SELECT {', '.join(select)}, t.id AS tid {source} WHERE t.id IS NOT NULL "
-        f"AND ({changed})) AS src WHERE {table}.id = src.tid "
-        f"RETURNING {table}.created_at = :now"
+        f"INSERT INTO {table} ({', '.join(_insert_columns(collection))}, created_at, "
+        f"updated_at) SELECT :m, {', '.join(values)}, :now, :now {source} "
+        f"WHERE t.id IS NOT NULL AND ({changed}) "
+        f"ON CONFLICT ({', '.join(collection.conflict_columns)}) DO UPDATE SET "
+        f"{', '.join(sets)} RETURNING {table}.created_at = :now"
     )
     return _binds(text(sql))
 

@@ -191,14 +191,21 @@ def _pg_upsert(collection: Collection, stage: str, seen: str | None) -> TextClau
 
 
 def _skeletal(collection: Collection, stage: str) -> tuple[tuple[str, TextClause], ...]:
+    """Bare rows for the distinct referenced refs not stored yet.
+
+    Each distinct ref is one probe of the ``(manager_id, ems_ref)`` index: a scalar
+    subquery with ``LIMIT 1`` is never turned into a join, which PostgreSQL, short of
+    statistics on the stage, planned as every staged row against every row of the
+    referenced collection.
+    """
     out = []
     for r in collection.references:
         sql = (
             f"INSERT INTO {r.collection} (manager_id, ems_ref, created_at, updated_at) "
-            f"SELECT DISTINCT :m, s.{r.attribute}, :now, :now FROM {stage} s "
-            f"WHERE s.{r.attribute} IS NOT NULL AND NOT EXISTS ("
-            f"SELECT 1 FROM {r.collection} x WHERE x.manager_id = :m "
-            f"AND x.ems_ref = s.{r.attribute}) "
+            f"SELECT :m, d.ref, :now, :now FROM (SELECT DISTINCT s.{r.attribute} AS ref "
+            f"FROM {stage} s WHERE s.{r.attribute} IS NOT NULL) d "
+            f"WHERE (SELECT x.id FROM {r.collection} x WHERE x.manager_id = :m "
+            f"AND x.ems_ref = d.ref LIMIT 1) IS NULL "
             f"ON CONFLICT (manager_id, ems_ref) DO NOTHING RETURNING id"
         )
         out.append((r.collection, _binds(text(sql))))
