@@ -19,9 +19,7 @@ created earlier in the same refresh (a skeletal row filled in by a later page) i
 neither, as it was already counted created.
 
 When the collection is *tracked* (it will be swept), the ids of every matched or
-inserted row are recorded as seen: on PostgreSQL as one array per page in
-``seen_pages_<collection>`` (a single tuple to write; the sweeps unnest them), on
-SQLite as rows of ``seen_<collection>``.  A full refresh does not track a
+inserted row go into ``seen_<collection>``.  A full refresh does not track a
 collection that had no active row when it began and that no other collection
 refers to (no skeletal row can appear in it): nothing of it can be swept.
 
@@ -35,37 +33,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from sqlalchemy import BigInteger, Column, Table, TextClause, text
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import TextClause, text
 
 from daemon.collections import Collection, Retention
-from daemon.statements import (
-    _binds,
-    _count_full,
-    _joins,
-    _key_match,
-    _sweep,
-    statements_for,
-    temp_metadata,
-)
+from daemon.statements import _binds, _joins, _key_match, statements_for
 
 
 @dataclass(frozen=True, slots=True)
 class DiffStatements:
     """The compare-before-write statements of one collection."""
 
-    seen_pages: Table
-    """PostgreSQL: the seen ids, one array per saved page (temporary, per connection)."""
     pg_save: TextClause
     """PostgreSQL: insert new, update changed, mark seen; returns (created, updated)."""
     pg_save_untracked: TextClause
     """PostgreSQL: the same without marking seen rows."""
-    pg_count_full: TextClause
-    """PostgreSQL: ``Statements.count_full`` reading ``seen_pages``."""
-    pg_sweep_full: TextClause
-    """PostgreSQL: ``Statements.sweep_full`` reading ``seen_pages``."""
-    pg_sweep_targeted: TextClause
-    """PostgreSQL: ``Statements.sweep_targeted`` reading ``seen_pages``."""
     sqlite_update: TextClause | None
     """SQLite: rewrite the stored rows that differ; returns ``created_at = :now`` per row
     (None: the collection has nothing to update)."""
@@ -163,11 +144,9 @@ def _pg_save(collection: Collection, *, seen: str | None) -> TextClause:
     else:
         updated = "0"
     if seen is not None:
-        # one array per page: a single tuple to write instead of an indexed row per id
         parts.append(
-            f"marked AS (INSERT INTO {seen} (ids) SELECT array_agg(id) FROM "
-            f"(SELECT id FROM ins UNION ALL SELECT tid FROM src WHERE tid IS NOT NULL) q "
-            f"HAVING count(*) > 0)"
+            f"marked AS (INSERT INTO {seen} (id) SELECT id FROM ins UNION ALL "
+            f"SELECT tid FROM src WHERE tid IS NOT NULL ON CONFLICT (id) DO NOTHING)"
         )
     sql = f"WITH {', '.join(parts)} SELECT (SELECT count(*) FROM ins) AS created, {updated}"
     return _binds(text(sql))
@@ -213,35 +192,12 @@ def _sqlite_insert(collection: Collection) -> TextClause:
     return _binds(text(sql))
 
 
-def _seen_pages_table(collection: Collection) -> Table:
-    return Table(
-        f"seen_pages_{collection.name}",
-        temp_metadata,
-        Column("ids", ARRAY(BigInteger)),
-        prefixes=["TEMPORARY"],
-        postgresql_on_commit="DELETE ROWS",
-    )
-
-
-def _pg_unseen(seen_pages: str) -> str:
-    """Row ``t`` is in no array of ``seen_pages`` (planned as one hash anti-join)."""
-    return (
-        f"NOT EXISTS (SELECT 1 FROM {seen_pages} a CROSS JOIN LATERAL unnest(a.ids) AS x(id) "
-        "WHERE x.id = t.id)"
-    )
-
-
 @cache
 def diff_statements_for(collection: Collection) -> DiffStatements:
-    seen_pages = _seen_pages_table(collection)
-    unseen = _pg_unseen(seen_pages.name)
+    seen = statements_for(collection).seen.name
     return DiffStatements(
-        seen_pages=seen_pages,
-        pg_save=_pg_save(collection, seen=seen_pages.name),
+        pg_save=_pg_save(collection, seen=seen),
         pg_save_untracked=_pg_save(collection, seen=None),
-        pg_count_full=_count_full(collection, unseen),
-        pg_sweep_full=_sweep(collection, unseen, targeted=False),
-        pg_sweep_targeted=_sweep(collection, unseen, targeted=True),
         sqlite_update=_sqlite_update(collection),
         sqlite_insert=_sqlite_insert(collection),
     )

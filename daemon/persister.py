@@ -343,16 +343,11 @@ class Persister:
         counts: dict[str, Counts],
     ) -> None:
         # an untracked collection has nothing to sweep (see _tracked)
-        pg = self._dialect is Dialect.POSTGRESQL  # seen ids are arrays (diff_statements)
         would_remove = 0
         for name in tracked:
-            collection = self._collections[name]
-            count = (
-                diff_statements_for(collection).pg_count_full
-                if pg
-                else self._statements[name].count_full
-            )
-            would_remove += (await conn.execute(count, params)).scalar_one()
+            would_remove += (
+                await conn.execute(self._statements[name].count_full, params)
+            ).scalar_one()
         s = self._settings
         if would_remove > s.mass_delete_min_rows and would_remove > s.max_delete_ratio * max(
             total_before, 1
@@ -361,12 +356,8 @@ class Persister:
         for collection in self._collections:
             if collection.name not in tracked:
                 continue
-            sweep = (
-                diff_statements_for(collection).pg_sweep_full
-                if pg
-                else self._statements[collection.name].sweep_full
-            )
-            removed = (await conn.execute(sweep, params)).rowcount
+            st = self._statements[collection.name]
+            removed = (await conn.execute(st.sweep_full, params)).rowcount
             counts[collection.name] = counts[collection.name] + _removed(collection, removed)
 
     async def _sweep_targeted(
@@ -383,12 +374,8 @@ class Persister:
             refs = sorted(targets.references(scope_of))
             if not refs:
                 continue
-            sweep = (
-                diff_statements_for(collection).pg_sweep_targeted
-                if self._dialect is Dialect.POSTGRESQL
-                else self._statements[collection.name].sweep_targeted
-            )
-            removed = (await conn.execute(sweep, params | {"refs": refs})).rowcount
+            st = self._statements[collection.name]
+            removed = (await conn.execute(st.sweep_targeted, params | {"refs": refs})).rowcount
             counts[collection.name] = counts[collection.name] + _removed(collection, removed)
 
     async def _record(

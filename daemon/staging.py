@@ -4,9 +4,8 @@ Flow: parser -> **stage tables** -> upsert statements -> tables.
 
 On PostgreSQL rows go in with binary ``COPY`` (asyncpg ``copy_records_to_table``),
 the fastest bulk path; on SQLite with one ``executemany``.  The temporary
-tables (``stage_*``, ``seen_*`` and on PostgreSQL ``seen_pages_*``) are created
-once per database connection (the pool keeps connections open), so a refresh
-rarely pays any DDL.  On PostgreSQL they are
+tables (``stage_*`` and ``seen_*``) are created once per database connection
+(the pool keeps connections open), so a refresh rarely pays any DDL.  On PostgreSQL they are
 ``ON COMMIT DELETE ROWS``; on SQLite :meth:`Stager.reset` empties them at the
 start of each refresh.
 """
@@ -24,7 +23,6 @@ from sqlalchemy.schema import CreateTable
 
 from daemon.canonical_json import canonical_json
 from daemon.db import Dialect, dialect_of
-from daemon.diff_statements import diff_statements_for
 from daemon.inventory import Row
 from daemon.statements import Statements
 
@@ -33,12 +31,11 @@ TEMP_TABLES_READY = "refreshd_temp_tables"
 
 
 def _ddl(engine: AsyncEngine, statements: Iterable[Statements]) -> list[str]:
-    tables = []
-    for st in statements:
-        tables += [st.stage, st.seen]
-        if dialect_of(engine) is Dialect.POSTGRESQL:
-            tables.append(diff_statements_for(st.collection).seen_pages)
-    return [str(CreateTable(t, if_not_exists=True).compile(dialect=engine.dialect)) for t in tables]
+    return [
+        str(CreateTable(t, if_not_exists=True).compile(dialect=engine.dialect))
+        for st in statements
+        for t in (st.stage, st.seen)
+    ]
 
 
 @cache

@@ -266,25 +266,9 @@ def _scope(collection: Collection, *, targeted: bool) -> str:
     return " AND ".join(conds)
 
 
-def _unseen(seen: str) -> str:
-    """Row ``t`` was not seen by this refresh (its id is not in table ``seen``)."""
-    return f"NOT EXISTS (SELECT 1 FROM {seen} x WHERE x.id = t.id)"
-
-
-def _count_full(collection: Collection, unseen: str) -> TextClause:
-    # rows created by this very refresh (skeletal rows of objects that appeared after
-    # their listing was read) are swept too, but do not count against the guard
+def _sweep(collection: Collection, seen: str, *, targeted: bool) -> TextClause:
     table = collection.table.name
-    return _binds(
-        text(
-            f"SELECT count(*) FROM {table} t WHERE {_scope(collection, targeted=False)} "
-            f"AND {unseen} AND t.created_at <> :now"
-        )
-    )
-
-
-def _sweep(collection: Collection, unseen: str, *, targeted: bool) -> TextClause:
-    table = collection.table.name
+    unseen = f"NOT EXISTS (SELECT 1 FROM {seen} x WHERE x.id = t.id)"
     where = f"{_scope(collection, targeted=targeted)} AND {unseen}"
     if collection.retention is Retention.ARCHIVE:
         # SQLite has no UPDATE ... AS alias; the subquery keeps one WHERE for both.
@@ -303,7 +287,7 @@ def statements_for(collection: Collection) -> Statements:
     seen = _seen_table(collection)
     table = collection.table.name
     scope_full = _scope(collection, targeted=False)
-    unseen = _unseen(seen.name)
+    unseen = f"NOT EXISTS (SELECT 1 FROM {seen.name} x WHERE x.id = t.id)"
     return Statements(
         collection=collection,
         stage=stage,
@@ -314,9 +298,16 @@ def statements_for(collection: Collection) -> Statements:
         pg_upsert=_pg_upsert(collection, stage.name, None),
         pg_upsert_seen=_pg_upsert(collection, stage.name, seen.name),
         mark_seen=_mark_seen(collection, stage.name, seen.name),
-        sweep_full=_sweep(collection, unseen, targeted=False),
-        sweep_targeted=_sweep(collection, unseen, targeted=True),
-        count_full=_count_full(collection, unseen),
+        sweep_full=_sweep(collection, seen.name, targeted=False),
+        sweep_targeted=_sweep(collection, seen.name, targeted=True),
+        # rows created by this very refresh (skeletal rows of objects that appeared after
+        # their listing was read) are swept too, but do not count against the guard
+        count_full=_binds(
+            text(
+                f"SELECT count(*) FROM {table} t WHERE {scope_full} AND {unseen} "
+                "AND t.created_at <> :now"
+            )
+        ),
         count_active=_binds(text(f"SELECT count(*) FROM {table} t WHERE {scope_full}")),
     )
 
