@@ -384,6 +384,22 @@ async def main() -> None:
                 f"    first refresh, persist time only (minus collect wait) "
                 f"{rows / first['persist_s']:,.0f} rows/s = {100 * p_new:5.1f}% of baseline new"
             )
+            # The same per CPU second, which hardly moves with the load of a shared machine:
+            # persister CPU = refreshd - the collect-only pass's CPU + database backend.
+            collect_cpu = report["collect_only"][0]["cpu_refreshd_s"]
+            print(
+                "  per CPU second (persister = refreshd CPU - collect-only CPU "
+                f"{collect_cpu:.2f} s + backend CPU):"
+            )
+            for run, key in ((first, "new"), (same, "unchanged")):
+                cpu = run["cpu_refreshd_s"] - collect_cpu + run["cpu_postgres_backend_s"]
+                rate = rows / cpu
+                ratio = rate / base[f"{key}_rows_per_cpu_s"]
+                report["ratios"][f"{key}_cpu"] = ratio
+                print(
+                    f"    {run['label']:16s} {rate:10,.0f} rows/CPU-s = {100 * ratio:5.1f}% of "
+                    f"baseline {key} {base[f'{key}_rows_per_cpu_s']:,.0f} rows/CPU-s"
+                )
 
     b = report["runs"][1]
     print("\ntargets:")
@@ -406,10 +422,10 @@ async def main() -> None:
             f"{'met' if nc == changed else 'MISSED'}"
         )
     if "ratios" in report:
-        r = report["ratios"]["new"]
+        r, rc = report["ratios"]["new"], report["ratios"]["new_cpu"]
         print(
-            f"  persister >= 50% of raw baseline: {100 * r:.1f}% -> "
-            f"{'met' if r >= 0.5 else 'MISSED'}"
+            f"  persister >= 50% of raw baseline: {100 * r:.1f}% wall, {100 * rc:.1f}% CPU -> "
+            f"{'met' if r >= 0.5 else 'MISSED'} (wall), {'met' if rc >= 0.5 else 'MISSED'} (CPU)"
         )
     end_code = code_fingerprint()
     if end_code != info["code"]:
