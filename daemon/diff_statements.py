@@ -61,7 +61,9 @@ def _lateral_joins(collection: Collection) -> tuple[list[str], dict[str, str]]:
     none yet on a small referenced table, materialize every image of the manager
     and compare each staged vm with each of them (2,000 x 1,000 per page at 100k
     vms).  ``LIMIT 1`` keeps the subquery from being flattened into such a join:
-    each reference is a probe of the ``(manager_id, ems_ref)`` unique index.
+    each reference is a probe of the ``(manager_id, ems_ref)`` unique index.  The
+    stored row is found the same way (:func:`_source`), so no plan of a page
+    depends on statistics the refresh itself makes stale.
     """
     joins: list[str] = []
     exprs: dict[str, str] = {}
@@ -98,9 +100,14 @@ def _source(
     if collection.retention is Retention.ARCHIVE:
         changed.append("t.archived_at IS NOT NULL")
     select = [f"{e} AS {c}" for c, e in cols]
-    source = (
-        f"FROM {stage} s {' '.join(joins)} LEFT JOIN {table} t ON {_key_match(collection, exprs)}"
-    )
+    if lateral:  # the stored row too: one probe of the unique key, whatever the statistics
+        stored = (
+            f"LEFT JOIN LATERAL (SELECT * FROM {table} y WHERE "
+            f"{_key_match(collection, exprs, 'y')} LIMIT 1) t ON true"
+        )
+    else:
+        stored = f"LEFT JOIN {table} t ON {_key_match(collection, exprs)}"
+    source = f"FROM {stage} s {' '.join(joins)} {stored}"
     return select, source, " OR ".join(changed) or "false"
 
 

@@ -212,14 +212,15 @@ def _skeletal(collection: Collection, stage: str) -> tuple[tuple[str, TextClause
     return tuple(out)
 
 
-def _key_match(collection: Collection, exprs: dict[str, str]) -> str:
-    """Row ``t`` of the table has the conflict key of staged row ``s`` (joined)."""
+def _key_match(collection: Collection, exprs: dict[str, str], alias: str = "t") -> str:
+    """Row ``alias`` of the table has the conflict key of staged row ``s`` (joined)."""
+    t = alias
     conds = []
     if collection.parent is None:
-        conds.append("t.manager_id = :m")
+        conds.append(f"{t}.manager_id = :m")
     else:
-        conds.append(f"t.{collection.parent.column} = p.id")
-    conds += [f"t.{collection.column_of(a)} = {exprs.get(a, f's.{a}')}" for a in collection.key]
+        conds.append(f"{t}.{collection.parent.column} = p.id")
+    conds += [f"{t}.{collection.column_of(a)} = {exprs.get(a, f's.{a}')}" for a in collection.key]
     return " AND ".join(conds)
 
 
