@@ -318,10 +318,10 @@ class StatementTimer:
 
         original = staging.Stager.load
 
-        async def load(stager: Any, st: Any, rows: Any) -> None:
+        async def load(stager: Any, st: Any, rows: Any) -> Any:
             t0 = time.perf_counter()
             try:
-                await original(stager, st, rows)
+                return await original(stager, st, rows)
             finally:
                 timer = StatementTimer._active
                 if timer is not None and timer.enabled:

@@ -300,7 +300,7 @@ class Persister:
             if not rows:
                 continue
             st = self._statements[collection.name]
-            await stager.load(st, rows)
+            staged = await stager.load(st, rows)
             for referred, statement in st.skeletal:
                 made = len((await conn.execute(statement, params)).all())
                 if made:
@@ -319,9 +319,14 @@ class Persister:
                 if diff.sqlite_update is not None:
                     fresh_flags = (await conn.execute(diff.sqlite_update, params)).scalars()
                     updated = sum(1 for fresh in fresh_flags if not fresh)
-                created = (await conn.execute(diff.sqlite_insert, params)).rowcount
-                if track:
-                    await conn.execute(st.mark_seen, params)
+                # mark the stored rows seen first: when every staged row has one (a
+                # refresh that changes little), the insert pass is skipped
+                matched = (await conn.execute(st.mark_seen, params)).rowcount if track else -1
+                created = 0
+                if matched != staged:
+                    created = (await conn.execute(diff.sqlite_insert, params)).rowcount
+                    if track and created:
+                        await conn.execute(st.mark_seen, params)
             counts[collection.name] = counts[collection.name] + Counts(
                 created=created, updated=updated
             )

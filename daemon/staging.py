@@ -114,8 +114,9 @@ class Stager:
                 await self._conn.exec_driver_sql(f"DELETE FROM {st.stage.name}")
                 await self._conn.exec_driver_sql(f"DELETE FROM {st.seen.name}")
 
-    async def load(self, st: Statements, rows: Sequence[Row]) -> None:
-        """Replace the content of ``st``'s stage table with ``rows``."""
+    async def load(self, st: Statements, rows: Sequence[Row]) -> int:
+        """Replace the content of ``st``'s stage table with ``rows``; returns how many
+        rows were staged (one per key)."""
         name = st.stage.name
         records = to_records(st, rows)
         columns = list(st.collection.staged_attributes)
@@ -134,3 +135,4 @@ class Stager:
                 f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({placeholders})", records
             )
         self._dirty.add(name)
+        return len(records)
