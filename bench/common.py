@@ -318,10 +318,10 @@ class StatementTimer:
 
         original = staging.Stager.load
 
-        async def load(stager: Any, st: Any, rows: Any) -> None:
+        async def load(stager: Any, st: Any, rows: Any) -> Any:
             t0 = time.perf_counter()
             try:
-                await original(stager, st, rows)
+                return await original(stager, st, rows)
             finally:
                 timer = StatementTimer._active
                 if timer is not None and timer.enabled:
@@ -369,11 +369,16 @@ def statement_kind(sql: str) -> str:
         if table.startswith("seen_"):
             return f"mark_seen -> {table}"
         if "DO NOTHING RETURNING ID" in up and "SELECT DISTINCT" in up:
-            src = s.split(" FROM ", 1)[1].split(" ", 1)[0]
+            src = "stage_" + s.split(" FROM stage_", 1)[1].split(" ", 1)[0]
             return f"skeletal {table} <- {src}"
         if up.startswith("INSERT INTO REFRESH_RUNS"):
             return "insert refresh_runs"
         return f"upsert {table}"
+    if up.startswith("WITH SRC AS ("):  # daemon.diff_statements, PostgreSQL
+        table = s.split(" ins AS (INSERT INTO ", 1)[1].split(" ", 1)[0]
+        return f"diff save {table}" + (" +seen" if " marked AS (" in s else "")
+    if up.startswith("UPDATE") and " FROM (SELECT " in up and "RETURNING" in up:
+        return f"diff update {words[1]}"  # daemon.diff_statements, SQLite
     if up.startswith("SELECT COUNT(*) FROM STAGE_"):
         return f"count_new {words[3]}"
     if up.startswith("SELECT COUNT(*) FROM"):

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import asyncpg
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pg import ADMIN_DSN, temp_database
@@ -50,33 +51,51 @@ def records(n: int) -> list[tuple[object, ...]]:
     ]
 
 
-async def one_pass(conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> float:
-    t0 = time.perf_counter()
+def _cpu(pid: int) -> float:
+    """CPU seconds of this process plus those of the PostgreSQL backend ``pid``."""
+    t = psutil.Process(pid).cpu_times()
+    return time.process_time() + t.user + t.system
+
+
+async def one_pass(
+    conn: asyncpg.Connection, rows: list[tuple[object, ...]], backend: int
+) -> tuple[float, float]:
+    """Wall and CPU (client + backend) seconds of one stage + merge transaction."""
+    t0, c0 = time.perf_counter(), _cpu(backend)
     async with conn.transaction():
         await conn.execute("TRUNCATE stage")
         await conn.copy_records_to_table(
             "stage", records=rows, columns=["ems_ref", "name", "state", "flavor_id", "tags"]
         )
         await conn.execute(MERGE)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu(backend) - c0
 
 
 async def measure(dsn: str, n: int, repeat: int) -> dict[str, float]:
+    """Rows/s (wall) and rows per CPU second (client + backend), median of ``repeat``.
+
+    The CPU rates hardly move with the load of a shared machine; compare with them.
+    """
     rows = records(n)
-    new, same = [], []
+    new, same, new_cpu, same_cpu = [], [], [], []
     conn = await asyncpg.connect(dsn)
     try:
+        backend = await conn.fetchval("SELECT pg_backend_pid()")
         await conn.execute(STAGE)
         for _ in range(repeat):
             await conn.execute("DROP TABLE IF EXISTS base")
             await conn.execute(DDL)
-            new.append(n / await one_pass(conn, rows))
-            same.append(n / await one_pass(conn, rows))
+            for wall_rates, cpu_rates in ((new, new_cpu), (same, same_cpu)):
+                wall, cpu = await one_pass(conn, rows, backend)
+                wall_rates.append(n / wall)
+                cpu_rates.append(n / cpu)
     finally:
         await conn.close()
     return {
         "new_rows_per_s": statistics.median(new),
         "unchanged_rows_per_s": statistics.median(same),
+        "new_rows_per_cpu_s": statistics.median(new_cpu),
+        "unchanged_rows_per_cpu_s": statistics.median(same_cpu),
     }
 
 
@@ -90,6 +109,10 @@ async def main() -> None:
     print(f"raw asyncpg COPY+merge, {args.rows} rows, median of {args.repeat}")
     print(f"  new:       {result['new_rows_per_s']:>10,.0f} rows/s")
     print(f"  unchanged: {result['unchanged_rows_per_s']:>10,.0f} rows/s")
+    print(
+        f"  per CPU second (client + backend): new {result['new_rows_per_cpu_s']:,.0f}, "
+        f"unchanged {result['unchanged_rows_per_cpu_s']:,.0f} rows"
+    )
     print(json.dumps(result | {"rows": args.rows, "admin": ADMIN_DSN}))
 
 

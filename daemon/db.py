@@ -11,7 +11,6 @@ comparing values in SQL, and SQLite gets WAL mode and a busy timeout.
 from __future__ import annotations
 
 import enum
-import json
 from typing import Any
 
 from sqlalchemy import event, exc
@@ -19,7 +18,11 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import await_
 
+from daemon.canonical_json import canonical_json
+
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./refreshd.db"
+
+__all__ = ["DEFAULT_DATABASE_URL", "Dialect", "canonical_json", "create_engine", "dialect_of"]
 
 
 class Dialect(enum.Enum):
@@ -29,11 +32,6 @@ class Dialect(enum.Enum):
 
 class DatabaseURLError(ValueError):
     pass
-
-
-def canonical_json(value: Any) -> str:
-    """The one JSON text form refreshd stores: compact, keys sorted."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def normalize_url(url: str) -> URL:

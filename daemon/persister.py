@@ -35,7 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from daemon import schema
 from daemon.collections import Collection, CollectionRegistry, Retention
 from daemon.db import Dialect, dialect_of
-from daemon.inventory import COLLECTIONS, InventoryPage, Row
+from daemon.diff_statements import diff_statements_for
+from daemon.inventory import COLLECTIONS, InventoryPage
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
 from daemon.small_batch import SmallBatchRefusedError, SmallBatchSaver
 from daemon.staging import TEMP_TABLES_READY, Stager
@@ -235,14 +236,15 @@ class Persister:
                 params: dict[str, Any] = {"m": manager_id, "now": now}
                 stager = Stager(conn, self._engine)
                 await stager.prepare(self._statements.values(), self._engine)
-                tracked = self._tracked(kind, targets)
-                total_before = await self._count_active(conn, params) if kind.full else 0
+                active = await self._count_active(conn, params) if kind.full else {}
+                total_before = sum(active.values())
+                tracked = self._tracked(kind, targets, active)
                 analyzed: dict[str, int] = {}
                 async for page in pages:
                     await self._save_page(conn, stager, page, params, tracked, counts)
                     await self._analyze_grown(conn, counts, analyzed)
                 if kind.full:
-                    await self._sweep_full(conn, manager, params, total_before, counts)
+                    await self._sweep_full(conn, manager, params, total_before, tracked, counts)
                 else:
                     assert targets is not None
                     await self._sweep_targeted(conn, targets, params, counts)
@@ -301,10 +303,20 @@ class Persister:
                 await conn.exec_driver_sql(f"ANALYZE (SKIP_LOCKED) {collection.table.name}")
                 analyzed[collection.name] = created
 
-    def _tracked(self, kind: RefreshKind, targets: TargetCollection | None) -> set[str]:
-        """Collections whose seen rows must be recorded (those that will be swept)."""
+    def _tracked(
+        self, kind: RefreshKind, targets: TargetCollection | None, active: dict[str, int]
+    ) -> set[str]:
+        """Collections whose seen rows must be recorded (those that will be swept).
+
+        A full refresh skips a collection that had no active row when it began and
+        that no collection refers to: every row it will hold was saved by this
+        refresh (no skeletal row can appear in it), so nothing of it can be swept.
+        A manager's first refresh thus records seen rows only for the small
+        referenced collections (flavors, images, security groups).
+        """
         if kind.full or targets is None:
-            return set(self._statements)
+            referred = {r.collection for c in self._collections for r in c.references}
+            return {name for name in self._statements if active.get(name) or name in referred}
         top = {a for a in targets.associations() if a in self._collections}
         return top | {c.name for c in self._collections if c.parent and c.parent.collection in top}
 
@@ -322,34 +334,43 @@ class Persister:
             if not rows:
                 continue
             st = self._statements[collection.name]
-            await stager.load(st, _dedupe(collection, rows))
+            staged = await stager.load(st, rows)
             for referred, statement in st.skeletal:
                 made = len((await conn.execute(statement, params)).all())
                 if made:
                     counts[referred] = counts[referred] + Counts(created=made)
-            # created: rows inserted now; updated: rows that existed before this refresh
-            # (a row created by an earlier page or a skeletal insert is not counted twice)
+            # compare before writing (daemon.diff_statements): only new and changed rows
+            # are written; created: rows inserted now; updated: rows that existed before
+            # this refresh (a row created by an earlier page or a skeletal insert is not
+            # counted twice)
             track = collection.name in tracked
+            diff = diff_statements_for(collection)
             if self._dialect is Dialect.POSTGRESQL:
-                statement = st.pg_upsert_seen if track else st.pg_upsert
-                flags = (await conn.execute(statement, params)).all()
-                created = sum(1 for inserted, _ in flags if inserted)
-                updated = sum(1 for _, fresh in flags if not fresh)
+                statement = diff.pg_save if track else diff.pg_save_untracked
+                created, updated = (await conn.execute(statement, params)).one()
             else:
-                created = (await conn.execute(st.count_new, params)).scalar_one()
-                fresh_flags = (await conn.execute(st.upsert, params)).scalars().all()
-                updated = sum(1 for fresh in fresh_flags if not fresh)
-                if track:
-                    await conn.execute(st.mark_seen, params)
+                updated = 0
+                if diff.sqlite_update is not None:
+                    fresh_flags = (await conn.execute(diff.sqlite_update, params)).scalars()
+                    updated = sum(1 for fresh in fresh_flags if not fresh)
+                # mark the stored rows seen first: when every staged row has one (a
+                # refresh that changes little), the insert pass is skipped
+                matched = (await conn.execute(st.mark_seen, params)).rowcount if track else -1
+                created = 0
+                if matched != staged:
+                    created = (await conn.execute(diff.sqlite_insert, params)).rowcount
+                    if track and created:
+                        await conn.execute(st.mark_seen, params)
             counts[collection.name] = counts[collection.name] + Counts(
                 created=created, updated=updated
             )
 
-    async def _count_active(self, conn: AsyncConnection, params: dict[str, Any]) -> int:
-        total = 0
-        for st in self._statements.values():
-            total += (await conn.execute(st.count_active, params)).scalar_one()
-        return total
+    async def _count_active(self, conn: AsyncConnection, params: dict[str, Any]) -> dict[str, int]:
+        """Active rows of the manager per collection, before a full refresh."""
+        return {
+            name: (await conn.execute(st.count_active, params)).scalar_one()
+            for name, st in self._statements.items()
+        }
 
     async def _sweep_full(
         self,
@@ -357,17 +378,23 @@ class Persister:
         manager: str,
         params: dict[str, Any],
         total_before: int,
+        tracked: set[str],
         counts: dict[str, Counts],
     ) -> None:
+        # an untracked collection has nothing to sweep (see _tracked)
         would_remove = 0
-        for st in self._statements.values():
-            would_remove += (await conn.execute(st.count_full, params)).scalar_one()
+        for name in tracked:
+            would_remove += (
+                await conn.execute(self._statements[name].count_full, params)
+            ).scalar_one()
         s = self._settings
         if would_remove > s.mass_delete_min_rows and would_remove > s.max_delete_ratio * max(
             total_before, 1
         ):
             raise MassDeletionRefusedError(manager, would_remove, total_before, s.max_delete_ratio)
         for collection in self._collections:
+            if collection.name not in tracked:
+                continue
             st = self._statements[collection.name]
             removed = (await conn.execute(st.sweep_full, params)).rowcount
             counts[collection.name] = counts[collection.name] + _removed(collection, removed)
@@ -534,14 +561,3 @@ def _removed(collection: Collection, n: int) -> Counts:
     if collection.retention is Retention.ARCHIVE:
         return Counts(archived=n)
     return Counts(deleted=n)
-
-
-def _dedupe(collection: Collection, rows: list[Row]) -> list[Row]:
-    """One row per conflict key (the last wins): an upsert may touch a row only once."""
-    key_attrs = ((collection.parent.attribute,) if collection.parent else ()) + collection.key
-    if len(rows) < 2:
-        return rows
-    by_key: dict[tuple[Any, ...], Row] = {}
-    for row in rows:
-        by_key[tuple(row.get(a) for a in key_attrs)] = row
-    return list(by_key.values()) if len(by_key) != len(rows) else rows

@@ -109,11 +109,13 @@ vms = _top_level(
 
 
 def _child(name: str, *columns: Column[object], unique: tuple[str, ...]) -> Table:
+    # manager_id has no foreign key of its own: vm_id -> vms.id -> managers.id implies it
+    # (migration 0002_fullrefresh dropped it: a trigger call per inserted row, no gain)
     return Table(
         name,
         metadata,
         _id(),
-        _manager_id(),
+        Column("manager_id", Id, nullable=False),
         Column("vm_id", Id, ForeignKey("vms.id"), nullable=False),
         *columns,
         *_stamps(archive=False),

@@ -13,13 +13,16 @@ start of each refresh.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cache
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import JSON
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateTable
 
-from daemon.db import Dialect, canonical_json, dialect_of
+from daemon.canonical_json import canonical_json
+from daemon.db import Dialect, dialect_of
 from daemon.inventory import Row
 from daemon.statements import Statements
 
@@ -35,22 +38,52 @@ def _ddl(engine: AsyncEngine, statements: Iterable[Statements]) -> list[str]:
     ]
 
 
-def _json_columns(st: Statements) -> frozenset[int]:
-    return frozenset(i for i, col in enumerate(st.stage.columns) if isinstance(col.type, JSON))
+@cache
+def _json_columns(st: Statements) -> tuple[int, ...]:
+    return tuple(i for i, col in enumerate(st.stage.columns) if isinstance(col.type, JSON))
+
+
+@cache
+def _key_positions(st: Statements) -> tuple[int, ...]:
+    """Positions, in a record, of the attributes that identify a row (parent + key)."""
+    c = st.collection
+    key = ((c.parent.attribute,) if c.parent else ()) + c.key
+    return tuple(c.staged_attributes.index(a) for a in key)
 
 
 def to_records(st: Statements, rows: Sequence[Row]) -> list[tuple[Any, ...]]:
-    """Rows as tuples in stage column order, JSON in its canonical text form."""
+    """Rows as tuples in stage column order, JSON in its canonical text form.
+
+    One record per key (the last row wins): an upsert may touch a row only once.
+    """
     attrs = st.collection.staged_attributes
     json_cols = _json_columns(st)
-    records = []
+    get = itemgetter(*attrs)
+    records: list[tuple[Any, ...]] = []
     for row in rows:
-        values = [row.get(a) for a in attrs]
-        for i in json_cols:
-            if values[i] is not None:
-                values[i] = canonical_json(values[i])
-        records.append(tuple(values))
-    return records
+        try:
+            values = get(row)
+        except KeyError:  # a missing attribute is saved as NULL
+            values = tuple(row.get(a) for a in attrs)
+        if len(attrs) == 1:
+            values = (values,)
+        if json_cols:
+            listed = list(values)
+            for i in json_cols:
+                if listed[i] is not None:
+                    listed[i] = canonical_json(listed[i])
+            values = tuple(listed)
+        records.append(values)
+    return _dedupe(st, records)
+
+
+def _dedupe(st: Statements, records: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    if len(records) < 2:
+        return records
+    key_of = itemgetter(*_key_positions(st))
+    if len(set(map(key_of, records))) == len(records):
+        return records
+    return list({key_of(r): r for r in records}.values())
 
 
 class Stager:
@@ -81,8 +114,9 @@ class Stager:
                 await self._conn.exec_driver_sql(f"DELETE FROM {st.stage.name}")
                 await self._conn.exec_driver_sql(f"DELETE FROM {st.seen.name}")
 
-    async def load(self, st: Statements, rows: Sequence[Row]) -> None:
-        """Replace the content of ``st``'s stage table with ``rows``."""
+    async def load(self, st: Statements, rows: Sequence[Row]) -> int:
+        """Replace the content of ``st``'s stage table with ``rows``; returns how many
+        rows were staged (one per key)."""
         name = st.stage.name
         records = to_records(st, rows)
         columns = list(st.collection.staged_attributes)
@@ -101,3 +135,4 @@ class Stager:
                 f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({placeholders})", records
             )
         self._dirty.add(name)
+        return len(records)

@@ -191,28 +191,36 @@ def _pg_upsert(collection: Collection, stage: str, seen: str | None) -> TextClau
 
 
 def _skeletal(collection: Collection, stage: str) -> tuple[tuple[str, TextClause], ...]:
+    """Bare rows for the distinct referenced refs not stored yet.
+
+    Each distinct ref is one probe of the ``(manager_id, ems_ref)`` index: a scalar
+    subquery with ``LIMIT 1`` is never turned into a join, which PostgreSQL, short of
+    statistics on the stage, planned as every staged row against every row of the
+    referenced collection.
+    """
     out = []
     for r in collection.references:
         sql = (
             f"INSERT INTO {r.collection} (manager_id, ems_ref, created_at, updated_at) "
-            f"SELECT DISTINCT :m, s.{r.attribute}, :now, :now FROM {stage} s "
-            f"WHERE s.{r.attribute} IS NOT NULL AND NOT EXISTS ("
-            f"SELECT 1 FROM {r.collection} x WHERE x.manager_id = :m "
-            f"AND x.ems_ref = s.{r.attribute}) "
+            f"SELECT :m, d.ref, :now, :now FROM (SELECT DISTINCT s.{r.attribute} AS ref "
+            f"FROM {stage} s WHERE s.{r.attribute} IS NOT NULL) d "
+            f"WHERE (SELECT x.id FROM {r.collection} x WHERE x.manager_id = :m "
+            f"AND x.ems_ref = d.ref LIMIT 1) IS NULL "
             f"ON CONFLICT (manager_id, ems_ref) DO NOTHING RETURNING id"
         )
         out.append((r.collection, _binds(text(sql))))
     return tuple(out)
 
 
-def _key_match(collection: Collection, exprs: dict[str, str]) -> str:
-    """Row ``t`` of the table has the conflict key of staged row ``s`` (joined)."""
+def _key_match(collection: Collection, exprs: dict[str, str], alias: str = "t") -> str:
+    """Row ``alias`` of the table has the conflict key of staged row ``s`` (joined)."""
+    t = alias
     conds = []
     if collection.parent is None:
-        conds.append("t.manager_id = :m")
+        conds.append(f"{t}.manager_id = :m")
     else:
-        conds.append(f"t.{collection.parent.column} = p.id")
-    conds += [f"t.{collection.column_of(a)} = {exprs.get(a, f's.{a}')}" for a in collection.key]
+        conds.append(f"{t}.{collection.parent.column} = p.id")
+    conds += [f"{t}.{collection.column_of(a)} = {exprs.get(a, f's.{a}')}" for a in collection.key]
     return " AND ".join(conds)
 
 

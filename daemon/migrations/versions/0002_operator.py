@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0002_operator"
-down_revision = "0001"
+down_revision = "0002_fullrefresh"
 branch_labels = None
 depends_on = None
 
