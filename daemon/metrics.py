@@ -261,8 +261,16 @@ class _PipelineCollector(Collector):
             "Messages behind the stream's end",
             labels=["catcher", "partition"],
         )
+        resets = CounterMetricFamily(
+            "refreshd_kafka_offset_resets",
+            "Partition positions that no longer fitted the log (out of range, beyond the"
+            " highwater) and were reset; each asks for a full refresh",
+            labels=["catcher", "partition"],
+        )
         for name, read in self._catchers:
             s = read()
+            for partition, n in dict(s.get("offset_resets", {})).items():
+                resets.add_metric([name, str(partition)], float(n))
             received.add_metric([name], float(s.get("received", 0)))
             decoded.add_metric([name], float(s.get("decoded", 0)))
             skipped.add_metric([name], float(s.get("skipped", 0)))
@@ -270,4 +278,4 @@ class _PipelineCollector(Collector):
                 dead.add_metric([name, str(reason)], float(n))
             for partition, n in dict(s.get("lag", {})).items():
                 lag.add_metric([name, str(partition)], float(n))
-        yield from (received, decoded, skipped, dead, lag)
+        yield from (received, decoded, skipped, dead, lag, resets)
