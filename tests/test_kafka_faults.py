@@ -4,6 +4,8 @@ no silent skip.
 * a broker restarted without its topics (memory engine): the catcher goes on, reads
   the new log from its start and asks for a full refresh of the manager it feeds;
 * a topic deleted and recreated under the catcher: the same;
+* a broker restarted with its topics (S3 engine on moto): the catcher goes on where
+  it was, with no reset and nothing skipped;
 * a broker that stops answering (SIGSTOP): commits give up after ``commit_timeout``,
   the catcher reports itself unhealthy after ``stall_timeout``, and ``close`` returns
   within its bound instead of hanging.
@@ -12,6 +14,7 @@ no silent skip.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +22,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from catchers.kafka import KafkaCatcher
 from catchers.kafka_settings import KafkaSettings
-from tests.fixtures.kafka_broker import PrivateBroker
-from tests.test_kafka_catcher import FakeSink, plain, produce, route, settings, wait_until
+from tests.fixtures.kafka_broker import PrivateBroker, private_broker
+from tests.fixtures.moto_server import AwsClients, MotoServer
+from tests.test_kafka_catcher import FakeSink, ids, plain, produce, route, settings, wait_until
 
 kafka = pytest.mark.kafka
 
@@ -159,3 +163,52 @@ async def test_a_broker_that_stops_answering_makes_the_catcher_unhealthy_not_stu
         assert loop.time() - started < 8
     finally:
         broker.resume()
+
+
+@kafka
+async def test_a_broker_restarted_with_its_topics_goes_on_where_it_was(
+    tmp_path: Path, moto: MotoServer
+) -> None:
+    bucket = "tansu"
+    async with AwsClients(moto)("s3") as s3:
+        await s3.create_bucket(Bucket=bucket)
+    env = {
+        **moto.env,
+        "AWS_ENDPOINT": moto.endpoint_url,
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_REGION": moto.region,
+    }
+    broker = private_broker(tmp_path, storage=f"s3://{bucket}/", env=env)
+    try:
+        topic = "kept-events"
+        await create_topic(broker.bootstrap, topic)
+        await produce(broker.bootstrap, topic, [plain(f"vm-{i}") for i in range(5)])
+        sink = FakeSink()
+        config = settings(broker.bootstrap, topic, "group-kept", stall_timeout=5.0)
+        async with catcher_for(config, sink) as catcher:
+            await wait_until(lambda: len(sink.submissions) == 5, "5 submissions")
+            sink.commit(*ids(topic, 0, [0, 1, 2]))
+            await wait_until(
+                lambda: catcher.stats()["committed"] == {f"{topic}/0": 3}, "offset 3 committed"
+            )
+            broker.restart()  # S3 engine: the topic and the committed offsets are kept
+            sink.commit_all()
+            await produce(broker.bootstrap, topic, [plain(f"new-{i}") for i in range(3)])
+            await wait_until(
+                lambda: {"new-0", "new-1", "new-2"} <= set(vms(sink)),
+                "the records produced after the restart",
+                timeout=60,
+            )
+            sink.commit_all()
+            await wait_until(
+                lambda: catcher.stats()["committed"].get(f"{topic}/0") == 8,
+                "offset 8 committed",
+                timeout=60,
+            )
+            assert catcher.stats()["offset_resets"] == {}
+            assert full_refreshes(sink) == 0
+            assert catcher.healthy()
+        # nothing was skipped: every record was handed on at least once
+        assert {f"vm-{i}" for i in range(5)} <= set(vms(sink))
+    finally:
+        broker.stop()
