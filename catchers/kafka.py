@@ -25,8 +25,9 @@ the dead-letter producer.  Settings and counters: :mod:`catchers.kafka_settings`
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -41,6 +42,7 @@ from catchers.kafka_dead_letters import (
 )
 from catchers.kafka_polling import PollLoop
 from catchers.kafka_records import RecordIntake
+from catchers.kafka_resets import Feeds, OffsetResets, managers_fed
 from catchers.kafka_settings import (
     KafkaCatcherStats,
     KafkaSettings,
@@ -73,8 +75,11 @@ class KafkaCatcher:
         *,
         sink: TargetSink,
         route: Route,
+        feeds: Feeds,
         clock: Callable[[], float],
     ) -> None:
+        """``feeds(topic)`` names the managers a topic's events go to: they get a full
+        refresh when the topic's log no longer fits the catcher's position."""
         self.name = settings.name
         self.counters = KafkaCatcherStats()
         """Live counters (read them, do not write them)."""
@@ -91,9 +96,23 @@ class KafkaCatcher:
             counters=self.counters,
             clock=clock,
         )
-        self._polling = PollLoop(
-            settings, sink=sink, intake=intake, commits=self._commits, counters=self.counters
+        self._resets = OffsetResets(
+            settings,
+            sink=sink,
+            commits=self._commits,
+            counters=self.counters,
+            feeds=feeds,
+            clock=clock,
         )
+        self._polling = PollLoop(
+            settings,
+            sink=sink,
+            intake=intake,
+            commits=self._commits,
+            resets=self._resets,
+            counters=self.counters,
+        )
+        self._clock = clock
         self._consumer: Any = None
         self._closed = False
 
@@ -110,7 +129,7 @@ class KafkaCatcher:
             group_id=s.group_id,
             group_instance_id=s.group_instance_id,
             enable_auto_commit=False,
-            auto_offset_reset=s.auto_offset_reset,
+            auto_offset_reset="none",  # catchers.kafka_resets applies s.auto_offset_reset
             max_poll_records=s.max_poll_records,
             session_timeout_ms=milliseconds(s.session_timeout),
             heartbeat_interval_ms=milliseconds(s.heartbeat_interval),
@@ -128,6 +147,7 @@ class KafkaCatcher:
             await self._close_clients()
             raise
         log.info("kafka catcher %s: started, group %s, topics %s", s.name, s.group_id, s.topics)
+        self._resets.start(consumer)
         self._polling.start(consumer)
         self._commits.start(consumer)
 
@@ -140,14 +160,20 @@ class KafkaCatcher:
         await self._polling.stop_intake()
 
     async def close(self) -> None:
-        """Wait ``drain_timeout`` for in-flight acks, commit, leave the group (idempotent)."""
+        """Wait ``drain_timeout`` for in-flight acks, commit, leave the group (idempotent).
+
+        Every step has a time limit (a broker that does not answer cannot hold the
+        daemon's shutdown): at most about ``drain_timeout + 3 * commit_timeout +
+        poll_timeout`` in all.
+        """
         if self._consumer is None or self._closed:
             return
         self._closed = True
-        name = self._settings.name
+        s = self._settings
+        name = s.name
         try:
-            await self.stop()
-            if not await self._commits.wait_drained(None, self._settings.drain_timeout):
+            await _bounded(self.stop(), s.poll_timeout + s.commit_timeout, "stopping intake", name)
+            if not await self._commits.wait_drained(None, s.drain_timeout):
                 log.warning(
                     "kafka catcher %s: closing with %d records unacknowledged; they will be read"
                     " again",
@@ -157,11 +183,13 @@ class KafkaCatcher:
             await self._commits.stop()
             await self._commits.commit()
         finally:
-            await self._polling.close()
+            await _bounded(
+                self._polling.close(), s.poll_timeout + 1.0, "ending the fetch loop", name
+            )
             await self._commits.stop()
             self._dead_letters.cancel()
             self._commits.forget_all()
-            await self._close_clients()
+            await _bounded(self._close_clients(), s.commit_timeout, "disconnecting", name)
             log.info("kafka catcher %s: closed", name)
 
     async def __aenter__(self) -> Self:
@@ -179,13 +207,23 @@ class KafkaCatcher:
     # -- observation ---------------------------------------------------------
 
     def healthy(self) -> bool:
-        """False before start and once the fetch or commit loop died (partitions would stall)."""
+        """False before start, once the fetch or commit loop died, or while either is stalled
+        (no poll, or only failed commits, for ``stall_timeout``): partitions would stall."""
+        return self.unhealthy_reason() is None
+
+    def unhealthy_reason(self) -> str | None:
+        """Why :meth:`healthy` is False (None when it is True)."""
         polling = self._polling
         if not polling.started:
-            return False
+            return "not started"
         if self._closed:
-            return not polling.failed()
-        return polling.running() and self._commits.running()
+            return "fetch loop failed" if polling.failed() else None
+        if not polling.running():
+            return "fetch loop ended"
+        if not self._commits.running():
+            return "commit loop ended"
+        now = self._clock()
+        return polling.stalled(now) or self._commits.stalled(now)
 
     def stats(self) -> dict[str, Any]:
         """Counters for metrics (``lag`` and ``committed`` keyed by ``"topic/partition"``)."""
@@ -202,6 +240,8 @@ class KafkaCatcher:
             "paused": c.paused,
             "commits": c.commits,
             "commit_errors": c.commit_errors,
+            "offset_resets": {label(tp): n for tp, n in c.offset_resets.items()},
+            "full_refresh_requests": c.full_refresh_requests,
             "committed": {label(tp): n for tp, n in c.committed.items()},
             "lag": {label(tp): n for tp, n in c.lag.items()},
             "in_flight": self._commits.in_flight(),
@@ -246,6 +286,15 @@ class KafkaCatcher:
             await self._dead_letters.stop()
 
 
+async def _bounded(step: Awaitable[None], seconds: float, what: str, name: str) -> None:
+    """Await ``step`` for at most ``seconds``; past that it is cancelled and logged."""
+    try:
+        async with asyncio.timeout(seconds):
+            await step
+    except TimeoutError:
+        log.warning("kafka catcher %s: %s took over %.1fs; given up", name, what, seconds)
+
+
 def kafka_catcher(options: Mapping[str, Any], context: CatcherContext) -> KafkaCatcher:
     """The ``refreshd.catchers`` entry point ``kafka``: a catcher from a ``[[catchers]]`` block.
 
@@ -256,7 +305,13 @@ def kafka_catcher(options: Mapping[str, Any], context: CatcherContext) -> KafkaC
     settings = KafkaSettings.model_validate(
         {k: v for k, v in options.items() if k not in ROUTING_OPTIONS}
     )
-    return KafkaCatcher(settings, sink=context.sink, route=route, clock=context.clock)
+    return KafkaCatcher(
+        settings,
+        sink=context.sink,
+        route=route,
+        feeds=managers_fed(options, context.managers),
+        clock=context.clock,
+    )
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

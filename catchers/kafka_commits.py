@@ -11,10 +11,20 @@ Guarantees:
   once) and untracked when the sink refused it (it will be read again).
 * only positions that advanced are committed, every ``commit_interval`` and on
   demand; a failed commit is counted and logged, and the next one retries it.
+* no unbounded wait: every commit (periodic, on revoke, on close) is given at
+  most ``commit_timeout`` (aiokafka retries a retriable commit error forever, e.g.
+  ``UnknownTopicOrPartition`` after a broker restart without its topics); one
+  that runs out counts as failed.  Commits that keep failing with positions
+  waiting for ``stall_timeout``, or a commit loop that stops turning, make the
+  catcher unhealthy (:meth:`OffsetCommitter.stalled`).
 * on revoke, in-flight acks of the revoked partitions are awaited for at most
   ``commit_timeout``, what is committable is committed, and the partitions are
   forgotten: acks that arrive later are ignored (the new owner reads those
   records again).
+* a fetch position beyond the partition's highwater (the log was recreated or
+  truncated under us) is reported to ``on_out_of_range`` every commit interval
+  (:mod:`catchers.kafka_resets` reads the partition again and asks for a full
+  refresh); the partition's bookkeeping is then started afresh (:meth:`forget`).
 
 Nothing here fetches or decodes; :class:`~catchers.kafka.KafkaCatcher` owns
 the consumer and hands it over at start.
@@ -24,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -72,6 +82,11 @@ class OffsetCommitter:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._acked = asyncio.Event()
+        self._loop_turned_at: float | None = None
+        self._failing_since: float | None = None
+        self.on_out_of_range: Callable[[set[TopicPartition]], Awaitable[None]] | None = None
+        """Called every commit interval with the partitions whose position is beyond the
+        highwater (often none)."""
         self.on_ack_done: Callable[[Ack], None] = self._ack_done
         """The ``on_done`` of every :class:`RecordAck` (one bound method)."""
 
@@ -88,14 +103,32 @@ class OffsetCommitter:
     async def stop(self) -> None:
         """End the periodic commits (an explicit :meth:`commit` still works)."""
         task = self._task
-        while task is not None and not task.done():
+        for _attempt in range(5):
+            if task is None or task.done():
+                return
             # Again if need be: a cancellation that lands as an awaited call completes can
             # be lost inside a library's wait_for (Python < 3.12) and the loop would go on.
             task.cancel()
             await asyncio.wait([task], timeout=1.0)
+        log.warning("kafka catcher %s: the commit loop did not end", self._settings.name)
 
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def stalled(self, now: float) -> str | None:
+        """Why the commits make no progress (None: they do), seen at loop time ``now``.
+
+        The loop has not turned for ``stall_timeout`` (plus one interval), or every
+        commit has failed for ``stall_timeout`` while positions waited to be committed.
+        """
+        s = self._settings
+        turned = self._loop_turned_at
+        if turned is not None and now - turned > s.stall_timeout + s.commit_interval:
+            return f"commit loop stuck for {now - turned:.0f}s"
+        failing = self._failing_since
+        if failing is not None and now - failing > s.stall_timeout:
+            return f"offset commits failing for {now - failing:.0f}s"
+        return None
 
     # -- tracking ---------------------------------------------------------------
 
@@ -136,18 +169,33 @@ class OffsetCommitter:
             chosen = self._assigned if partitions is None else partitions
             offsets = self._tracker.to_commit(chosen)
             if not offsets:
+                if partitions is None:
+                    self._failing_since = None  # nothing waits to be committed
                 return
+            loop = asyncio.get_running_loop()
             try:
-                await self._consumer.commit(offsets)
-            except KafkaError as exc:
+                async with asyncio.timeout(self._settings.commit_timeout):
+                    await self._consumer.commit(offsets)
+            except (KafkaError, TimeoutError) as exc:
                 self._counters.commit_errors += 1
+                if self._failing_since is None:
+                    self._failing_since = loop.time()
                 log.warning(
                     "kafka catcher %s: commit of %s failed: %s",
                     self._settings.name,
                     _describe(offsets),
-                    exc,
+                    f"no answer within {self._settings.commit_timeout:g}s"
+                    if isinstance(exc, TimeoutError)
+                    else exc,
                 )
                 return
+            if self._failing_since is not None:
+                log.info(
+                    "kafka catcher %s: committing again after %.1fs of failures",
+                    self._settings.name,
+                    loop.time() - self._failing_since,
+                )
+                self._failing_since = None
             self._tracker.mark_committed(offsets)
             self._counters.commits += 1
             self._counters.committed.update(offsets)
@@ -168,11 +216,17 @@ class OffsetCommitter:
 
     async def lag(self) -> dict[TopicPartition, int]:
         """Per assigned partition: the broker's highwater minus our fetch position."""
+        return {tp: max(lag, 0) for tp, lag in (await self._lags()).items()}
+
+    async def _lags(self) -> dict[TopicPartition, int]:
+        """highwater - position per assigned partition; negative: beyond the log's end."""
         consumer = self._consumer
         result: dict[TopicPartition, int] = {}
         if consumer is None:
             return result
         for tp in consumer.assignment():
+            # The consumer's highwater, from the last fetch answer (Tansu's end_offsets()
+            # answers the number of batches instead).
             highwater = consumer.highwater(tp)
             if highwater is None:
                 continue
@@ -181,14 +235,20 @@ class OffsetCommitter:
                     position = await consumer.position(tp)
             except (TimeoutError, KafkaError):
                 continue
-            result[tp] = max(highwater - position, 0)
+            result[tp] = highwater - position
         return result
 
     async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            self._loop_turned_at = loop.time()
             await asyncio.sleep(self._settings.commit_interval)
             await self.commit()
-            self._counters.lag = await self.lag()
+            lags = await self._lags()
+            self._counters.lag = {tp: max(lag, 0) for tp, lag in lags.items()}
+            beyond = {tp for tp, lag in lags.items() if lag < 0 and tp in self._assigned}
+            if self.on_out_of_range is not None:
+                await self.on_out_of_range(beyond)
 
     # -- rebalances ------------------------------------------------------------------
 
@@ -214,6 +274,11 @@ class OffsetCommitter:
             )
             self._counters.lag.pop(tp, None)
         self._tracker.revoke(revoked)
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Start ``partitions``' bookkeeping afresh (still assigned): their log was replaced,
+        acks of records read before are ignored and any position may be committed."""
+        self._tracker.revoke(partitions)
 
     def forget_all(self) -> None:
         """Closing: acks that arrive from now on are ignored."""

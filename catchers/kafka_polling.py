@@ -13,8 +13,11 @@ Guarantees:
 * stopping is two-phase: :meth:`PollLoop.stop_intake` returns once nothing
   more is handed to the sink, but the loop goes on polling, paused, so that
   the member stays in its group until :meth:`PollLoop.close`.
-* retriable fetch errors are retried after ``fetch_backoff``; any other error
-  ends the loop (and the catcher reports itself unhealthy).
+* retriable fetch errors are retried after ``fetch_backoff``; errors about
+  positions (no committed offset, out of range) go to
+  :class:`~catchers.kafka_resets.OffsetResets`; any other error ends the loop
+  (and the catcher reports itself unhealthy).  Every poll is stamped, so a loop
+  that stops polling for ``stall_timeout`` is reported unhealthy too.
 
 Scheduling: ``getmany`` does not suspend while aiokafka holds buffered
 records, so a backlog is taken in in slices of what one fetch buffered (at
@@ -36,6 +39,7 @@ from aiokafka.errors import KafkaError
 
 from catchers.kafka_commits import OffsetCommitter
 from catchers.kafka_records import RecordIntake
+from catchers.kafka_resets import OffsetResets
 from catchers.kafka_settings import KafkaCatcherStats, KafkaSettings, milliseconds
 from daemon.acks import TargetSink
 
@@ -52,9 +56,12 @@ class PollLoop:
         sink: TargetSink,
         intake: RecordIntake,
         commits: OffsetCommitter,
+        resets: OffsetResets,
         counters: KafkaCatcherStats,
     ) -> None:
         self._settings = settings
+        self._resets = resets
+        self._polled_at: float | None = None
         self._sink = sink
         self._intake = intake
         self._commits = commits
@@ -105,6 +112,13 @@ class PollLoop:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def stalled(self, now: float) -> str | None:
+        """Why the loop makes no progress (None: it polls), seen at loop time ``now``."""
+        polled = self._polled_at
+        if polled is not None and now - polled > self._settings.stall_timeout:
+            return f"no poll for {now - polled:.0f}s"
+        return None
+
     def failed(self) -> bool:
         """The loop ended with an error."""
         task = self._task
@@ -133,7 +147,7 @@ class PollLoop:
                     if not self._sink.has_room():
                         await self._hold()
                         continue
-                    batch = await self._consumer.getmany(
+                    batch = await self._poll(
                         timeout_ms=milliseconds(s.poll_timeout), max_records=s.max_poll_records
                     )
                 except KafkaError as exc:
@@ -156,6 +170,20 @@ class PollLoop:
         except Exception:
             log.exception("kafka catcher %s: fetch loop failed", s.name)
             raise
+
+    async def _poll(self, **options: Any) -> dict[TopicPartition, list[Any]]:
+        """One ``getmany``, stamped; errors about positions are answered by the resets."""
+        loop = asyncio.get_running_loop()
+        if self._polled_at is None:
+            self._polled_at = loop.time()
+        try:
+            batch: dict[TopicPartition, list[Any]] = await self._consumer.getmany(**options)
+        except KafkaError as exc:
+            if not await self._resets.handle(exc):
+                raise
+            batch = {}
+        self._polled_at = loop.time()
+        return batch
 
     def _process(self, batch: dict[TopicPartition, list[Any]]) -> None:
         """Hand a fetched batch to the sink; on QueueFull give back what was not taken."""
@@ -221,7 +249,7 @@ class PollLoop:
                         log.info("kafka catcher %s: intake stopped", s.name)
                 elif polled and room.done():
                     break
-                self._rewind(await self._consumer.getmany(timeout_ms=milliseconds(s.poll_timeout)))
+                self._rewind(await self._poll(timeout_ms=milliseconds(s.poll_timeout)))
                 polled = True
             if room.done() and not self._closing.is_set():
                 room.result()

@@ -47,8 +47,12 @@ class KafkaSettings(BaseModel):
     poll_timeout: Duration = Field(0.2, gt=0)
     """How long one ``getmany`` waits for records (also the pace of polls while paused)."""
     commit_interval: Duration = Field(1.0, gt=0)
-    commit_timeout: Duration = 10.0
-    """On revoke: how long to wait for in-flight acks before committing (< rebalance timeout)."""
+    commit_timeout: Duration = Field(10.0, gt=0)
+    """The time limit of one offset commit, and on revoke of the wait for in-flight acks
+    before it (< rebalance timeout).  A commit past it counts as failed and is retried."""
+    stall_timeout: Duration = Field(60.0, gt=0)
+    """A catcher whose fetch loop has not completed a poll, or whose commits have all failed,
+    for this long is unhealthy (``/healthz`` 503, no systemd watchdog ping)."""
     drain_timeout: Duration = 5.0
     """On close: how long to wait for in-flight acks before the final commit."""
     session_timeout: Duration = Field(10.0, gt=0)
@@ -92,6 +96,11 @@ class KafkaSettings(BaseModel):
             raise ValueError(
                 f"commit_timeout ({self.commit_timeout}s) must be shorter than the rebalance"
                 f" timeout ({rebalance}s): revoked partitions are committed within it"
+            )
+        if self.stall_timeout <= max(self.poll_timeout, self.commit_timeout):
+            raise ValueError(
+                f"stall_timeout ({self.stall_timeout}s) must be longer than poll_timeout and"
+                f" commit_timeout ({self.commit_timeout}s)"
             )
         if self.sasl_mechanism is not None and not self.security_protocol.startswith("SASL"):
             raise ValueError("sasl_mechanism needs security_protocol SASL_PLAINTEXT or SASL_SSL")
@@ -158,3 +167,8 @@ class KafkaCatcherStats:
     """Last committed position per partition."""
     lag: dict[TopicPartition, int] = field(default_factory=dict)
     """highwater - fetch position per assigned partition, refreshed every commit interval."""
+    offset_resets: dict[TopicPartition, int] = field(default_factory=dict)
+    """Positions that no longer fitted the partition's log (out of range, beyond the
+    highwater: a topic recreated or truncated), each answered with a full refresh."""
+    full_refresh_requests: int = 0
+    """Full refreshes asked for after offset resets (one per manager and reset)."""

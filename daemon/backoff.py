@@ -6,7 +6,8 @@ newer ones) are refreshed again.
 A :class:`Backoff` is an exponential sequence with a cap and a symmetric
 jitter.  The error itself may know better: an exception carrying a
 ``retry_after`` attribute (seconds, e.g. from an HTTP ``Retry-After``
-header) sets the minimum delay, and one whose ``retryable`` attribute is
+header) sets the minimum delay, never beyond ``maximum`` (a server asking
+for hours cannot stall a manager longer than the cap), and one whose ``retryable`` attribute is
 False (refused credentials) waits the full cap -- its targets are still
 kept, because an event is never forgotten before it is saved.
 """
@@ -60,7 +61,7 @@ class Backoff:
             delay = max(delay, self.maximum)
         hint = retry_after(exc)
         if hint is not None:
-            delay = max(delay, hint)
+            delay = max(delay, min(hint, self.maximum))
         return delay
 
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from daemon.config import DATABASE_URL_ENV, ConfigError, LoadedConfig, load_config
 from daemon.db import DatabaseURLError, create_engine, normalize_url
 from daemon.inventory import COLLECTIONS
-from daemon.lifecycle import Daemon
+from daemon.lifecycle import SHUTDOWN_MARGIN, Daemon
 from daemon.logging_setup import LEVELS, LogFormat, configure_logging
 from daemon.migrate import upgrade
 from daemon.persister import Persister
@@ -137,10 +137,22 @@ def result_json(result: RefreshResult) -> dict[str, object]:
 
 
 async def cmd_run(loaded: LoadedConfig) -> int:
-    """Run the daemon until SIGTERM/SIGINT; a second signal exits at once."""
+    """Run the daemon until SIGTERM/SIGINT; a second signal exits at once, and so does the
+    process when shutting down takes ``shutdown_timeout + SHUTDOWN_MARGIN + 5`` s."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     received: list[int] = []
+
+    # the daemon bounds each shutdown step; this is the last resort if one still hangs
+    overdue_after = loaded.config.shutdown_timeout + SHUTDOWN_MARGIN + 5.0
+
+    def overdue() -> None:
+        log.error(
+            "shutdown still not done %.0fs after the signal: exiting at once; uncommitted"
+            " events will be re-read",
+            overdue_after,
+        )
+        os._exit(1)
 
     def on_signal(signum: int) -> None:
         received.append(signum)
@@ -150,6 +162,7 @@ async def cmd_run(loaded: LoadedConfig) -> int:
                 signal.Signals(signum).name,
             )
             stop.set()
+            loop.call_later(overdue_after, overdue)
         else:
             log.warning("second signal: exiting at once; uncommitted events will be re-read")
             os._exit(128 + signum)

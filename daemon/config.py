@@ -14,6 +14,7 @@ provider-specific keys are validated by that provider's own settings model.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -119,8 +120,28 @@ class ManagerConfig(BaseModel):
 
 
 class HttpConfig(_Strict):
+    """The ``[http]`` table: where the endpoint listens and who may post to it.
+
+    Secure by default: a ``listen`` address that is not loopback needs a ``token``
+    (``POST /refresh`` and the webhooks would accept anyone), unless
+    ``allow_unauthenticated = true`` says that is meant.
+    """
+
     listen: str = "127.0.0.1:8080"
     token: Secret | None = None
+    allow_unauthenticated: bool = False
+
+    @model_validator(mode="after")
+    def _secure_by_default(self) -> HttpConfig:
+        host, _ = self.host_port
+        if self.token is None and not self.allow_unauthenticated and not _loopback(host):
+            raise ValueError(
+                f"listen = {self.listen!r} is reachable from other hosts and no token is set:"
+                " anyone could POST /refresh and send webhook events. Set [http] token"
+                ' (e.g. token = { env = "REFRESHD_HTTP_TOKEN" }), listen on 127.0.0.1, or'
+                " set [http] allow_unauthenticated = true if that is really meant"
+            )
+        return self
 
     @field_validator("listen")
     @classmethod
@@ -136,6 +157,16 @@ class HttpConfig(_Strict):
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         return (host or "127.0.0.1", int(port))
+
+
+def _loopback(host: str) -> bool:
+    """``host`` is a loopback address or ``localhost`` (another name may resolve elsewhere)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class CatcherConfig(BaseModel):

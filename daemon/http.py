@@ -2,13 +2,18 @@
 
 Flow: operator / Prometheus -> **http** -> (status of the pipeline | batcher.request_full / submit).
 
-* ``GET /healthz``: 200 while the process runs its loop.
+* ``GET /healthz``: 200 while the pipeline can make progress; 503 with the reasons
+  when a catcher died or is wedged or the pipeline is stuck (``daemon.health``;
+  the systemd watchdog uses the same check).
 * ``GET /readyz``: 200 once the database answered, the schema is current and the
-  catchers started, and until shutdown begins; 503 with the reason otherwise.
+  catchers started, until shutdown begins, and while the database answers its
+  probes; 503 with the reasons otherwise.
 * ``GET /metrics``: Prometheus text format.
 * ``GET /managers``: per manager: last refresh, last full refresh, last error,
   pending targets, refreshing now and, while it does, its ``progress`` (kind,
-  trigger, pages, rows, rows/s).
+  trigger, pages, rows, rows/s).  While the database does not answer (within
+  ``PROBE_TIMEOUT``) it answers from memory (``"source": "memory"``): the last
+  rows read, updated with what this process saw since.
 * ``GET /``: the status page (daemon/status_page.py).
 * ``POST /refresh``: ``{"manager": "...", "targets": ["vms:vm-1", ...]}`` (no
   targets: full); bearer-token authenticated like the webhook; 202 with the
@@ -19,11 +24,13 @@ Binds to 127.0.0.1 by default ([http] listen).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -34,11 +41,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from daemon import schema
 from daemon.acks import Ack, QueueFullError
 from daemon.batcher import Batcher
+from daemon.health import PROBE_TIMEOUT, ManagerMemory, ManagerSeen
 from daemon.metrics import CatcherProbe, Metrics
 from daemon.progress import ProgressBoard
 from daemon.targets import Ref, Target, Trigger
 
 log = logging.getLogger(__name__)
+
+HANDLER_GRACE = 2.0
+"""Seconds requests still being answered get when the endpoint closes."""
 
 
 @dataclass(slots=True)
@@ -88,6 +99,10 @@ class HttpDeps:
     managers: frozenset[str]
     token: str | None
     clock: Callable[[], float]
+    health: Callable[[], list[str]]
+    """Liveness problems (empty: healthy), ``daemon.health.Liveness.problems``."""
+    memory: ManagerMemory
+    """What this process saw of each manager's refreshes (for ``/managers`` without database)."""
     progress: ProgressBoard = field(default_factory=ProgressBoard)
     catchers: Sequence[CatcherProbe] = ()
     """Filled once the catchers are built (after the app: webhooks add routes to it)."""
@@ -99,6 +114,9 @@ def make_app(deps: HttpDeps) -> web.Application:
 
     @routes.get("/healthz")
     async def healthz(_request: web.Request) -> web.Response:
+        problems = deps.health()
+        if problems:
+            return web.json_response({"status": "unhealthy", "reasons": problems}, status=503)
         return web.json_response({"status": "ok"})
 
     @routes.get("/readyz")
@@ -114,30 +132,38 @@ def make_app(deps: HttpDeps) -> web.Application:
         body = generate_latest(deps.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    last_rows: dict[str, Any] = {}
+
     @routes.get("/managers")
     async def managers(_request: web.Request) -> web.Response:
         m = schema.managers
-        async with deps.engine.connect() as conn:
-            rows = (await conn.execute(select(m))).mappings().all()
-        by_name = {r["name"]: r for r in rows}
+        source = "database"
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT), deps.engine.connect() as conn:
+                rows = (await conn.execute(select(m))).mappings().all()
+            last_rows.clear()
+            last_rows.update({r["name"]: dict(r) for r in rows})
+        except Exception as exc:  # noqa: BLE001 - any driver error or timeout: answer from memory
+            log.warning("GET /managers: database unavailable (%s); answering from memory", exc)
+            source = "memory"
         out = []
         for name in sorted(deps.managers):
-            row = by_name.get(name)
+            row = _merged(last_rows.get(name), deps.memory.get(name))
             status = deps.batcher.manager_status(name)
             out.append(
                 {
                     "name": name,
-                    "provider": row["provider"] if row else None,
-                    "last_refresh_at": _iso(row["last_refresh_at"]) if row else None,
-                    "last_full_refresh_at": _iso(row["last_full_refresh_at"]) if row else None,
-                    "last_refresh_error": row["last_refresh_error"] if row else None,
-                    "last_refresh_error_at": _iso(row["last_refresh_error_at"]) if row else None,
+                    "provider": row.get("provider"),
+                    "last_refresh_at": _iso(row.get("last_refresh_at")),
+                    "last_full_refresh_at": _iso(row.get("last_full_refresh_at")),
+                    "last_refresh_error": row.get("last_refresh_error"),
+                    "last_refresh_error_at": _iso(row.get("last_refresh_error_at")),
                     "pending_targets": deps.batcher.pending_count(name),
                     "refreshing": status.in_flight,
                     "progress": deps.progress.current(name),
                 }
             )
-        return web.json_response({"managers": out})
+        return web.json_response({"managers": out, "source": source})
 
     @routes.post("/refresh")
     async def refresh(request: web.Request) -> web.Response:
@@ -172,13 +198,41 @@ def make_app(deps: HttpDeps) -> web.Application:
     return app
 
 
+def _merged(row: dict[str, Any] | None, seen: ManagerSeen) -> dict[str, Any]:
+    """A ``managers`` row with what this process saw later laid over it."""
+    merged = dict(row or {})
+    for key in (
+        "last_refresh_at",
+        "last_full_refresh_at",
+        "last_refresh_error",
+        "last_refresh_error_at",
+    ):
+        value = getattr(seen, key)
+        if key == "last_refresh_error":
+            continue  # goes with its time, below
+        if value is not None and (merged.get(key) is None or _after(value, merged[key])):
+            merged[key] = value
+            if key == "last_refresh_error_at":
+                merged["last_refresh_error"] = seen.last_refresh_error
+    return merged
+
+
+def _after(a: datetime, b: datetime) -> bool:
+    if (a.tzinfo is None) != (b.tzinfo is None):
+        a, b = a.replace(tzinfo=None), b.replace(tzinfo=None)
+    return a > b
+
+
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
 async def start_site(app: web.Application, host: str, port: int) -> Callable[[], Awaitable[None]]:
     """Serve ``app``; returns the coroutine function that stops it."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # requests still open when it closes get HANDLER_GRACE, not aiohttp's default minute
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=HANDLER_GRACE
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -13,6 +13,12 @@ signal; then shuts down in the written order (docs/operations.md):
 6. refreshes still running are cancelled (their events stay unacknowledged
    and are re-read after restart: at-least-once), the HTTP endpoint closes,
    provider connections close, the database engine is disposed.
+
+Steps 2 and 5 are bounded by a deadline of ``shutdown_timeout + SHUTDOWN_MARGIN``
+from the stop signal, so a catcher whose stream does not answer cannot hold the
+exit (``refreshd run`` also exits at once a few seconds past that deadline).
+Health (``/healthz``, ``/readyz``, ``/managers`` and the watchdog) comes from
+:mod:`daemon.health`.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from daemon.catcher import (
 from daemon.clock import LOOP_CLOCK, Clock
 from daemon.config import BatchingConfig, Config, LoadedConfig
 from daemon.db import create_engine
+from daemon.health import DatabaseWatch, Liveness, ManagerMemory
 from daemon.http import HttpDeps, Readiness, make_app, start_site
 from daemon.metrics import CatcherProbe, MeteredSink, Metrics, ProviderStats
 from daemon.migrate import upgrade
@@ -58,6 +65,9 @@ from daemon.targets import Target, TargetCollection
 from daemon.version import refreshd_version
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_MARGIN = 15.0
+"""Seconds past ``shutdown_timeout`` that stopping catchers and closing them may take."""
 
 
 def batching_settings(base: BatchingSettings, *layers: BatchingConfig) -> BatchingSettings:
@@ -118,7 +128,15 @@ class Daemon:
         self.rows_written = 0
         self.refreshes_ok = 0
         self.refreshes_failed = 0
-        self._last_progress = 0.0
+        self.memory = ManagerMemory()
+        self.liveness = Liveness(
+            batcher=lambda: self.batcher,
+            catchers=self.catchers,
+            clock=clock,
+            shutdown_timeout=self.config.shutdown_timeout,
+        )
+        self._deadline: float | None = None
+        """Loop time by which stopping and closing the catchers must be over."""
 
     # -- hooks from the batcher ---------------------------------------------------
 
@@ -127,14 +145,16 @@ class Daemon:
 
     def _on_success(self, manager: str, collection: TargetCollection, result: object) -> None:
         self.refreshes_ok += 1
-        self._last_progress = self.clock.now()
+        self.liveness.progressed()
+        self.memory.succeeded(manager, full=collection.is_full, at=datetime.now(UTC))
         if isinstance(result, RefreshResult):
             self.rows_written += result.rows_written
             self.metrics.refresh_succeeded(result)
 
     def _on_failure(self, manager: str, collection: TargetCollection, exc: BaseException) -> None:
         self.refreshes_failed += 1
-        self._last_progress = self.clock.now()
+        self.liveness.progressed()
+        self.memory.failed(manager, message=f"{type(exc).__name__}: {exc}", at=datetime.now(UTC))
         kind = "full" if collection.is_full else "targeted"
         self.metrics.refresh_failed(manager, kind)
         log.warning("manager %s: %s refresh failed: %s: %s", manager, kind, type(exc).__name__, exc)
@@ -204,6 +224,8 @@ class Daemon:
                 managers=frozenset(refreshable),
                 token=token,
                 clock=self.clock.now,
+                health=self.health_problems,
+                memory=self.memory,
                 progress=self.progress,
                 catchers=self.catcher_probes,
             )
@@ -235,7 +257,7 @@ class Daemon:
             await stack.enter_async_context(_closing_batcher(batcher))
             for catcher in self.catchers:
                 await catcher.start()
-                stack.push_async_callback(_closer(catcher))
+                stack.push_async_callback(self._closer(catcher))
                 log.info("catcher %s started", catcher.name)
 
             scheduler = Scheduler(
@@ -244,7 +266,10 @@ class Daemon:
                 clock=self.clock,
             )
             scheduler.plan(await _last_full(engine), now_wall=datetime.now(UTC))
-            self._last_progress = self.clock.now()
+            self.liveness.progressed()
+            database = DatabaseWatch(
+                engine, reasons=self.readiness.reasons, on_back=persister.record_unrecorded
+            )
             loops = [
                 asyncio.create_task(scheduler.run(), name="refreshd-scheduler"),
                 asyncio.create_task(self._status_loop(), name="refreshd-status"),
@@ -257,6 +282,7 @@ class Daemon:
                 loops.append(asyncio.create_task(self._watchdog_loop(), name="refreshd-watchdog"))
             try:
                 self.readiness.reasons.clear()
+                loops.append(asyncio.create_task(database.run(), name="refreshd-database-watch"))
                 self.notifier.ready(self.status_line())
                 log.info(
                     "refreshd ready: %d manager(s), %d catcher(s)",
@@ -264,6 +290,7 @@ class Daemon:
                     len(self.catchers),
                 )
                 await stop.wait()
+                self._deadline = self.clock.now() + cfg.shutdown_timeout + SHUTDOWN_MARGIN
                 await self._shutdown(batcher)
             finally:
                 for task in loops:
@@ -278,7 +305,7 @@ class Daemon:
         self.notifier.stopping()
         log.info("shutting down: stopping catchers")
         for catcher in self.catchers:
-            await catcher.stop()
+            await self._by_deadline(catcher.stop(), f"catcher {catcher.name}: stopping")
         batcher.stop()
         log.info("flushing %d pending target(s)", batcher.pending_count())
         await batcher.flush()
@@ -323,25 +350,47 @@ class Daemon:
             log.info("status: %s", line)
             self.notifier.status(line)
 
+    def health_problems(self) -> list[str]:
+        """Why the pipeline cannot make progress (empty: healthy); ``/healthz`` and the
+        watchdog both use it."""
+        return self.liveness.problems()
+
     def healthy(self) -> bool:
         """The pipeline makes progress: batcher running, catchers alive, nothing stuck."""
-        b = self.batcher
-        if b is None or not b.running:
-            return False
-        if not all(c.healthy() for c in self.catchers):
-            return False
-        stalled_for = self.clock.now() - self._last_progress
-        limit = 3 * self.config.shutdown_timeout + 600
-        return b.pending_count() == 0 or not b.in_flight_managers() or stalled_for < limit
+        return not self.health_problems()
+
+    async def _by_deadline(self, step: Awaitable[None], what: str) -> None:
+        """Await ``step`` until the shutdown deadline at most (then it is cancelled)."""
+        if self._deadline is None:
+            await step
+            return
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                await step
+        except TimeoutError:
+            log.warning("%s: still not done at the shutdown deadline; given up", what)
+
+    def _closer(self, catcher: Catcher) -> Callable[[], Awaitable[None]]:
+        async def close() -> None:
+            try:
+                await self._by_deadline(catcher.close(), f"catcher {catcher.name}: closing")
+            except Exception:
+                log.exception("catcher %s: close failed", catcher.name)
+
+        return close
 
     async def _watchdog_loop(self) -> None:
         interval = self.notifier.watchdog_interval
         assert interval is not None
         while True:
-            if self.healthy():
+            problems = self.health_problems()
+            if not problems:
                 self.notifier.watchdog()
             else:
-                log.error("pipeline unhealthy: not pinging the systemd watchdog")
+                log.error(
+                    "pipeline unhealthy (%s): not pinging the systemd watchdog",
+                    "; ".join(problems),
+                )
             await self.clock.sleep_until(self.clock.now() + interval)
 
 
@@ -381,16 +430,6 @@ def _as_dict(stats: object) -> dict[str, Any]:
 
 def _full_only(settings: BatchingSettings) -> BatchingSettings:
     return replace(settings, full_refresh_threshold=1)
-
-
-def _closer(catcher: Catcher) -> Callable[[], Awaitable[None]]:
-    async def close() -> None:
-        try:
-            await catcher.close()
-        except Exception:
-            log.exception("catcher %s: close failed", catcher.name)
-
-    return close
 
 
 @contextlib.asynccontextmanager

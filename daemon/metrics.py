@@ -341,9 +341,17 @@ class _PipelineCollector(Collector):
             "Messages behind the stream's end",
             labels=["catcher", "topic", "partition"],
         )
+        resets = CounterMetricFamily(
+            "refreshd_kafka_offset_resets",
+            "Partition positions that no longer fitted the log (out of range, beyond the"
+            " highwater) and were reset; each asks for a full refresh",
+            labels=["catcher", "topic", "partition"],
+        )
         for probe in self._catchers:
             name, s = probe.name, probe.stats()
             up.add_metric([name], 1.0 if probe.healthy() else 0.0)
+            for stream, n in dict(s.get("offset_resets", {})).items():
+                resets.add_metric([name, *split_stream(stream)], float(n))
             received.add_metric([name], float(s.get("received", 0)))
             decoded.add_metric([name], float(s.get("decoded", 0)))
             skipped.add_metric([name], float(s.get("skipped", 0)))
@@ -351,7 +359,7 @@ class _PipelineCollector(Collector):
                 dead.add_metric([name, str(reason)], float(n))
             for stream, n in dict(s.get("lag", {})).items():
                 lag.add_metric([name, *split_stream(stream)], float(n))
-        yield from (up, received, decoded, skipped, dead, lag)
+        yield from (up, received, decoded, skipped, dead, lag, resets)
 
 
 class _ProviderCollector(Collector):

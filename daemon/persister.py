@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +49,25 @@ log = logging.getLogger(__name__)
 
 ADVISORY_NAMESPACE = 0x52464844  # "RFHD": first key of pg_advisory_xact_lock(int, int)
 ANALYZE_MIN_ROWS = 1000  # rows created in a table by one refresh before it is re-ANALYZEd
+
+
+UNRECORDED_MAX = 10_000
+"""Failed refreshes kept in memory while the database cannot record them."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A failed refresh, as ``refresh_runs`` records it."""
+
+    manager: str
+    manager_id: int
+    kind: RefreshKind
+    targets: int
+    started_at: datetime
+    duration: float
+    message: str
+    at: datetime
+    trigger: Trigger
 
 
 class MassDeletionRefusedError(Exception):
@@ -93,6 +114,7 @@ class Persister:
             max_targets=self._settings.small_batch_max_targets,
             sqlite_writer=self._sqlite_writer,
         )
+        self._unrecorded: deque[_Failure] = deque(maxlen=UNRECORDED_MAX)
 
     @property
     def collections(self) -> CollectionRegistry:
@@ -459,39 +481,93 @@ class Persister:
         error: BaseException,
         trigger: Trigger = Trigger.EVENT,
     ) -> None:
-        """Record a failed refresh in ``refresh_runs`` and on the manager (own transaction)."""
+        """Record a failed refresh in ``refresh_runs`` and on the manager (own transaction).
+
+        When the database cannot take it (it is away: that is often why the refresh
+        failed), the record is kept in memory (at most ``UNRECORDED_MAX``, the oldest
+        dropped first) and written by :meth:`record_unrecorded` once it answers again.
+        """
         manager_id = self._manager_ids.get(manager)
         if manager_id is None:
             return
-        message = f"{type(error).__name__}: {error}"[:4000]
-        now = self._now()
+        failure = _Failure(
+            manager=manager,
+            manager_id=manager_id,
+            kind=kind,
+            targets=targets,
+            started_at=started_at,
+            duration=duration,
+            message=f"{type(error).__name__}: {error}"[:4000],
+            at=self._now(),
+            trigger=trigger,
+        )
         try:
-            async with self._write() as conn:
-                await conn.execute(
-                    insert(schema.refresh_runs).values(
-                        manager_id=manager_id,
-                        kind=kind.value,
-                        trigger=trigger.value,
-                        targets=targets,
-                        created=0,
-                        updated=0,
-                        archived=0,
-                        deleted=0,
-                        started_at=started_at,
-                        duration=duration,
-                        error=message,
-                    )
-                )
-                m = schema.managers
-                await conn.execute(
-                    update(m)
-                    .where(m.c.id == manager_id)
-                    .values(last_refresh_error=message, last_refresh_error_at=now, updated_at=now)
-                )
+            await self._write_failure(failure)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.warning("manager %s: could not record the failed refresh", manager, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - any driver error: keep it for later
+            if len(self._unrecorded) == UNRECORDED_MAX:
+                log.warning("more than %d unrecorded failures: dropping the oldest", UNRECORDED_MAX)
+            self._unrecorded.append(failure)
+            log.warning(
+                "manager %s: could not record the failed refresh (%s: %s); kept to record"
+                " once the database answers",
+                manager,
+                type(exc).__name__,
+                exc,
+            )
+
+    async def record_unrecorded(self) -> int:
+        """Write the failures :meth:`record_failure` could not; how many were written."""
+        written = 0
+        while self._unrecorded:
+            failure = self._unrecorded[0]
+            try:
+                await self._write_failure(failure)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - still away: try again later
+                log.warning(
+                    "still cannot record %d failed refreshes: %s", len(self._unrecorded), exc
+                )
+                break
+            self._unrecorded.popleft()
+            written += 1
+        if written:
+            log.info("recorded %d failed refreshes from while the database was away", written)
+        return written
+
+    async def _write_failure(self, failure: _Failure) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                insert(schema.refresh_runs).values(
+                    manager_id=failure.manager_id,
+                    kind=failure.kind.value,
+                    trigger=failure.trigger.value,
+                    targets=failure.targets,
+                    created=0,
+                    updated=0,
+                    archived=0,
+                    deleted=0,
+                    started_at=failure.started_at,
+                    duration=failure.duration,
+                    error=failure.message,
+                )
+            )
+            m = schema.managers
+            await conn.execute(
+                update(m)
+                .where(m.c.id == failure.manager_id)
+                .where(
+                    (m.c.last_refresh_error_at.is_(None))
+                    | (m.c.last_refresh_error_at <= failure.at)
+                )
+                .values(
+                    last_refresh_error=failure.message,
+                    last_refresh_error_at=failure.at,
+                    updated_at=failure.at,
+                )
+            )
 
     async def _lock(self, conn: AsyncConnection, manager_id: int) -> None:
         if self._dialect is Dialect.POSTGRESQL:

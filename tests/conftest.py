@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.fixtures.databases",
     "tests.fixtures.kafka_broker",
     "tests.fixtures.moto_server",
+    "tests.fixtures.private_postgres",
 ]

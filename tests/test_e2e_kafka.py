@@ -170,6 +170,7 @@ async def e2e(
         routing: dict[str, Any] | None = None,
         catcher: dict[str, Any] | None = None,
         batching: dict[str, Any] | None = None,
+        top: dict[str, Any] | None = None,
     ) -> Env:
         cloud = Cloud.generate(vms=vms, seed=seed, name=MANAGER)
         server = SimulatorServer(cloud)
@@ -181,6 +182,7 @@ async def e2e(
             {
                 "database_url": pg_url,
                 "status_interval": "60s",
+                **(top or {}),
                 "http": {"listen": f"127.0.0.1:{port}"},
                 "batching": {"debounce": "50ms", "max_delay": "500ms", **(batching or {})},
                 "managers": [

@@ -149,7 +149,13 @@ def settings(bootstrap: str, topic: str, group: str, **overrides: Any) -> KafkaS
 
 
 def catcher_for(config: KafkaSettings, sink: FakeSink) -> KafkaCatcher:
-    return KafkaCatcher(config, sink=sink, route=route, clock=asyncio.get_running_loop().time)
+    return KafkaCatcher(
+        config,
+        sink=sink,
+        route=route,
+        feeds=lambda topic: ("m1",),
+        clock=asyncio.get_running_loop().time,
+    )
 
 
 async def wait_until(

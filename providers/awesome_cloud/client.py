@@ -7,9 +7,11 @@ connection.  Guarantees:
 
 - 429, 408, 5xx, timeouts and connection errors are retried up to
   ``settings.retries`` times.  The wait is the server's ``Retry-After`` (seconds
-  or HTTP date, on 429/503) when it sent one, else an exponential backoff
-  ``min(backoff_max, backoff_initial * 2**n)`` with equal jitter (half fixed,
-  half random).  When retries run out: ``ProviderError(retryable=True)``.
+  or HTTP date, on 429/503) when it sent one, at most ``retry_after_max`` (a
+  server asking for 600 s cannot stall a manager for 10 minutes), else an
+  exponential backoff ``min(backoff_max, backoff_initial * 2**n)`` with equal
+  jitter (half fixed, half random).  When retries run out:
+  ``ProviderError(retryable=True)``.
 - 401/403 raise ``ProviderAuthError``; any other 4xx, a body that is not the
   expected JSON, or a listing whose page token does not advance raise
   ``ProviderError(retryable=False)``.  Every message names the URL and status.
@@ -168,6 +170,15 @@ class AwesomeClient:
                 delay = failure.retry_after
                 if delay is None:
                     delay = self._backoff(attempt)
+                elif delay > self._settings.retry_after_max:
+                    log.info(
+                        "manager %s: GET %s: Retry-After %.0fs capped to retry_after_max %.0fs",
+                        self._manager,
+                        where,
+                        delay,
+                        self._settings.retry_after_max,
+                    )
+                    delay = self._settings.retry_after_max
                 log.debug(
                     "manager %s: GET %s failed (%s); retry %d/%d in %.2fs",
                     self._manager,

@@ -76,7 +76,15 @@ class AwesomeCloudSettings(BaseModel):
         gt=0,
         description=(
             "Upper bound in seconds of one computed backoff (a server's Retry-After is "
-            "honoured as given). Default 10."
+            "bounded by retry_after_max instead). Default 10."
+        ),
+    )
+    retry_after_max: float = Field(
+        60.0,
+        ge=0,
+        description=(
+            "Upper bound in seconds of one wait asked by a server's Retry-After; a longer one "
+            "(a 429 with Retry-After: 600) is waited for only this long. Default 60."
         ),
     )
     token: Secret | None = Field(
