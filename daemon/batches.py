@@ -8,8 +8,22 @@ the acks waiting on each of them.  Every (ack, target) pair handed to the
 batcher sits in exactly one list, so committing a batch resolves each pair
 exactly once, and a failed batch is merged back whole (targets *and* acks)
 into the manager's next one.  A :class:`ManagerState` adds the timing rules
-(debounce, max delay, max targets, retry time) that say when the pending
-batch is due.
+that say when the pending batch is due (the earliest of):
+
+* ``debounce`` of quiet after its newest target;
+* under a steady stream, once its oldest target has waited as long as the
+  refresh is estimated to take (:mod:`daemon.refresh_costs`), but at least
+  ``debounce`` -- waiting longer would add more latency than the coalescing
+  saves (this rule starts after the manager's first measured refresh);
+* ``max_delay`` after its oldest target;
+* at once at ``max_targets``, or when flushed;
+
+never before the manager's retry time, and how it is refreshed
+(:meth:`ManagerState.choose_kind`): full when it holds the manager target;
+past ``full_refresh_threshold`` full only when the last full refresh of the
+manager was cheaper than the estimated targeted refresh (or nothing is
+measured yet), and never right after a full refresh or a failed escalation,
+so a backlog cannot turn into a loop of full refreshes.
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ from dataclasses import dataclass, field
 
 from daemon.acks import Ack
 from daemon.backoff import Backoff
+from daemon.refresh_costs import ManagerCosts
 from daemon.refresh_result import RefreshKind
 from daemon.targets import Ref, Target, TargetCollection
 
@@ -37,7 +52,9 @@ class BatchingSettings:
     max_targets: int = 500
     """Distinct targets; a batch this big is dispatched at once."""
     full_refresh_threshold: int = 1000
-    """Distinct targets; a batch at or above it becomes a full refresh."""
+    """Distinct targets; a batch at or above it becomes a full refresh when the manager's
+    last full refresh took less time than refreshing the batch's targets is estimated to
+    (or before both were measured); a batch below it is never escalated by its size."""
     workers: int = 4
     """Refreshes running at once across all managers (global)."""
     retry_initial: float = 1.0
@@ -207,12 +224,9 @@ class PendingBatch:
         for target in other.targets:
             self._add(target, other._acks[target.key])
 
-    def is_full(self, threshold: int) -> bool:
-        return self.targets.is_full or len(self.targets) >= threshold
-
-    def collection(self, threshold: int) -> TargetCollection:
+    def collection(self, kind: RefreshKind) -> TargetCollection:
         """What to refresh: the targets, or only the manager target for a full refresh."""
-        if not self.is_full(threshold):
+        if kind is RefreshKind.TARGETED:
             return self.targets
         manager = self.targets.manager
         full = next((t for t in self.targets if t.is_full), None) or Target.full(manager)
@@ -243,9 +257,12 @@ class ManagerState:
     """One manager in the batcher: its pending batch, the running one, its failures."""
 
     __slots__ = (
+        "costs",
+        "escalation_blocked",
         "failures",
         "flush_requested",
         "in_flight",
+        "in_flight_kind",
         "last_error",
         "last_failure_at",
         "last_success_at",
@@ -261,6 +278,11 @@ class ManagerState:
         self.settings = settings
         self.pending = PendingBatch(manager)
         self.in_flight: PendingBatch | None = None
+        self.in_flight_kind: RefreshKind | None = None
+        self.costs = ManagerCosts()
+        self.escalation_blocked = False
+        """The next batch is not made a full refresh for its size (it follows a full
+        refresh, or a full refresh it was escalated to failed)."""
         self.task: asyncio.Task[None] | None = None
         self.failures = 0
         self.next_retry_at: float | None = None
@@ -274,7 +296,11 @@ class ManagerState:
         if self.in_flight is not None or not self.pending:
             return None
         batch, settings = self.pending, self.settings
-        when = min(batch.last_at + settings.debounce, batch.first_at + settings.max_delay)
+        age = settings.max_delay
+        estimate = self.costs.batch_seconds(len(batch))
+        if estimate is not None:
+            age = min(age, max(settings.debounce, estimate))
+        when = min(batch.last_at + settings.debounce, batch.first_at + age)
         if self.flush_requested:
             when = min(when, batch.first_at)
         elif len(batch) >= settings.max_targets:
@@ -283,15 +309,24 @@ class ManagerState:
             when = max(when, self.next_retry_at)
         return when
 
+    def choose_kind(self, batch: PendingBatch) -> RefreshKind:
+        """Targeted or full, for ``batch`` about to be dispatched (see the module doc)."""
+        if batch.targets.is_full:
+            return RefreshKind.FULL
+        if len(batch) < self.settings.full_refresh_threshold or self.escalation_blocked:
+            return RefreshKind.TARGETED
+        cheaper = self.costs.full_is_cheaper(len(batch))
+        return RefreshKind.TARGETED if cheaper is False else RefreshKind.FULL
+
     def growth(self, targets: Iterable[Target]) -> int:
         """How many distinct pending targets submitting ``targets`` would add."""
         pending = self.pending
         return len({t.key for t in targets if not pending.holds(t)})
 
-    def take_pending(self) -> PendingBatch:
+    def take_pending(self, kind: RefreshKind) -> PendingBatch:
         """Move the pending batch in flight; new targets start a fresh batch."""
         batch, self.pending = self.pending, PendingBatch(self.manager)
-        self.in_flight = batch
+        self.in_flight, self.in_flight_kind = batch, kind
         self.flush_requested = False
         return batch
 
@@ -302,15 +337,32 @@ class ManagerState:
         merged.absorb(self.pending)
         self.pending = merged
 
-    def succeeded(self, now: float) -> None:
+    def succeeded(self, kind: RefreshKind, *, targets: int, duration: float, now: float) -> None:
+        if kind is RefreshKind.FULL:
+            self.costs.observe_full(duration)
+        else:
+            self.costs.observe_targeted(targets, duration)
+        # targets that arrived during a full refresh stay targeted: no full-refresh loop
+        self.escalation_blocked = kind is RefreshKind.FULL
         self.failures = 0
         self.next_retry_at = None
         self.last_success_at = now
 
     def failed(
-        self, batch: PendingBatch, exc: Exception, *, now: float, retry_at: float, escalate: bool
+        self,
+        batch: PendingBatch,
+        exc: Exception,
+        *,
+        kind: RefreshKind,
+        now: float,
+        retry_at: float,
+        escalate: bool,
     ) -> None:
         self.failures += 1
+        if kind is RefreshKind.FULL and not batch.targets.is_full:
+            # a full refresh chosen for the batch's size failed (the mass-deletion guard
+            # refused it, say): retry the targets as a targeted refresh
+            self.escalation_blocked = True
         self.restore(batch)
         if escalate:
             self.pending.add(Target.full(self.manager), (), now=now)
@@ -320,10 +372,7 @@ class ManagerState:
 
     def status(self) -> ManagerStatus:
         in_flight = self.in_flight
-        kind = None
-        if in_flight is not None:
-            full = in_flight.is_full(self.settings.full_refresh_threshold)
-            kind = RefreshKind.FULL if full else RefreshKind.TARGETED
+        kind = self.in_flight_kind if in_flight is not None else None
         return ManagerStatus(
             manager=self.manager,
             pending=len(self.pending),
