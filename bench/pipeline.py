@@ -476,6 +476,7 @@ async def main() -> None:
         loop.add_signal_handler(sig, task.cancel)
     bench = Bench(args)
     broker, bench.bootstrap = start_broker(bench.work)
+    print(f"logs and configs in {bench.work}; load average {_load()}")
     try:
         if "a" in args.phase:
             await bench.phase_a()

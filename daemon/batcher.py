@@ -39,6 +39,7 @@ from daemon.batches import (
 )
 from daemon.clock import LOOP_CLOCK, Clock
 from daemon.coalescing import ManagerQueues
+from daemon.commit_order import CollectFn, RunningRefresh
 from daemon.outcomes import RefreshOutcomes
 from daemon.refresh_result import RefreshKind
 from daemon.targets import Target, TargetCollection
@@ -86,8 +87,10 @@ class Batcher:
         clock: Clock = LOOP_CLOCK,
         rng: random.Random | None = None,
         hooks: RefreshHooks = NO_HOOKS,
+        collect: CollectFn | None = None,
     ) -> None:
         self._refresh = refresh
+        self._collect = collect
         self._settings = settings
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
@@ -244,7 +247,7 @@ class Batcher:
             self._task.cancel()
             await asyncio.wait([self._task])
             self._task = None
-        tasks = [state.task for state in self._queues if state.task is not None]
+        tasks = [r.task for state in self._queues for r in state.running if r.task is not None]
         if cancel:
             for task in tasks:
                 task.cancel()
@@ -275,7 +278,7 @@ class Batcher:
         return self._task is not None and not self._task.done()
 
     def in_flight_managers(self) -> frozenset[str]:
-        return frozenset(state.manager for state in self._queues if state.in_flight is not None)
+        return frozenset(state.manager for state in self._queues if state.running)
 
     def manager_status(self, manager: str) -> ManagerStatus:
         """A snapshot of one manager (an idle status for a manager never seen)."""
@@ -324,7 +327,7 @@ class Batcher:
 
     def _start(self, state: ManagerState, now: float) -> None:
         kind = state.choose_kind(state.pending)
-        batch = state.take_pending(kind)
+        batch, running = state.take_pending(kind)
         run = RefreshAttempt(
             kind=kind,
             collection=batch.collection(kind),
@@ -341,27 +344,37 @@ class Batcher:
             run.targets,
             run.attempt,
         )
-        state.task = asyncio.create_task(
-            self._run_refresh(state, batch, run), name=f"refresh {state.manager}"
+        running.task = asyncio.create_task(
+            self._run_refresh(state, batch, run, running), name=f"refresh {state.manager}"
         )
         self._room.set()
         _guard(state.manager, lambda: self._hooks.on_start(state.manager, run.collection))
 
     async def _run_refresh(
-        self, state: ManagerState, batch: PendingBatch, run: RefreshAttempt
+        self, state: ManagerState, batch: PendingBatch, run: RefreshAttempt, running: RunningRefresh
     ) -> None:
+        waited = 0.0
         try:
-            result = await self._refresh(run.collection)
+            if self._collect is not None and run.kind is RefreshKind.TARGETED:
+                persist = await self._collect(run.collection)
+                running.collected = True
+                self._wake.set()  # the manager's next batch may collect now
+                before = self._clock.now()
+                await running.wait_turn()
+                waited = self._clock.now() - before
+                result = await persist()
+            else:
+                await running.wait_turn()
+                result = await self._refresh(run.collection)
         except asyncio.CancelledError:
             state.restore(batch)
             raise
         except Exception as exc:  # noqa: BLE001 -- any error fails the run; logged by outcomes
             self._outcomes.failed(state, batch, run, exc)
         else:
-            self._outcomes.succeeded(state, batch, run, result)
+            self._outcomes.succeeded(state, batch, run, result, waited=waited)
         finally:
-            state.in_flight = state.in_flight_kind = None
-            state.task = None
+            state.ended(running)
             self._running -= 1
             self._wake.set()
             self._settled.set()

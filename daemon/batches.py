@@ -28,12 +28,12 @@ so a backlog cannot turn into a loop of full refreshes.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from daemon.acks import Ack
 from daemon.backoff import Backoff
+from daemon.commit_order import RunningRefresh, may_start_another
 from daemon.refresh_costs import ManagerCosts
 from daemon.refresh_result import RefreshKind
 from daemon.targets import Ref, Target, TargetCollection
@@ -70,6 +70,9 @@ class BatchingSettings:
     max_pending_targets: int = 100_000
     """Distinct pending targets across all managers before submit raises QueueFullError
     (global)."""
+    targeted_refresh: bool = True
+    """False: every batch is a full refresh (a manager with ``allow_targeted_refresh =
+    false``); not a ``[batching]`` key."""
 
     def __post_init__(self) -> None:
         if self.debounce < 0 or self.max_delay < 0:
@@ -168,7 +171,9 @@ class ManagerStatus:
     in_flight: bool
     """A refresh of this manager is running now."""
     in_flight_kind: RefreshKind | None
+    """Kind of the oldest refresh in flight."""
     in_flight_targets: int
+    """Distinct targets of the refreshes in flight (two overlap at most)."""
     consecutive_failures: int
     next_retry_at: float | None
     pending_since: float | None
@@ -261,29 +266,27 @@ class ManagerState:
         "escalation_blocked",
         "failures",
         "flush_requested",
-        "in_flight",
-        "in_flight_kind",
         "last_error",
         "last_failure_at",
         "last_success_at",
         "manager",
         "next_retry_at",
         "pending",
+        "running",
         "settings",
-        "task",
     )
 
     def __init__(self, manager: str, settings: BatchingSettings) -> None:
         self.manager = manager
         self.settings = settings
         self.pending = PendingBatch(manager)
-        self.in_flight: PendingBatch | None = None
-        self.in_flight_kind: RefreshKind | None = None
+        self.running: list[RunningRefresh] = []
+        """Its refreshes in flight, oldest first (two when the next collects while the
+        previous persists, see :mod:`daemon.commit_order`)."""
         self.costs = ManagerCosts()
         self.escalation_blocked = False
         """The next batch is not made a full refresh for its size (it follows a full
         refresh, or a full refresh it was escalated to failed)."""
-        self.task: asyncio.Task[None] | None = None
         self.failures = 0
         self.next_retry_at: float | None = None
         self.flush_requested = False
@@ -292,8 +295,11 @@ class ManagerState:
         self.last_error: str | None = None
 
     def due_at(self) -> float | None:
-        """When the pending batch may be dispatched; None while empty or refreshing."""
-        if self.in_flight is not None or not self.pending:
+        """When the pending batch may be dispatched; None while empty, or while refreshes
+        of the manager run that it may not overlap."""
+        if not self.pending:
+            return None
+        if self.running and not may_start_another(self.running, self.choose_kind(self.pending)):
             return None
         batch, settings = self.pending, self.settings
         age = settings.max_delay
@@ -311,7 +317,7 @@ class ManagerState:
 
     def choose_kind(self, batch: PendingBatch) -> RefreshKind:
         """Targeted or full, for ``batch`` about to be dispatched (see the module doc)."""
-        if batch.targets.is_full:
+        if batch.targets.is_full or not self.settings.targeted_refresh:
             return RefreshKind.FULL
         if len(batch) < self.settings.full_refresh_threshold or self.escalation_blocked:
             return RefreshKind.TARGETED
@@ -323,12 +329,19 @@ class ManagerState:
         pending = self.pending
         return len({t.key for t in targets if not pending.holds(t)})
 
-    def take_pending(self, kind: RefreshKind) -> PendingBatch:
+    def take_pending(self, kind: RefreshKind) -> tuple[PendingBatch, RunningRefresh]:
         """Move the pending batch in flight; new targets start a fresh batch."""
         batch, self.pending = self.pending, PendingBatch(self.manager)
-        self.in_flight, self.in_flight_kind = batch, kind
+        previous = self.running[-1] if self.running else None
+        running = RunningRefresh(kind, batch_size=len(batch), previous=previous)
+        self.running.append(running)
         self.flush_requested = False
-        return batch
+        return batch, running
+
+    def ended(self, running: RunningRefresh) -> None:
+        """``running`` is over (committed, failed or cancelled)."""
+        running.end()
+        self.running.remove(running)
 
     def restore(self, batch: PendingBatch) -> None:
         """Put an unfinished batch back in front of the targets that arrived since."""
@@ -371,14 +384,13 @@ class ManagerState:
         self.last_error = f"{type(exc).__name__}: {exc}"
 
     def status(self) -> ManagerStatus:
-        in_flight = self.in_flight
-        kind = self.in_flight_kind if in_flight is not None else None
+        running = self.running
         return ManagerStatus(
             manager=self.manager,
             pending=len(self.pending),
-            in_flight=in_flight is not None,
-            in_flight_kind=kind,
-            in_flight_targets=len(in_flight) if in_flight is not None else 0,
+            in_flight=bool(running),
+            in_flight_kind=running[0].kind if running else None,
+            in_flight_targets=sum(r.batch_size for r in running),
             consecutive_failures=self.failures,
             next_retry_at=self.next_retry_at,
             pending_since=self.pending.first_at if self.pending else None,

@@ -169,8 +169,10 @@ class Daemon:
                 endpoints[m.name] = ManagerEndpoint(m.name, m.provider, mapper, connection)
 
             base = batching_settings(BatchingSettings(), cfg.batching)
+            refresher = Refresher(persister, refreshable)
             batcher = Batcher(
-                Refresher(persister, refreshable).refresh,
+                refresher.refresh,
+                collect=refresher.collect,  # a manager's next batch collects while one persists
                 settings=base,
                 overrides={
                     # a manager without targeted refresh: every batch is full at dispatch
@@ -329,7 +331,7 @@ def _as_dict(stats: object) -> dict[str, Any]:
 
 
 def _full_only(settings: BatchingSettings) -> BatchingSettings:
-    return replace(settings, full_refresh_threshold=1)
+    return replace(settings, targeted_refresh=False)
 
 
 def _closer(catcher: Catcher) -> Callable[[], Awaitable[None]]:

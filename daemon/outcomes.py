@@ -50,8 +50,15 @@ class RefreshOutcomes:
         self._guard = guard
 
     def succeeded(
-        self, state: ManagerState, batch: PendingBatch, run: RefreshAttempt, result: object
+        self,
+        state: ManagerState,
+        batch: PendingBatch,
+        run: RefreshAttempt,
+        result: object,
+        *,
+        waited: float = 0.0,
     ) -> None:
+        """``waited``: seconds the refresh waited for the previous one to commit."""
         now = self._clock.now()
         self.stats.refresh_successes[run.kind] += 1
         log = logger.info if state.failures else logger.debug
@@ -63,7 +70,8 @@ class RefreshOutcomes:
             now - run.started_at,
             state.failures,
         )
-        state.succeeded(run.kind, targets=run.targets, duration=now - run.started_at, now=now)
+        busy = now - run.started_at - waited
+        state.succeeded(run.kind, targets=run.targets, duration=busy, now=now)
         batch.commit()
         self._guard(
             state.manager, lambda: self._hooks.on_success(state.manager, run.collection, result)

@@ -10,6 +10,10 @@ Flow: batcher -> **refresher** -> provider connection (collector + parser) -> pe
 * A targeted refresh collects everything *before* opening its transaction
   (short transaction, short lock); a full refresh streams pages into one
   transaction, with the next page fetched while the current one is written.
+* :meth:`Refresher.collect` splits a targeted refresh in two: it collects and
+  returns how to persist what it collected, so that the batcher may collect a
+  manager's next batch while this one persists (daemon.commit_order keeps the
+  commits in collect order).  ``refresh`` is ``collect`` followed by its persist.
 * Any failure is recorded on the manager and in ``refresh_runs`` and
   re-raised, so the batcher keeps the targets and retries.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -57,13 +61,32 @@ class Refresher:
             log.debug("manager %s: targeted refresh disabled, refreshing fully", manager.name)
             targets = TargetCollection(manager.name, [Target.full(manager.name)])
         if targets.is_full:
-            async with aclosing(prefetched(manager.connection.collect_full())) as pages:
-                return await self._persister.save(manager.name, pages, targets=targets)
-        return await self._targeted(manager, targets)
+            return await self._full(manager, targets)
+        persist = await self._collect_targeted(manager, targets)
+        return await persist()
 
-    async def _targeted(
+    async def collect(self, targets: TargetCollection) -> Callable[[], Awaitable[RefreshResult]]:
+        """Collect a targeted refresh of ``targets``; returns how to persist it.
+
+        Nothing is written until the returned function is awaited (one
+        transaction).  A full refresh (requested, or the manager does not allow
+        targeted refreshes) collects while it persists: all of it is deferred.
+        """
+        manager = self._managers.get(targets.manager)
+        if manager is None:
+            raise LookupError(f"unknown manager {targets.manager!r}")
+        await self._persister.ensure_manager(manager.name, manager.provider)
+        if targets.is_full or not manager.allow_targeted_refresh:
+            return lambda: self.refresh(targets)
+        return await self._collect_targeted(manager, targets)
+
+    async def _full(self, manager: RefreshableManager, targets: TargetCollection) -> RefreshResult:
+        async with aclosing(prefetched(manager.connection.collect_full())) as pages:
+            return await self._persister.save(manager.name, pages, targets=targets)
+
+    async def _collect_targeted(
         self, manager: RefreshableManager, targets: TargetCollection
-    ) -> RefreshResult:
+    ) -> Callable[[], Awaitable[RefreshResult]]:
         started, t0 = utcnow(), time.perf_counter()
         try:
             resolved = await self._persister.resolve_targets(targets)
@@ -85,15 +108,20 @@ class Refresher:
         expanded = [t for page in pages for t in page.expanded]
         if expanded:
             resolved = TargetCollection(manager.name, [*resolved, *expanded])
-        result = await self._persister.save(manager.name, _iterate(pages), targets=resolved)
-        result.extra["collect_seconds"] = collect_time
         log.debug(
             "manager %s: targeted refresh collected %d page(s) in %.3fs",
             manager.name,
             len(pages),
             collect_time,
         )
-        return result
+        scope = resolved
+
+        async def persist() -> RefreshResult:
+            result = await self._persister.save(manager.name, _iterate(pages), targets=scope)
+            result.extra["collect_seconds"] = collect_time
+            return result
+
+        return persist
 
 
 async def _iterate(pages: list[InventoryPage]) -> AsyncIterator[InventoryPage]:
