@@ -28,15 +28,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 
 from daemon.acks import Ack, QueueFullError
-from daemon.batches import (
-    BatcherStats,
-    BatchingSettings,
-    ManagerState,
-    ManagerStatus,
-    PendingBatch,
-    RefreshAttempt,
-    RefreshHooks,
-)
+from daemon.batch_records import BatcherStats, ManagerStatus, RefreshAttempt, RefreshHooks
+from daemon.batches import BatchingSettings, ManagerState, PendingBatch
 from daemon.clock import LOOP_CLOCK, Clock
 from daemon.coalescing import ManagerQueues
 from daemon.commit_order import CollectFn, RunningRefresh
@@ -289,6 +282,17 @@ class Batcher:
         """Snapshots of every manager with overrides or with targets seen so far."""
         return [self.manager_status(name) for name in self._queues.names()]
 
+    def record_cost(
+        self, manager: str, kind: RefreshKind, *, targets: int, duration: float
+    ) -> None:
+        """Count a refresh measured elsewhere (an earlier run, from ``refresh_runs``) in the
+        costs that time batches and decide escalation."""
+        costs = self._queues.state(manager).costs
+        if kind is RefreshKind.FULL:
+            costs.observe_full(duration)
+        else:
+            costs.observe_targeted(targets, duration)
+
     def settings_for(self, manager: str) -> BatchingSettings:
         return self._queues.settings_for(manager)
 
@@ -355,8 +359,10 @@ class Batcher:
     ) -> None:
         waited = 0.0
         try:
+            persist = None
             if self._collect is not None and run.kind is RefreshKind.TARGETED:
                 persist = await self._collect(run.collection)
+            if persist is not None:
                 running.collected = True
                 self._wake.set()  # the manager's next batch may collect now
                 before = self._clock.now()

@@ -16,7 +16,8 @@ that say when the pending batch is due (the earliest of):
   ``debounce`` -- waiting longer would add more latency than the coalescing
   saves (this rule starts after the manager's first measured refresh);
 * ``max_delay`` after its oldest target;
-* at once at ``max_targets``, or when flushed;
+* at once at ``max_targets`` (a targeted refresh takes at most that many, the
+  oldest first; the rest stay pending and due), or when flushed;
 
 never before the manager's retry time, and how it is refreshed
 (:meth:`ManagerState.choose_kind`): full when it holds the manager target;
@@ -28,11 +29,12 @@ so a backlog cannot turn into a loop of full refreshes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from daemon.acks import Ack
 from daemon.backoff import Backoff
+from daemon.batch_records import ManagerStatus
 from daemon.commit_order import RunningRefresh, may_start_another
 from daemon.refresh_costs import ManagerCosts
 from daemon.refresh_result import RefreshKind
@@ -44,13 +46,16 @@ class BatchingSettings:
     """How targets are batched and retried (per manager; ``workers`` and
     ``max_pending_targets`` are global and read from the default settings)."""
 
-    debounce: float = 0.5
-    """Seconds of quiet (no new target for the manager) before its batch is dispatched."""
-    max_delay: float = 5.0
+    debounce: float = 0.05
+    """Seconds of quiet (no new target for the manager) before its batch is dispatched;
+    under a steady stream a batch goes once its oldest target waited this long, or as
+    long as its refresh is estimated to take when that is longer (up to ``max_delay``)."""
+    max_delay: float = 1.0
     """Seconds; no target waits longer than this from its first arrival, even under a
     steady stream."""
     max_targets: int = 500
-    """Distinct targets; a batch this big is dispatched at once."""
+    """Distinct targets; a batch this big is dispatched at once, and a targeted refresh
+    takes at most this many (the oldest; the rest go next)."""
     full_refresh_threshold: int = 1000
     """Distinct targets; a batch at or above it becomes a full refresh when the manager's
     last full refresh took less time than refreshing the batch's targets is estimated to
@@ -96,90 +101,6 @@ class BatchingSettings:
             multiplier=self.retry_multiplier,
             jitter=self.retry_jitter,
         )
-
-
-def _ignore_start(manager: str, collection: TargetCollection) -> None:
-    pass
-
-
-def _ignore_success(manager: str, collection: TargetCollection, result: object) -> None:
-    pass
-
-
-def _ignore_failure(manager: str, collection: TargetCollection, exc: Exception) -> None:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class RefreshHooks:
-    """Callbacks for metrics and ``refresh_runs``; called synchronously, must not block.
-
-    Each receives the manager and the collection handed to the refresh (for a
-    full refresh: the manager target only).  When ``on_failure`` runs, the
-    manager's status already shows the retry (``next_retry_at``,
-    ``consecutive_failures``).  Exceptions raised by a hook are logged and
-    otherwise ignored.
-    """
-
-    on_start: Callable[[str, TargetCollection], None] = _ignore_start
-    on_success: Callable[[str, TargetCollection, object], None] = _ignore_success
-    on_failure: Callable[[str, TargetCollection, Exception], None] = _ignore_failure
-
-
-@dataclass(frozen=True, slots=True)
-class RefreshAttempt:
-    """One dispatched refresh of a manager."""
-
-    kind: RefreshKind
-    collection: TargetCollection
-    """What the refresh is given (for a full refresh: the manager target only)."""
-    targets: int
-    """Distinct targets the batch covers (those absorbed by a full refresh included)."""
-    attempt: int
-    """1, or n after n-1 consecutive failures of the manager."""
-    started_at: float
-
-
-def _per_kind() -> dict[RefreshKind, int]:
-    return dict.fromkeys(RefreshKind, 0)
-
-
-@dataclass(slots=True)
-class BatcherStats:
-    """Monotonic counters since start (export them as Prometheus counters)."""
-
-    targets_enqueued: int = 0
-    """Targets accepted by submit / request_full."""
-    targets_coalesced: int = 0
-    """Accepted targets that were already pending for their manager."""
-    targets_rejected: int = 0
-    """Targets refused with QueueFullError."""
-    escalations: int = 0
-    """Retries turned into a full refresh after ``escalate_after`` failures."""
-    batches_dispatched: dict[RefreshKind, int] = field(default_factory=_per_kind)
-    refresh_successes: dict[RefreshKind, int] = field(default_factory=_per_kind)
-    refresh_failures: dict[RefreshKind, int] = field(default_factory=_per_kind)
-
-
-@dataclass(frozen=True, slots=True)
-class ManagerStatus:
-    """A snapshot of one manager in the batcher (times are clock times)."""
-
-    manager: str
-    pending: int
-    """Distinct targets waiting for the next batch."""
-    in_flight: bool
-    """A refresh of this manager is running now."""
-    in_flight_kind: RefreshKind | None
-    """Kind of the oldest refresh in flight."""
-    in_flight_targets: int
-    """Distinct targets of the refreshes in flight (two overlap at most)."""
-    consecutive_failures: int
-    next_retry_at: float | None
-    pending_since: float | None
-    last_success_at: float | None
-    last_failure_at: float | None
-    last_error: str | None
 
 
 class PendingBatch:
@@ -228,6 +149,16 @@ class PendingBatch:
             self._stamp(other.first_at, other.last_at)
         for target in other.targets:
             self._add(target, other._acks[target.key])
+
+    def split(self, limit: int) -> tuple[PendingBatch, PendingBatch]:
+        """The ``limit`` oldest targets with their acks, and the rest (both keep this
+        batch's arrival times, so the rest stays as due as this batch was)."""
+        head, rest = PendingBatch(self.targets.manager), PendingBatch(self.targets.manager)
+        for i, target in enumerate(self.targets):
+            (head if i < limit else rest)._add(target, self._acks[target.key])
+        for part in (head, rest):
+            part.first_at, part.last_at = self.first_at, self.last_at
+        return head, rest
 
     def collection(self, kind: RefreshKind) -> TargetCollection:
         """What to refresh: the targets, or only the manager target for a full refresh."""
@@ -330,12 +261,17 @@ class ManagerState:
         return len({t.key for t in targets if not pending.holds(t)})
 
     def take_pending(self, kind: RefreshKind) -> tuple[PendingBatch, RunningRefresh]:
-        """Move the pending batch in flight; new targets start a fresh batch."""
-        batch, self.pending = self.pending, PendingBatch(self.manager)
+        """Move the pending batch in flight (a targeted one: its ``max_targets`` oldest
+        targets, the rest stay pending and due); new targets start a fresh batch."""
+        limit = self.settings.max_targets
+        if kind is RefreshKind.TARGETED and len(self.pending) > limit:
+            batch, self.pending = self.pending.split(limit)
+        else:
+            batch, self.pending = self.pending, PendingBatch(self.manager)
         previous = self.running[-1] if self.running else None
         running = RunningRefresh(kind, batch_size=len(batch), previous=previous)
         self.running.append(running)
-        self.flush_requested = False
+        self.flush_requested = self.flush_requested and bool(self.pending)
         return batch, running
 
     def ended(self, running: RunningRefresh) -> None:

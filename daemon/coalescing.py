@@ -23,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 from daemon.acks import Ack
-from daemon.batches import BatcherStats, BatchingSettings, ManagerState
+from daemon.batch_records import BatcherStats
+from daemon.batches import BatchingSettings, ManagerState
 from daemon.targets import Target
 
 

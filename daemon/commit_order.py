@@ -32,8 +32,10 @@ from daemon.targets import TargetCollection
 PersistFn = Callable[[], Awaitable[object]]
 """Persists what a collect gathered (one transaction); returns a result for the hooks."""
 
-CollectFn = Callable[[TargetCollection], Awaitable[PersistFn]]
-"""Collects a targeted batch (no transaction) and returns how to persist it."""
+CollectFn = Callable[[TargetCollection], Awaitable[PersistFn | None]]
+"""Collects a targeted batch (no transaction) and returns how to persist it; None when
+the batch cannot be collected ahead of the previous commit (it reads what that commit
+writes): the batcher then runs the whole refresh in its turn, without overlap."""
 
 MAX_OVERLAP = 2
 """Refreshes of one manager at once: one persisting, one collecting."""

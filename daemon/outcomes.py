@@ -20,7 +20,8 @@ import logging
 import random
 from collections.abc import Callable
 
-from daemon.batches import BatcherStats, ManagerState, PendingBatch, RefreshAttempt, RefreshHooks
+from daemon.batch_records import BatcherStats, RefreshAttempt, RefreshHooks
+from daemon.batches import ManagerState, PendingBatch
 from daemon.clock import Clock
 from daemon.refresh_result import RefreshKind
 

@@ -65,19 +65,27 @@ class Refresher:
         persist = await self._collect_targeted(manager, targets)
         return await persist()
 
-    async def collect(self, targets: TargetCollection) -> Callable[[], Awaitable[RefreshResult]]:
+    async def collect(
+        self, targets: TargetCollection
+    ) -> Callable[[], Awaitable[RefreshResult]] | None:
         """Collect a targeted refresh of ``targets``; returns how to persist it.
 
         Nothing is written until the returned function is awaited (one
-        transaction).  A full refresh (requested, or the manager does not allow
-        targeted refreshes) collects while it persists: all of it is deferred.
+        transaction).  Returns None, having done nothing, when the refresh cannot
+        be collected ahead of the manager's previous commit: a full refresh
+        (requested, or the manager does not allow targeted refreshes) collects
+        while it persists, and targets on child collections are resolved to their
+        parents from the database, which the previous commit may change.
         """
         manager = self._managers.get(targets.manager)
         if manager is None:
             raise LookupError(f"unknown manager {targets.manager!r}")
-        await self._persister.ensure_manager(manager.name, manager.provider)
         if targets.is_full or not manager.allow_targeted_refresh:
-            return lambda: self.refresh(targets)
+            return None
+        registry = self._persister.collections
+        if any(a in registry and registry[a].is_child for a in targets.associations()):
+            return None
+        await self._persister.ensure_manager(manager.name, manager.provider)
         return await self._collect_targeted(manager, targets)
 
     async def _full(self, manager: RefreshableManager, targets: TargetCollection) -> RefreshResult:

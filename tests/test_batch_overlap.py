@@ -54,7 +54,9 @@ class Cloud:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
 
-    async def collect(self, collection: TargetCollection) -> Callable[[], Awaitable[object]]:
+    async def collect(self, collection: TargetCollection) -> Callable[[], Awaitable[object]] | None:
+        if any(t.manager_ref["ems_ref"].startswith("disk") for t in collection):
+            return None  # resolved from the database: not collected ahead
         run = Run(False, {t.manager_ref["ems_ref"] for t in collection}, self.clock.now())
         self.runs.append(run)
         self._enter()
@@ -82,8 +84,8 @@ class Cloud:
         return persist
 
     async def refresh(self, collection: TargetCollection) -> object:
-        assert collection.is_full, "targeted batches go through collect"
-        run = Run(True, set(), self.clock.now())
+        refs = {t.manager_ref["ems_ref"] for t in collection if not t.is_full}
+        run = Run(collection.is_full, refs, self.clock.now())
         self.runs.append(run)
         self._enter()
         try:
@@ -249,10 +251,26 @@ async def test_a_failed_persist_is_retried_after_the_later_batch_commits(batcher
     check_acks(cloud, tracker)
 
 
+async def test_a_batch_that_cannot_be_collected_ahead_runs_alone_in_its_turn(batcher, clock, cloud):
+    tracker = Tracker(batcher, clock)
+    tracker.send("a")
+    await clock.advance(0.15)  # "a" persisting
+    tracker.send("disk-1")
+    await clock.advance(0.2)
+    tracker.send("b")
+    await clock.advance(3.0)
+
+    assert tracker.all_acked()
+    a, disk, b = cloud.runs
+    assert disk.refs == {"disk-1"} and disk.collect_started >= a.committed
+    assert b.collect_started >= disk.committed
+    check_acks(cloud, tracker)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     gaps=st.lists(st.sampled_from([0.0, 0.005, 0.03, 0.2]), min_size=1, max_size=80),
-    refs=st.lists(st.sampled_from("abcdefgh"), min_size=80, max_size=80),
+    refs=st.lists(st.sampled_from([*"abcdefg", "disk-1"]), min_size=80, max_size=80),
     collect_s=st.sampled_from([0.01, 0.1]),
     persist_s=st.sampled_from([0.02, 0.3]),
     fails=st.integers(0, 3),

@@ -307,3 +307,23 @@ def test_every_target_is_refreshed_after_it_arrived_and_fulls_never_repeat_on_th
             )
 
     asyncio.run(play())
+
+
+async def test_a_backlog_is_refreshed_in_chunks_of_max_targets_oldest_first(clock, refresh):
+    refresh.fixed, refresh.per_target = 0.01, 0.0001
+    async with Batcher(
+        refresh,
+        settings=BatchingSettings(
+            debounce=0.05, max_delay=1.0, max_targets=100, full_refresh_threshold=10_000
+        ),
+        clock=clock,
+    ) as b:
+        done: dict[str, float] = {}
+        for i in range(250):
+            submit(b, clock, f"v{i:03d}", done)
+        await clock.advance(5.0)
+
+    assert len(done) == 250
+    assert [r.targets for r in refresh.runs] == [100, 100, 50]
+    order = sorted(done, key=lambda ref: done[ref])
+    assert order[:100] == [f"v{i:03d}" for i in range(100)]
