@@ -123,7 +123,10 @@ async def make_batcher(clock: FakeClock, refresh: FakeRefresh) -> AsyncIterator[
     ) -> Batcher:
         batcher = Batcher(
             refresh,
-            settings=BatchingSettings(**{"retry_jitter": 0.0, **fields}),
+            # the timings below were written for debounce 0.5 s and max_delay 5 s
+            settings=BatchingSettings(
+                **{"retry_jitter": 0.0, "debounce": 0.5, "max_delay": 5.0, **fields}
+            ),
             overrides=overrides or {},
             clock=clock,
             rng=random.Random(0),
@@ -251,7 +254,7 @@ async def test_target_arriving_mid_refresh_waits_for_the_next_batch(make_batcher
 
 
 async def test_per_manager_overrides(make_batcher, clock, refresh):
-    batcher = make_batcher(overrides={"slow": BatchingSettings(debounce=2.0)})
+    batcher = make_batcher(overrides={"slow": BatchingSettings(debounce=2.0, max_delay=5.0)})
     submit(batcher, clock, vm("a"), vm("b", manager="slow"))
     await clock.advance(3)
     assert [(c.manager, c.started_at) for c in refresh.calls] == [("m1", 0.5), ("slow", 2.0)]
