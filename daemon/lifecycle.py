@@ -195,7 +195,7 @@ class Daemon:
                 ),
             )
             self.batcher = batcher
-            await _seed_costs(engine, batcher)
+            await seed_costs(engine, batcher)
             sink = MeteredSink(batcher, self.metrics, self.clock.now)
             self.sink = sink
             token = cfg.http.token.reveal() if cfg.http.token is not None else None
@@ -369,7 +369,7 @@ async def _closing_batcher(batcher: Batcher) -> Any:
         await batcher.close(cancel=True)
 
 
-async def _seed_costs(engine: AsyncEngine, batcher: Batcher, runs_per_manager: int = 20) -> None:
+async def seed_costs(engine: AsyncEngine, batcher: Batcher, runs_per_manager: int = 20) -> None:
     """Start from the durations of each manager's recent successful refreshes in
     ``refresh_runs`` (oldest first), so that a daemon started on a backlog times its
     batches and decides escalation from measurements, not from the threshold alone."""

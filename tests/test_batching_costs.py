@@ -13,14 +13,19 @@ import itertools
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import insert, select
 
+from daemon import schema
 from daemon.acks import Ack
 from daemon.batcher import Batcher, BatchingSettings
 from daemon.clock import FakeClock
+from daemon.lifecycle import seed_costs
 from daemon.refresh_costs import ManagerCosts
 from daemon.targets import Target, TargetCollection
 
@@ -327,3 +332,56 @@ async def test_a_backlog_is_refreshed_in_chunks_of_max_targets_oldest_first(cloc
     assert [r.targets for r in refresh.runs] == [100, 100, 50]
     order = sorted(done, key=lambda ref: done[ref])
     assert order[:100] == [f"v{i:03d}" for i in range(100)]
+
+
+# -- costs measured by an earlier run of the daemon ------------------------------
+
+
+async def record_run(engine: Any, *, kind: str, targets: int, duration: float) -> None:
+    manager_id = await _scalar(
+        engine, select(schema.managers.c.id).where(schema.managers.c.name == "m1")
+    )
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(schema.refresh_runs).values(
+                manager_id=manager_id,
+                kind=kind,
+                targets=targets,
+                created=0,
+                updated=0,
+                archived=0,
+                deleted=0,
+                started_at=datetime.now(UTC),
+                duration=duration,
+                error=None,
+            )
+        )
+
+
+async def _scalar(engine: Any, statement: Any) -> Any:
+    async with engine.connect() as conn:
+        return (await conn.execute(statement)).scalar_one()
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+async def test_a_restarted_daemon_escalates_from_the_costs_in_refresh_runs(
+    persister, engine, clock, refresh, seeded
+):
+    # an earlier run measured: a full refresh takes 30 s, targeted ones 10 ms + 1 ms/target
+    await record_run(engine, kind="full", targets=1, duration=30.0)
+    for n in (1, 5, 20, 50, 100):
+        await record_run(engine, kind="targeted", targets=n, duration=0.01 + 0.001 * n)
+    async with Batcher(
+        refresh,
+        settings=BatchingSettings(debounce=0.05, max_targets=5000, full_refresh_threshold=50),
+        clock=clock,
+    ) as b:
+        if seeded:
+            await seed_costs(engine, b)
+        done: dict[str, float] = {}
+        for i in range(500):  # past the threshold; 0.5 s targeted against 30 s full
+            submit(b, clock, f"x{i}", done)
+        await clock.advance(40.0)
+
+    assert len(done) == 500
+    assert refresh.kinds() == (["targeted"] if seeded else ["full"])
