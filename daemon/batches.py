@@ -150,15 +150,16 @@ class PendingBatch:
         for target in other.targets:
             self._add(target, other._acks[target.key])
 
-    def split(self, limit: int) -> tuple[PendingBatch, PendingBatch]:
-        """The ``limit`` oldest targets with their acks, and the rest (both keep this
-        batch's arrival times, so the rest stays as due as this batch was)."""
-        head, rest = PendingBatch(self.targets.manager), PendingBatch(self.targets.manager)
-        for i, target in enumerate(self.targets):
-            (head if i < limit else rest)._add(target, self._acks[target.key])
-        for part in (head, rest):
-            part.first_at, part.last_at = self.first_at, self.last_at
-        return head, rest
+    def take_oldest(self, limit: int) -> PendingBatch:
+        """Move the ``limit`` oldest targets with their acks into a new batch (in
+        ``limit`` steps, whatever the size of this one).  Both keep this batch's
+        arrival times, so what stays is as due as this batch was."""
+        head = PendingBatch(self.targets.manager)
+        acks = self._acks
+        for target in self.targets.take_first(limit):
+            head._add(target, acks.pop(target.key))
+        head.first_at, head.last_at = self.first_at, self.last_at
+        return head
 
     def collection(self, kind: RefreshKind) -> TargetCollection:
         """What to refresh: the targets, or only the manager target for a full refresh."""
@@ -265,7 +266,7 @@ class ManagerState:
         targets, the rest stay pending and due); new targets start a fresh batch."""
         limit = self.settings.max_targets
         if kind is RefreshKind.TARGETED and len(self.pending) > limit:
-            batch, self.pending = self.pending.split(limit)
+            batch = self.pending.take_oldest(limit)
         else:
             batch, self.pending = self.pending, PendingBatch(self.manager)
         previous = self.running[-1] if self.running else None
