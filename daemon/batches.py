@@ -23,12 +23,14 @@ never before the manager's retry time, and how it is refreshed
 (:meth:`ManagerState.choose_kind`): full when it holds the manager target;
 past ``full_refresh_threshold`` full only when the last full refresh of the
 manager was cheaper than the estimated targeted refresh (or nothing is
-measured yet), and never right after a full refresh or a failed escalation,
-so a backlog cannot turn into a loop of full refreshes.
+measured yet), and never right after a full refresh, nor after a failed
+escalation until a full refresh succeeds (:class:`Escalation`), so a backlog
+cannot turn into a loop of full refreshes.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -190,12 +192,24 @@ class PendingBatch:
             self.first_at, self.last_at = first, last
 
 
+class Escalation(enum.Enum):
+    """Whether a manager's next batch may be made a full refresh for its size."""
+
+    ALLOWED = "allowed"
+    AFTER_FULL = "after full"
+    """No: a full refresh just covered everything pending before it started; what
+    arrived during it is refreshed targeted (then ALLOWED again)."""
+    REFUSED = "refused"
+    """No: a full refresh chosen for size failed (the mass-deletion guard refused it,
+    say); until a full refresh succeeds (the scheduled one) batches stay targeted."""
+
+
 class ManagerState:
     """One manager in the batcher: its pending batch, the running one, its failures."""
 
     __slots__ = (
         "costs",
-        "escalation_blocked",
+        "escalation",
         "failures",
         "flush_requested",
         "last_error",
@@ -216,9 +230,7 @@ class ManagerState:
         """Its refreshes in flight, oldest first (two when the next collects while the
         previous persists, see :mod:`daemon.commit_order`)."""
         self.costs = ManagerCosts()
-        self.escalation_blocked = False
-        """The next batch is not made a full refresh for its size (it follows a full
-        refresh, or a full refresh it was escalated to failed)."""
+        self.escalation = Escalation.ALLOWED
         self.failures = 0
         self.next_retry_at: float | None = None
         self.flush_requested = False
@@ -251,7 +263,10 @@ class ManagerState:
         """Targeted or full, for ``batch`` about to be dispatched (see the module doc)."""
         if batch.targets.is_full or not self.settings.targeted_refresh:
             return RefreshKind.FULL
-        if len(batch) < self.settings.full_refresh_threshold or self.escalation_blocked:
+        if (
+            len(batch) < self.settings.full_refresh_threshold
+            or self.escalation is not Escalation.ALLOWED
+        ):
             return RefreshKind.TARGETED
         cheaper = self.costs.full_is_cheaper(len(batch))
         return RefreshKind.TARGETED if cheaper is False else RefreshKind.FULL
@@ -293,7 +308,10 @@ class ManagerState:
         else:
             self.costs.observe_targeted(targets, duration)
         # targets that arrived during a full refresh stay targeted: no full-refresh loop
-        self.escalation_blocked = kind is RefreshKind.FULL
+        if kind is RefreshKind.FULL:
+            self.escalation = Escalation.AFTER_FULL
+        elif self.escalation is Escalation.AFTER_FULL:
+            self.escalation = Escalation.ALLOWED
         self.failures = 0
         self.next_retry_at = None
         self.last_success_at = now
@@ -311,8 +329,9 @@ class ManagerState:
         self.failures += 1
         if kind is RefreshKind.FULL and not batch.targets.is_full:
             # a full refresh chosen for the batch's size failed (the mass-deletion guard
-            # refused it, say): retry the targets as a targeted refresh
-            self.escalation_blocked = True
+            # refused it, say): retry the targets as targeted refreshes, and choose no
+            # full refresh for size until one (the scheduled one) succeeds
+            self.escalation = Escalation.REFUSED
         self.restore(batch)
         if escalate:
             self.pending.add(Target.full(self.manager), (), now=now)

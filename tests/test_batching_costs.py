@@ -230,16 +230,36 @@ async def test_targets_pending_before_a_full_refresh_are_covered_by_it(batcher, 
     assert refresh.runs[1].started >= refresh.runs[0].ended
 
 
-async def test_a_refused_escalation_is_retried_as_a_targeted_refresh(batcher, clock, refresh):
+async def test_a_refused_escalation_is_retried_targeted_and_not_tried_again_until_a_full_succeeds(
+    batcher, clock, refresh
+):
     refresh.refuse_full = True  # the mass-deletion guard refuses every full refresh
     done: dict[str, float] = {}
     for i in range(60):
         submit(batcher, clock, f"a{i}", done)
     await clock.advance(5.0)
-
     assert len(done) == 60
     assert refresh.kinds() == ["full", "targeted"]
     assert batcher.manager_status("m1").consecutive_failures == 0
+
+    for i in range(60):  # past the threshold again: stays targeted
+        submit(batcher, clock, f"b{i}", done)
+    await clock.advance(5.0)
+    assert len(done) == 120
+    assert refresh.kinds() == ["full", "targeted", "targeted"]
+
+    refresh.refuse_full, refresh.full = False, 0.01  # full refreshes now cheap and allowed
+    full = batcher.request_full("m1")  # the scheduled full refresh succeeds
+    await clock.advance(5.0)
+    assert full.done
+    for i in range(60):  # right after it: targeted; and then size may escalate again
+        submit(batcher, clock, f"c{i}", done)
+    await clock.advance(5.0)
+    for i in range(60):
+        submit(batcher, clock, f"d{i}", done)
+    await clock.advance(5.0)
+    assert len(done) == 240
+    assert refresh.kinds()[3:] == ["full", "targeted", "full"]
 
 
 # -- the cost model -------------------------------------------------------------
