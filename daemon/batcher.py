@@ -33,7 +33,7 @@ from daemon.batches import BatchingSettings, ManagerState, PendingBatch
 from daemon.clock import LOOP_CLOCK, Clock
 from daemon.coalescing import ManagerQueues
 from daemon.commit_order import CollectFn, RunningRefresh
-from daemon.outcomes import RefreshOutcomes
+from daemon.outcomes import RefreshOutcomes, guard
 from daemon.refresh_result import RefreshKind
 from daemon.targets import Target, TargetCollection
 
@@ -102,7 +102,7 @@ class Batcher:
         """Live counters (read them, do not write them)."""
         self._queues = ManagerQueues(settings, overrides=overrides, stats=self.stats)
         self._outcomes = RefreshOutcomes(
-            stats=self.stats, hooks=hooks, clock=clock, rng=self._rng, guard=_guard
+            stats=self.stats, hooks=hooks, clock=clock, rng=self._rng, guard=guard
         )
 
     # -- TargetSink ---------------------------------------------------------
@@ -352,7 +352,7 @@ class Batcher:
             self._run_refresh(state, batch, run, running), name=f"refresh {state.manager}"
         )
         self._room.set()
-        _guard(state.manager, lambda: self._hooks.on_start(state.manager, run.collection))
+        guard(state.manager, lambda: self._hooks.on_start(state.manager, run.collection))
 
     async def _run_refresh(
         self, state: ManagerState, batch: PendingBatch, run: RefreshAttempt, running: RunningRefresh
@@ -386,14 +386,6 @@ class Batcher:
             self._settled.set()
             if self.pending_count() == 0 and not self.in_flight_managers():
                 self._idle.set()
-
-
-def _guard(manager: str, call_hook: Callable[[], None]) -> None:
-    """Run a hook; a broken hook is logged and never stops the batcher."""
-    try:
-        call_hook()
-    except Exception:
-        logger.exception("%s: refresh hook failed", manager)
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

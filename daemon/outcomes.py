@@ -30,6 +30,14 @@ logger = logging.getLogger("daemon.batcher")
 Guard = Callable[[str, Callable[[], None]], None]
 
 
+def guard(manager: str, call_hook: Callable[[], None]) -> None:
+    """Run a hook; a broken hook is logged and never stops the batcher."""
+    try:
+        call_hook()
+    except Exception:
+        logger.exception("%s: refresh hook failed", manager)
+
+
 class RefreshOutcomes:
     """Applies the end of a refresh to its manager's state, the stats and the hooks."""
 
