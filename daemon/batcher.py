@@ -11,7 +11,9 @@ full is :mod:`daemon.batches`, measured costs :mod:`daemon.refresh_costs`) and:
 
 * runs one refresh per manager at a time, at most ``workers`` at once overall,
   the manager due the longest first; a full refresh absorbs everything queued
-  before it starts, targets arriving during it go into the next batch;
+  before it starts, targets arriving during it go into the next batch; given a
+  ``collect`` function, a manager's next targeted batch collects while the
+  previous one persists, commits in collect order (:mod:`daemon.commit_order`);
 * keeps a failed refresh's targets and acks, merges them with newer ones and
   retries with backoff; after ``escalate_after`` consecutive failures the retry
   is a full refresh;
