@@ -22,10 +22,11 @@ that say when the pending batch is due (the earliest of):
 never before the manager's retry time, and how it is refreshed
 (:meth:`ManagerState.choose_kind`): full when it holds the manager target;
 past ``full_refresh_threshold`` full only when the last full refresh of the
-manager was cheaper than the estimated targeted refresh (or nothing is
-measured yet), and never right after a full refresh, nor after a failed
-escalation until a full refresh succeeds (:class:`Escalation`), so a backlog
-cannot turn into a loop of full refreshes.
+manager was cheaper than the estimated targeted refresh (when no full refresh
+was measured yet, the threshold alone decides; when only the targeted cost is
+missing, a targeted refresh goes first and measures it), and never right after
+a full refresh, nor after a failed escalation until a full refresh succeeds
+(:class:`Escalation`), so a backlog cannot turn into a loop of full refreshes.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class BatchingSettings:
     full_refresh_threshold: int = 1000
     """Distinct targets; a batch at or above it becomes a full refresh when the manager's
     last full refresh took less time than refreshing the batch's targets is estimated to
-    (or before both were measured); a batch below it is never escalated by its size."""
+    (or before a full refresh was measured); a batch below it is never escalated by its
+    size."""
     workers: int = 4
     """Refreshes running at once across all managers (global)."""
     retry_initial: float = 1.0
@@ -269,7 +271,10 @@ class ManagerState:
         ):
             return RefreshKind.TARGETED
         cheaper = self.costs.full_is_cheaper(len(batch))
-        return RefreshKind.TARGETED if cheaper is False else RefreshKind.FULL
+        if cheaper is None:  # not measured: the threshold decides, unless only the
+            # targeted cost is missing: then a targeted refresh measures it first
+            cheaper = self.costs.last_full is None
+        return RefreshKind.FULL if cheaper else RefreshKind.TARGETED
 
     def growth(self, targets: Iterable[Target]) -> int:
         """How many distinct pending targets submitting ``targets`` would add."""

@@ -193,6 +193,20 @@ async def test_past_the_threshold_a_batch_goes_full_when_the_full_refresh_is_che
     assert refresh.kinds()[-1] == "full"
 
 
+async def test_with_only_the_full_refresh_measured_a_targeted_chunk_measures_first(
+    batcher, clock, refresh
+):
+    refresh.full = 5.0
+    await measure_full(batcher, clock)  # e.g. seeded from refresh_runs after a restart
+    done: dict[str, float] = {}
+    for i in range(200):  # past the threshold; the targeted cost is not known yet
+        submit(batcher, clock, f"x{i}", done)
+    await clock.advance(3.0)
+
+    assert len(done) == 200
+    assert refresh.kinds() == ["full", "targeted"]
+
+
 async def test_a_backlog_does_not_turn_into_a_loop_of_full_refreshes(batcher, clock, refresh):
     refresh.full = 0.5
     refresh.per_target = 0.01  # 100 targets: 1 s targeted, dearer than a full refresh
