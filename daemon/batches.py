@@ -10,12 +10,13 @@ exactly once, and a failed batch is merged back whole (targets *and* acks)
 into the manager's next one.  A :class:`ManagerState` adds the timing rules
 that say when the pending batch is due (the earliest of):
 
-* ``debounce`` of quiet after its newest target;
-* under a steady stream, once its oldest target has waited as long as the
-  refresh is estimated to take (:mod:`daemon.refresh_costs`), but at least
-  ``debounce`` -- waiting longer would add more latency than the coalescing
-  saves (this rule starts after the manager's first measured refresh);
-* ``max_delay`` after its oldest target;
+* once its oldest target has waited ``debounce``, quiet or not: a steady
+  stream does not hold a batch back (so it never waits longer than after
+  ``debounce`` of quiet either); while a refresh of the manager runs (the batch
+  would overlap it), once it has waited as long as its refresh is estimated to
+  take (:mod:`daemon.refresh_costs`), if that is longer: a refresh of few
+  targets is not worth starting next to one that will soon end;
+* ``max_delay`` after its oldest target, whatever the estimate;
 * at once at ``max_targets`` (a targeted refresh takes at most that many, the
   oldest first; the rest stay pending and due), or when flushed;
 
@@ -50,9 +51,9 @@ class BatchingSettings:
     ``max_pending_targets`` are global and read from the default settings)."""
 
     debounce: float = 0.05
-    """Seconds of quiet (no new target for the manager) before its batch is dispatched;
-    under a steady stream a batch goes once its oldest target waited this long, or as
-    long as its refresh is estimated to take when that is longer (up to ``max_delay``)."""
+    """Seconds a batch waits from its oldest target for more targets to coalesce (quiet
+    or not); while the manager's previous refresh runs, as long as the batch's refresh is
+    estimated to take when that is longer (up to ``max_delay``)."""
     max_delay: float = 1.0
     """Seconds; no target waits longer than this from its first arrival, even under a
     steady stream."""
@@ -248,11 +249,11 @@ class ManagerState:
         if self.running and not may_start_another(self.running, self.choose_kind(self.pending)):
             return None
         batch, settings = self.pending, self.settings
-        age = settings.max_delay
-        estimate = self.costs.batch_seconds(len(batch))
-        if estimate is not None:
-            age = min(age, max(settings.debounce, estimate))
-        when = min(batch.last_at + settings.debounce, batch.first_at + age)
+        age = settings.debounce
+        if self.running:  # it would overlap the running refresh: worth it once it is as
+            estimate = self.costs.batch_seconds(len(batch))  # old as its refresh takes
+            age = max(age, estimate or 0.0)
+        when = batch.first_at + min(age, settings.max_delay)
         if self.flush_requested:
             when = min(when, batch.first_at)
         elif len(batch) >= settings.max_targets:

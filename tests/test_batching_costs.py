@@ -119,7 +119,7 @@ async def measure_full(batcher: Batcher, clock: FakeClock) -> None:
 # -- a batch goes when it is worth going --------------------------------------
 
 
-async def test_steady_stream_goes_in_batches_as_old_as_a_refresh_not_at_max_delay(
+async def test_a_steady_stream_goes_in_back_to_back_batches_not_at_max_delay(
     batcher, clock, refresh
 ):
     refresh.fixed, refresh.per_target = 0.1, 0.0
@@ -128,9 +128,9 @@ async def test_steady_stream_goes_in_batches_as_old_as_a_refresh_not_at_max_dela
 
     assert len(done) == 600
     later = sorted(latency for ref, latency in done.items() if int(ref[1:]) >= 450)
-    # the first batches wait max_delay (nothing measured yet; the first one, past the
-    # threshold, is even a full refresh); once a targeted refresh was measured a batch
-    # goes as soon as it is as old as a refresh takes (0.1 s): a target waits <= ~2 of them
+    # the first batch, past the threshold with nothing measured, is a full refresh (1 s);
+    # after it a batch goes as soon as the previous refresh ended (it is older than
+    # debounce by then): a target waits at most ~2 refreshes (0.1 s each), not max_delay
     assert later[-1] <= 0.25
     assert refresh.kinds()[1:] == ["targeted"] * (len(refresh.runs) - 1)
 
