@@ -1,17 +1,32 @@
 """The whole pipeline: simulator -> Kafka -> `refreshd run` -> PostgreSQL.
 
-Phase A (latency): the simulator (10k vms) changes itself at --rate events/s and
-delivers every event to Kafka; the daemon (a real subprocess, debounce
---debounce) persists into PostgreSQL. Over --duration seconds after a warm-up it
+Phase A (latency): the daemon does its start-up full refresh of a simulator
+(10k vms) that holds still and is restarted; the same cloud then changes itself
+at --rate events/s and delivers every event to Kafka; the daemon (a real
+subprocess, debounce --debounce) persists into PostgreSQL. Over --duration
+seconds after a warm-up it
 reports event-to-commit latency p50/p99 (cloud event time to refresh commit, from
 the daemon's histogram), the event rate it kept up with, coalescing (events per
 refreshed target), refreshes per second, and the daemon's RSS over time.
 
-Phase B (throughput): with the daemon stopped, --backlog events for existing vms
-are produced to the topic; the daemon is started and the time until every record
-is committed gives the highest sustained event rate.
+It also reports how many refreshes were targeted and how many full (at a rate the
+daemon keeps up with, all of them should be targeted) and the consumer lag at the
+start and the end of the window (flat when the daemon keeps up).
+
+Phase B (throughput): a database, topic and consumer group of its own, and a
+simulator that does not change itself, so the cloud and the database agree: the
+daemon does its start-up full refresh and is stopped; --backlog events for
+existing vms are produced; the daemon is started again and the time until every
+record is committed gives the highest sustained event rate.  (Phase B used to
+reuse phase A's database, which phase A's churned cloud had filled with vms the
+fresh simulator does not have: a full refresh would then archive most of them,
+the mass-deletion guard refused it and it was retried forever.)
+
+Every wait is bounded (--timeout for the drain); on SIGTERM or Ctrl-C the
+benchmark stops its children (daemon, simulator, broker) and drops its databases.
 
     .venv/bin/python bench/pipeline.py --rate 2000 --duration 300
+    .venv/bin/python bench/pipeline.py --phase b --backlog 100000
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -190,9 +206,13 @@ class Proc:
         if self.p.poll() is None:
             self.p.terminate()
             try:
-                self.p.wait(120)
+                self.p.wait(60)
             except subprocess.TimeoutExpired:
                 self.p.kill()
+                self.p.wait()
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
 
 
 async def wait_http(url: str, timeout: float = 120) -> None:
@@ -230,6 +250,216 @@ async def produce_backlog(bootstrap: str, topic: str, n: int, vms: int) -> None:
         await producer.stop()
 
 
+def simulator_args(
+    port: int, vms: int, *, churn: float = 0.0, bootstrap: str = "", topic: str = ""
+) -> list[str]:
+    args = [
+        str(BIN / "refreshd"),
+        "simulator",
+        "--port",
+        str(port),
+        "--vms",
+        str(vms),
+        "--seed",
+        "1",
+    ]
+    if churn:
+        args += [
+            "--churn-per-second",
+            str(churn),
+            "--kafka-bootstrap",
+            bootstrap,
+            "--kafka-topic",
+            topic,
+        ]
+    return args
+
+
+def diff(before: dict[Any, float], after: dict[Any, float], name: str, **labels: str) -> float:
+    return total(after, name, **labels) - total(before, name, **labels)
+
+
+class Bench:
+    """The children of one run (broker, simulators, daemons), stopped in reverse order."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = Path(tempfile.mkdtemp(prefix="refreshd-pipeline-"))
+        self.procs: list[Proc] = []
+        self.bootstrap = ""
+
+    def start(self, args: list[str], log: str) -> Proc:
+        proc = Proc(args, self.work / log)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):  # daemons before the simulators they read from
+            p.stop()
+        self.procs.clear()
+
+    def config(self, name: str, *, db: str, port: int, sim_url: str) -> tuple[Path, str, str]:
+        topic, group = f"awesome-{uuid.uuid4().hex[:6]}", f"refreshd-{uuid.uuid4().hex[:6]}"
+        path = self.work / f"{name}.toml"
+        daemon_config(
+            path,
+            db=db,
+            port=port,
+            sim_url=sim_url,
+            bootstrap=self.bootstrap,
+            topic=topic,
+            group=group,
+            debounce=self.args.debounce,
+            max_delay=self.args.max_delay,
+        )
+        return path, topic, group
+
+    async def daemon(self, config: Path, url: str, log: str) -> Proc:
+        daemon = self.start([str(BIN / "refreshd"), "run", "--config", str(config)], log)
+        await until(lambda: not daemon.alive() or _ready(url), 300, "the daemon to be ready")
+        if not daemon.alive():
+            raise RuntimeError(f"the daemon exited; see {daemon.log}")
+        return daemon
+
+    async def phase_a(self) -> None:
+        args = self.args
+        async with temp_database(f"bench_pipe_{uuid.uuid4().hex[:8]}") as dsn:
+            try:
+                sim_port, http_port = free_port(), free_port()
+                sim_url, url = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{http_port}"
+                config, topic, group = self.config(
+                    "phase_a", db=dsn, port=http_port, sim_url=sim_url
+                )
+                # the start-up full refresh against a cloud that holds still, so that the
+                # measured stream does not begin with the backlog of that refresh
+                still = self.start(simulator_args(sim_port, args.vms), "simulator_a0.log")
+                await wait_http(sim_url + "/healthz")
+                first = await self.daemon(config, url, "daemon_a0.log")
+                await until(lambda: _full_done(url), 300, "the start-up full refresh")
+                first.stop()
+                still.stop()
+                self.start(  # the same cloud (same seed), now changing --rate times a second
+                    simulator_args(
+                        sim_port, args.vms, churn=args.rate, bootstrap=self.bootstrap, topic=topic
+                    ),
+                    "simulator_a.log",
+                )
+                await wait_http(sim_url + "/healthz")
+                daemon = await self.daemon(config, url, "daemon_a.log")
+                print(
+                    f"phase A: {args.rate:.0f} events/s into Kafka, debounce {args.debounce}s, "
+                    f"max_delay {args.max_delay}s, {args.vms} vms; warm-up {args.warmup:.0f}s, "
+                    f"measuring {args.duration:.0f}s; load average {_load()}"
+                )
+                await asyncio.sleep(args.warmup)
+                before, t0 = await metrics(url), time.monotonic()
+                c0, e0 = await committed_and_end(self.bootstrap, topic, group)
+                rss: list[tuple[float, float]] = []
+                lags: list[tuple[float, int]] = []
+                while time.monotonic() - t0 < args.duration:
+                    rss.append((time.monotonic() - t0, daemon.rss_mb()))
+                    c, e = await committed_and_end(self.bootstrap, topic, group)
+                    lags.append((time.monotonic() - t0, e - c))
+                    await asyncio.sleep(min(10.0, args.duration / 10))
+                after, elapsed = await metrics(url), time.monotonic() - t0
+                c1, e1 = await committed_and_end(self.bootstrap, topic, group)
+                rss.append((elapsed, daemon.rss_mb()))
+                lags.append((elapsed, e1 - c1))
+                acked = diff(before, after, "refreshd_events_committed_total")
+                enq = diff(before, after, "refreshd_targets_enqueued_total")
+                coal = diff(before, after, "refreshd_targets_coalesced_total")
+                targeted = diff(
+                    before, after, "refreshd_refreshes_total", kind="targeted", outcome="success"
+                )
+                full = diff(
+                    before, after, "refreshd_refreshes_total", kind="full", outcome="success"
+                )
+                failed = diff(before, after, "refreshd_refreshes_total", outcome="failure")
+                produced = e1 - e0
+                print(
+                    f"  events produced       {produced / elapsed:8.0f} /s "
+                    f"(topic end advanced by {produced:,} records)"
+                )
+                print(
+                    f"  events committed      {acked / elapsed:8.0f} /s = "
+                    f"{100 * acked / max(produced, 1):.1f}% of produced; offsets committed "
+                    f"{c1 - c0} = {100 * (c1 - c0) / max(produced, 1):.1f}%"
+                )
+                print("  consumer lag          " + ", ".join(f"{t:.0f}s:{n}" for t, n in lags))
+                print(
+                    f"  latency p50 / p99     {quantile(before, after, 0.5) * 1000:8.0f} ms / "
+                    f"{quantile(before, after, 0.99) * 1000:.0f} ms  (event time -> commit)"
+                )
+                print(
+                    f"  coalescing            {acked / max(enq - coal, 1):8.2f} events per "
+                    "refreshed target"
+                )
+                print(
+                    f"  refreshes             {(targeted + full) / elapsed:8.2f} /s: "
+                    f"{targeted:.0f} targeted, {full:.0f} full, {failed:.0f} failed"
+                )
+                print("  daemon RSS (MB)       " + ", ".join(f"{t:.0f}s:{m:.0f}" for t, m in rss))
+                print(f"  load average at end   {_load()}")
+            finally:
+                self.stop_all()  # before the database is dropped
+
+    async def phase_b(self) -> None:
+        args = self.args
+        async with temp_database(f"bench_pipe_{uuid.uuid4().hex[:8]}") as dsn:
+            try:
+                sim_port, http_port = free_port(), free_port()
+                sim_url, url = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{http_port}"
+                config, topic, group = self.config(
+                    "phase_b", db=dsn, port=http_port, sim_url=sim_url
+                )
+                self.start(simulator_args(sim_port, args.vms), "simulator_b.log")
+                await wait_http(sim_url + "/healthz")
+                print(
+                    f"phase B: backlog of {args.backlog:,} events over {args.vms} vms; "
+                    f"load average {_load()}"
+                )
+                first = await self.daemon(config, url, "daemon_b0.log")
+                await until(lambda: _full_done(url), 300, "the start-up full refresh")
+                first.stop()
+                c_start, _ = await committed_and_end(self.bootstrap, topic, group)
+                await produce_backlog(self.bootstrap, topic, args.backlog, args.vms)
+                _, end = await committed_and_end(self.bootstrap, topic, group)
+                t_start = time.monotonic()
+                daemon = await self.daemon(config, url, "daemon_b.log")
+                t_ready = time.monotonic()
+                committed = c_start
+
+                async def drained() -> bool:
+                    nonlocal committed
+                    committed, _ = await committed_and_end(self.bootstrap, topic, group)
+                    return committed >= end or not daemon.alive()
+
+                try:
+                    await until(drained, args.timeout, "the backlog to drain", interval=0.2)
+                    done = committed >= end
+                except TimeoutError:
+                    done = False
+                t_end = time.monotonic()
+                m = await metrics(url) if daemon.alive() else {}
+                rss = daemon.rss_mb() if daemon.alive() else float("nan")
+                ok, runs = {"outcome": "success"}, "refreshd_refreshes_total"
+                records = committed - c_start
+                print(
+                    f"  {'drained' if done else 'NOT drained: committed'} {records} of "
+                    f"{end - c_start} records in {t_end - t_ready:.1f}s after ready "
+                    f"({t_end - t_start:.1f}s after start): {records / (t_end - t_ready):,.0f} "
+                    f"events/s; daemon RSS {rss:.0f} MB"
+                )
+                print(
+                    f"  refreshes: {total(m, runs, kind='targeted', **ok):.0f} targeted, "
+                    f"{total(m, runs, kind='full', **ok):.0f} full, "
+                    f"{total(m, runs, outcome='failure'):.0f} failed; "
+                    f"load average {_load()}"
+                )
+            finally:
+                self.stop_all()  # before the database is dropped
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vms", type=int, default=10_000)
@@ -245,145 +475,44 @@ async def main() -> None:
     ap.add_argument("--duration", type=float, default=300)
     ap.add_argument("--warmup", type=float, default=20)
     ap.add_argument("--backlog", type=int, default=100_000)
+    ap.add_argument("--phase", choices=("a", "b", "ab"), default="ab")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds the drain may take")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="refreshd-pipeline-"))
-    broker, bootstrap = start_broker(work)
-    topic, group = f"awesome-{uuid.uuid4().hex[:6]}", f"refreshd-{uuid.uuid4().hex[:6]}"
-    procs: list[Proc] = []
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    bench = Bench(args)
+    broker, bench.bootstrap = start_broker(bench.work)
+    print(f"logs and configs in {bench.work}; load average {_load()}")
     try:
-        async with temp_database(f"bench_pipe_{uuid.uuid4().hex[:8]}") as dsn:
-            sim_port, http_port = free_port(), free_port()
-            sim_url, url = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{http_port}"
-            config = work / "refreshd.toml"
-            daemon_config(
-                config,
-                db=dsn,
-                port=http_port,
-                sim_url=sim_url,
-                bootstrap=bootstrap,
-                topic=topic,
-                group=group,
-                debounce=args.debounce,
-                max_delay=args.max_delay,
-            )
-            sim = Proc(
-                [
-                    str(BIN / "refreshd"),
-                    "simulator",
-                    "--port",
-                    str(sim_port),
-                    "--vms",
-                    str(args.vms),
-                    "--seed",
-                    "1",
-                    "--churn-per-second",
-                    str(args.rate),
-                    "--kafka-bootstrap",
-                    bootstrap,
-                    "--kafka-topic",
-                    topic,
-                ],
-                work / "simulator.log",
-            )
-            procs.append(sim)
-            await wait_http(sim_url + "/healthz")
-            daemon = Proc(
-                [str(BIN / "refreshd"), "run", "--config", str(config)], work / "daemon.log"
-            )
-            procs.append(daemon)
-            await wait_http(url + "/readyz")
-            await until(lambda: _full_done(url), 300, "the start-up full refresh")
-            print(
-                f"phase A: {args.rate:.0f} events/s into Kafka, debounce {args.debounce}s, "
-                f"{args.vms} vms; warm-up {args.warmup:.0f}s, measuring {args.duration:.0f}s"
-            )
-            await asyncio.sleep(args.warmup)
-            before, t0 = await metrics(url), time.monotonic()
-            c0, e0 = await committed_and_end(bootstrap, topic, group)
-            rss: list[tuple[float, float]] = []
-            while time.monotonic() - t0 < args.duration:
-                rss.append((time.monotonic() - t0, daemon.rss_mb()))
-                await asyncio.sleep(min(10.0, args.duration / 10))
-            after, elapsed = await metrics(url), time.monotonic() - t0
-            c1, e1 = await committed_and_end(bootstrap, topic, group)
-            rss.append((elapsed, daemon.rss_mb()))
-            acked = total(after, "refreshd_events_committed_total") - total(
-                before, "refreshd_events_committed_total"
-            )
-            enq = total(after, "refreshd_targets_enqueued_total") - total(
-                before, "refreshd_targets_enqueued_total"
-            )
-            coal = total(after, "refreshd_targets_coalesced_total") - total(
-                before, "refreshd_targets_coalesced_total"
-            )
-            refreshes = total(after, "refreshd_refreshes_total") - total(
-                before, "refreshd_refreshes_total"
-            )
-            produced = (e1 - e0) / elapsed
-            print(f"  events produced       {produced:8.0f} /s (topic end advanced {e1 - e0})")
-            print(
-                f"  events committed      {acked / elapsed:8.0f} /s; lag at end {e1 - c1} "
-                f"records (at start {e0 - c0})"
-            )
-            print(
-                f"  latency p50 / p99     {quantile(before, after, 0.5) * 1000:8.0f} ms / "
-                f"{quantile(before, after, 0.99) * 1000:.0f} ms  (event time -> commit)"
-            )
-            print(
-                f"  coalescing            {acked / max(enq - coal, 1):8.2f} events per "
-                "refreshed target"
-            )
-            print(f"  refreshes             {refreshes / elapsed:8.2f} /s")
-            print("  daemon RSS (MB)       " + ", ".join(f"{t:.0f}s:{m:.0f}" for t, m in rss))
-            daemon.stop()
-            sim.stop()
-
-            print(f"phase B: {args.backlog} events backlog, daemon started on it")
-            sim2 = Proc(
-                [
-                    str(BIN / "refreshd"),
-                    "simulator",
-                    "--port",
-                    str(sim_port),
-                    "--vms",
-                    str(args.vms),
-                    "--seed",
-                    "1",
-                ],
-                work / "simulator2.log",
-            )
-            procs.append(sim2)
-            await wait_http(sim_url + "/healthz")
-            c_start, _ = await committed_and_end(bootstrap, topic, group)
-            await produce_backlog(bootstrap, topic, args.backlog, args.vms)
-            _, end = await committed_and_end(bootstrap, topic, group)
-            daemon2 = Proc(
-                [str(BIN / "refreshd"), "run", "--config", str(config)], work / "daemon2.log"
-            )
-            procs.append(daemon2)
-            await wait_http(url + "/readyz")
-            t0 = time.monotonic()
-
-            async def drained() -> bool:
-                committed, _ = await committed_and_end(bootstrap, topic, group)
-                return committed >= end
-
-            await until(drained, 1800, "the backlog to drain", interval=1.0)
-            elapsed = time.monotonic() - t0
-            print(
-                f"  drained {end - c_start} records in {elapsed:.1f}s: "
-                f"{(end - c_start) / elapsed:,.0f} events/s sustained; daemon RSS "
-                f"{daemon2.rss_mb():.0f} MB"
-            )
-            print(f"  logs in {work}")
+        if "a" in args.phase:
+            await bench.phase_a()
+        if "b" in args.phase:
+            await bench.phase_b()
+        print(f"  logs in {bench.work}")
+    except asyncio.CancelledError:
+        print(f"interrupted; stopping children (logs in {bench.work})", file=sys.stderr)
     finally:
-        for p in procs:  # daemons before the simulators they read from
-            if "run" in p.p.args:
-                p.stop()
-        for p in procs:
-            p.stop()
+        bench.stop_all()
         broker.terminate()
-        broker.wait(30)
+        try:
+            broker.wait(30)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+async def _ready(url: str) -> bool:
+    try:
+        async with aiohttp.ClientSession() as s, s.get(url + "/readyz") as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
 
 
 async def _full_done(url: str) -> bool:

@@ -356,7 +356,7 @@ def _context(
         for name, value in attributes.items():
             if name in _CONTEXT_SET:
                 continue
-            if isinstance(value, bool | int | str):
+            if type(value) in _EXTENSION_TYPES or isinstance(value, bool | int | str):
                 extensions[name] = value
             else:
                 raise DecodeError(
@@ -365,6 +365,10 @@ def _context(
                 )
     text = attributes.get("time")
     return attributes, extensions, _parse_time(text, where) if text is not None else None
+
+
+_EXTENSION_TYPES: Final = frozenset({bool, int, str})
+"""What an extension attribute may be (a set: one hash lookup per value, no union object)."""
 
 
 def _event(

@@ -40,7 +40,7 @@ from catchers.kafka_dead_letters import (
     REASON_HEADER,
     DeadLetterProducer,
 )
-from catchers.kafka_polling import PollLoop
+from catchers.kafka_polling import FETCH_MAX_WAIT_MS, PollLoop
 from catchers.kafka_records import RecordIntake
 from catchers.kafka_resets import Feeds, OffsetResets, managers_fed
 from catchers.kafka_settings import (
@@ -131,6 +131,7 @@ class KafkaCatcher:
             enable_auto_commit=False,
             auto_offset_reset="none",  # catchers.kafka_resets applies s.auto_offset_reset
             max_poll_records=s.max_poll_records,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             session_timeout_ms=milliseconds(s.session_timeout),
             heartbeat_interval_ms=milliseconds(s.heartbeat_interval),
             max_poll_interval_ms=milliseconds(s.max_poll_interval),

@@ -45,6 +45,14 @@ from daemon.acks import TargetSink
 
 log = logging.getLogger(__name__)
 
+FETCH_MAX_WAIT_MS = 50
+"""How long the broker may hold a fetch that found no record.  Apache Kafka answers
+a waiting fetch as soon as a record arrives, so there this only bounds an idle
+fetch (20 cheap requests a second); brokers that do not (Tansu, the test and
+bench broker) answer only after the wait, which with aiokafka's default of 500 ms
+added 140 ms p50 (250 ms p90) to every event's latency, measured on this machine
+(50 ms: 15 ms p50)."""
+
 
 class PollLoop:
     """Runs ``getmany`` and hands each fetched batch to the intake, pausing when told to."""

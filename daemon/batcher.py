@@ -5,25 +5,20 @@ parser -> persister) -> ack.
 
 Catchers hand targets with an :class:`~daemon.acks.Ack` to :meth:`Batcher.submit`
 (the :class:`~daemon.acks.TargetSink` protocol).  Per manager the batcher keeps
-one pending batch and follows client-go's coalescing workqueue (DESIGN.md 6-9):
+one pending batch (client-go's coalescing workqueue, DESIGN.md 6-9; the intake
+is :mod:`daemon.coalescing`, when a batch is due and whether it is targeted or
+full is :mod:`daemon.batches`, measured costs :mod:`daemon.refresh_costs`) and:
 
-* a target already pending is not added twice: the new ack also waits on it;
-* a target arriving while its manager refreshes is kept for the next batch,
-  and its ack waits for that batch (never for the one already running);
-* a batch is dispatched after ``debounce`` of quiet, at the latest
-  ``max_delay`` after its first target arrived, at once at ``max_targets``;
-* a batch holding the manager target, or ``full_refresh_threshold`` distinct
-  targets, is a full refresh, which absorbs everything queued before it starts;
-* one refresh per manager at a time, at most ``workers`` at once overall,
-  the manager due the longest goes first;
-* a failed refresh keeps its targets and acks, merges them with newer ones and
-  is retried with backoff; after ``escalate_after`` consecutive failures the
-  retry is a full refresh;
-* an ack resolves only when every target it waits on was committed by a refresh
+* runs one refresh per manager at a time, at most ``workers`` at once overall,
+  the manager due the longest first; a full refresh absorbs everything queued
+  before it starts, targets arriving during it go into the next batch; given a
+  ``collect`` function, a manager's next targeted batch collects while the
+  previous one persists, commits in collect order (:mod:`daemon.commit_order`);
+* keeps a failed refresh's targets and acks, merges them with newer ones and
+  retries with backoff; after ``escalate_after`` consecutive failures the retry
+  is a full refresh;
+* resolves an ack only when every target it waits on was committed by a refresh
   that started after the target arrived (at-least-once).
-
-The per-manager bookkeeping lives in :mod:`daemon.batches`; retry delays in
-:mod:`daemon.backoff`; time in :mod:`daemon.clock`.
 """
 
 from __future__ import annotations
@@ -35,16 +30,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 
 from daemon.acks import Ack, QueueFullError
-from daemon.batches import (
-    BatcherStats,
-    BatchingSettings,
-    ManagerState,
-    ManagerStatus,
-    PendingBatch,
-    RefreshAttempt,
-    RefreshHooks,
-)
+from daemon.batch_records import BatcherStats, ManagerStatus, RefreshAttempt, RefreshHooks
+from daemon.batches import BatchingSettings, ManagerState, PendingBatch
 from daemon.clock import LOOP_CLOCK, Clock
+from daemon.coalescing import ManagerQueues
+from daemon.commit_order import CollectFn, RunningRefresh
+from daemon.outcomes import RefreshOutcomes, guard
 from daemon.refresh_result import RefreshKind
 from daemon.targets import Target, TargetCollection, Trigger
 
@@ -91,14 +82,14 @@ class Batcher:
         clock: Clock = LOOP_CLOCK,
         rng: random.Random | None = None,
         hooks: RefreshHooks = NO_HOOKS,
+        collect: CollectFn | None = None,
     ) -> None:
         self._refresh = refresh
+        self._collect = collect
         self._settings = settings
-        self._overrides = dict(overrides)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._hooks = hooks
-        self._states: dict[str, ManagerState] = {}
         self._running = 0
         self._stopped = False
         self._closed = False
@@ -111,6 +102,10 @@ class Batcher:
         """Set whenever a refresh ends (drain looks again)."""
         self.stats = BatcherStats()
         """Live counters (read them, do not write them)."""
+        self._queues = ManagerQueues(settings, overrides=overrides, stats=self.stats)
+        self._outcomes = RefreshOutcomes(
+            stats=self.stats, hooks=hooks, clock=clock, rng=self._rng, guard=guard
+        )
 
     # -- TargetSink ---------------------------------------------------------
 
@@ -144,7 +139,7 @@ class Batcher:
         now = self._clock.now()
         queued = enqueued = 0
         for targets, ack in events:
-            added = self._queue(targets, ack, now=now, pending=pending, limit=limit)
+            added = self._queues.queue(targets, ack, now=now, pending=pending, limit=limit)
             if added < 0:
                 break
             pending += added
@@ -170,7 +165,9 @@ class Batcher:
             raise BatcherStoppedError("the batcher is stopped")
         now = self._clock.now()
         ack = Ack(received_at=now)
-        self._queue([Target.full(manager, trigger=trigger)], ack, now=now, pending=0, limit=None)
+        self._queues.queue(
+            [Target.full(manager, trigger=trigger)], ack, now=now, pending=0, limit=None
+        )
         self.stats.targets_enqueued += 1
         self._queued()
         return ack
@@ -194,7 +191,7 @@ class Batcher:
         A manager still refreshing gets its batch as soon as it is free; the
         worker limit and a failing manager's retry delay still apply.
         """
-        for state in self._states.values():
+        for state in self._queues:
             if state.pending:
                 state.flush_requested = True
         self._dispatch_due()
@@ -222,7 +219,7 @@ class Batcher:
     def _only_late_retries_left(self, deadline: float) -> bool:
         return not self.in_flight_managers() and all(
             state.next_retry_at is not None and state.next_retry_at > deadline
-            for state in self._states.values()
+            for state in self._queues
             if state.pending
         )
 
@@ -231,7 +228,7 @@ class Batcher:
         now = self._clock.now()
         return {
             state.manager: len(state.pending)
-            for state in self._states.values()
+            for state in self._queues
             if state.pending and state.next_retry_at is not None and state.next_retry_at > now
         }
 
@@ -247,7 +244,7 @@ class Batcher:
             self._task.cancel()
             await asyncio.wait([self._task])
             self._task = None
-        tasks = [state.task for state in self._states.values() if state.task is not None]
+        tasks = [r.task for state in self._queues for r in state.running if r.task is not None]
         if cancel:
             for task in tasks:
                 task.cancel()
@@ -270,10 +267,7 @@ class Batcher:
 
     def pending_count(self, manager: str | None = None) -> int:
         """Distinct pending targets of ``manager``, or of all managers."""
-        if manager is not None:
-            state = self._states.get(manager)
-            return len(state.pending) if state else 0
-        return sum(len(state.pending) for state in self._states.values())
+        return self._queues.pending_count(manager)
 
     @property
     def running(self) -> bool:
@@ -281,67 +275,32 @@ class Batcher:
         return self._task is not None and not self._task.done()
 
     def in_flight_managers(self) -> frozenset[str]:
-        return frozenset(m for m, state in self._states.items() if state.in_flight is not None)
+        return frozenset(state.manager for state in self._queues if state.running)
 
     def manager_status(self, manager: str) -> ManagerStatus:
         """A snapshot of one manager (an idle status for a manager never seen)."""
-        state = self._states.get(manager) or ManagerState(manager, self.settings_for(manager))
+        state = self._queues.get(manager) or ManagerState(manager, self.settings_for(manager))
         return state.status()
 
     def statuses(self) -> list[ManagerStatus]:
         """Snapshots of every manager with overrides or with targets seen so far."""
-        names = sorted(set(self._states) | set(self._overrides))
-        return [self.manager_status(name) for name in names]
+        return [self.manager_status(name) for name in self._queues.names()]
+
+    def record_cost(
+        self, manager: str, kind: RefreshKind, *, targets: int, duration: float
+    ) -> None:
+        """Count a refresh measured elsewhere (an earlier run, from ``refresh_runs``) in the
+        costs that time batches and decide escalation."""
+        costs = self._queues.state(manager).costs
+        if kind is RefreshKind.FULL:
+            costs.observe_full(duration)
+        else:
+            costs.observe_targeted(targets, duration)
 
     def settings_for(self, manager: str) -> BatchingSettings:
-        return self._overrides.get(manager, self._settings)
+        return self._queues.settings_for(manager)
 
     # -- queueing -----------------------------------------------------------
-
-    def _state(self, manager: str) -> ManagerState:
-        state = self._states.get(manager)
-        if state is None:
-            state = self._states[manager] = ManagerState(manager, self.settings_for(manager))
-        return state
-
-    def _queue(
-        self, targets: Sequence[Target], ack: Ack, *, now: float, pending: int, limit: int | None
-    ) -> int:
-        """Queue one event (any number of targets and managers), unless it would take the
-        ``pending`` targets past ``limit``; returns how many pending targets it added, or
-        -1 when it was refused.  The caller counts ``targets_enqueued`` and wakes up."""
-        if len(targets) == 1:  # the common case: no grouping, one lookup
-            target = targets[0]
-            waiting = self._state(target.manager).pending
-            if limit is not None and pending >= limit and not waiting.holds(target):
-                self.stats.targets_rejected += 1
-                return -1
-            ack.expect(1)
-            if waiting.add_one(target, ack, now=now):
-                return 1
-            self.stats.targets_coalesced += 1
-            return 0
-        if not targets:
-            ack.resolve_if_empty()
-            return 0
-        by_manager: dict[str, list[Target]] = {}
-        for target in targets:
-            by_manager.setdefault(target.manager, []).append(target)
-        if limit is not None:
-            growth = sum(self._state(m).growth(batch) for m, batch in by_manager.items())
-            if growth > 0 and pending + growth > limit:
-                self.stats.targets_rejected += len(targets)
-                return -1
-        ack.expect(len(targets))
-        added = 0
-        for manager, batch in by_manager.items():
-            pending_batch = self._state(manager).pending
-            for target in batch:
-                if pending_batch.add_one(target, ack, now=now):
-                    added += 1
-                else:
-                    self.stats.targets_coalesced += 1
-        return added
 
     def _queued(self) -> None:
         """Targets were queued: the batcher is busy, and the dispatcher must look."""
@@ -363,7 +322,7 @@ class Batcher:
         now = self._clock.now()
         due = sorted(
             (when, state.manager, state)
-            for state in self._states.values()
+            for state in self._queues
             if (when := state.due_at()) is not None
         )
         for when, _, state in due:
@@ -375,11 +334,11 @@ class Batcher:
         return None
 
     def _start(self, state: ManagerState, now: float) -> None:
-        batch = state.take_pending()
-        threshold = state.settings.full_refresh_threshold
+        kind = state.choose_kind(state.pending)
+        batch, running = state.take_pending(kind)
         run = RefreshAttempt(
-            kind=RefreshKind.FULL if batch.is_full(threshold) else RefreshKind.TARGETED,
-            collection=batch.collection(threshold),
+            kind=kind,
+            collection=batch.collection(kind),
             targets=len(batch),
             attempt=state.failures + 1,
             started_at=now,
@@ -393,88 +352,44 @@ class Batcher:
             run.targets,
             run.attempt,
         )
-        state.task = asyncio.create_task(
-            self._run_refresh(state, batch, run), name=f"refresh {state.manager}"
+        running.task = asyncio.create_task(
+            self._run_refresh(state, batch, run, running), name=f"refresh {state.manager}"
         )
         self._room.set()
-        self._guard(state.manager, lambda: self._hooks.on_start(state.manager, run.collection))
+        guard(state.manager, lambda: self._hooks.on_start(state.manager, run.collection))
 
     async def _run_refresh(
-        self, state: ManagerState, batch: PendingBatch, run: RefreshAttempt
+        self, state: ManagerState, batch: PendingBatch, run: RefreshAttempt, running: RunningRefresh
     ) -> None:
+        waited = 0.0
         try:
-            result = await self._refresh(run.collection)
+            persist = None
+            if self._collect is not None and run.kind is RefreshKind.TARGETED:
+                persist = await self._collect(run.collection)
+            if persist is not None:
+                running.collected = True
+                self._wake.set()  # the manager's next batch may collect now
+                before = self._clock.now()
+                await running.wait_turn()
+                waited = self._clock.now() - before
+                result = await persist()
+            else:
+                await running.wait_turn()
+                result = await self._refresh(run.collection)
         except asyncio.CancelledError:
             state.restore(batch)
             raise
-        except Exception as exc:  # noqa: BLE001 -- any error fails the run; logged in _failed
-            self._failed(state, batch, run, exc)
+        except Exception as exc:  # noqa: BLE001 -- any error fails the run; logged by outcomes
+            self._outcomes.failed(state, batch, run, exc)
         else:
-            self._succeeded(state, batch, run, result)
+            self._outcomes.succeeded(state, batch, run, result, waited=waited)
         finally:
-            state.in_flight = None
-            state.task = None
+            state.ended(running)
             self._running -= 1
             self._wake.set()
             self._settled.set()
             if self.pending_count() == 0 and not self.in_flight_managers():
                 self._idle.set()
-
-    def _succeeded(
-        self, state: ManagerState, batch: PendingBatch, run: RefreshAttempt, result: object
-    ) -> None:
-        now = self._clock.now()
-        self.stats.refresh_successes[run.kind] += 1
-        log = logger.info if state.failures else logger.debug
-        log(
-            "%s: %s refresh of %d targets done in %.3fs (after %d failures)",
-            state.manager,
-            run.kind.value,
-            run.targets,
-            now - run.started_at,
-            state.failures,
-        )
-        state.succeeded(now)
-        batch.commit()
-        self._guard(
-            state.manager, lambda: self._hooks.on_success(state.manager, run.collection, result)
-        )
-
-    def _failed(
-        self, state: ManagerState, batch: PendingBatch, run: RefreshAttempt, exc: Exception
-    ) -> None:
-        now = self._clock.now()
-        self.stats.refresh_failures[run.kind] += 1
-        settings = state.settings
-        failures = state.failures + 1
-        retry_at = now + settings.backoff.delay_after(exc, failures, rng=self._rng)
-        escalate = run.kind is RefreshKind.TARGETED and failures >= settings.escalate_after
-        state.failed(batch, exc, now=now, retry_at=retry_at, escalate=escalate)
-        if escalate:
-            self.stats.escalations += 1
-        log = logger.warning if failures == 1 or escalate else logger.debug
-        log(
-            "%s: %s refresh of %d targets failed (%d in a row: %s), retrying%s in %.1fs",
-            state.manager,
-            run.kind.value,
-            run.targets,
-            failures,
-            exc,
-            " as a full refresh" if escalate else "",
-            retry_at - now,
-            exc_info=failures == 1,
-        )
-        self._guard(
-            state.manager, lambda: self._hooks.on_failure(state.manager, run.collection, exc)
-        )
-
-    @staticmethod
-    def _guard(manager: str, call_hook: Callable[[], None]) -> None:
-        """Run a hook; a broken hook is logged and never stops the batcher."""
-        try:
-            call_hook()
-        except Exception:
-            logger.exception("%s: refresh hook failed", manager)
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

@@ -8,18 +8,39 @@ the acks waiting on each of them.  Every (ack, target) pair handed to the
 batcher sits in exactly one list, so committing a batch resolves each pair
 exactly once, and a failed batch is merged back whole (targets *and* acks)
 into the manager's next one.  A :class:`ManagerState` adds the timing rules
-(debounce, max delay, max targets, retry time) that say when the pending
-batch is due.
+that say when the pending batch is due (the earliest of):
+
+* once its oldest target has waited ``debounce``, quiet or not: a steady
+  stream does not hold a batch back (so it never waits longer than after
+  ``debounce`` of quiet either); while a refresh of the manager runs (the batch
+  would overlap it), once it has waited as long as its refresh is estimated to
+  take (:mod:`daemon.refresh_costs`), if that is longer: a refresh of few
+  targets is not worth starting next to one that will soon end;
+* ``max_delay`` after its oldest target, whatever the estimate;
+* at once at ``max_targets`` (a targeted refresh takes at most that many, the
+  oldest first; the rest stay pending and due), or when flushed;
+
+never before the manager's retry time, and how it is refreshed
+(:meth:`ManagerState.choose_kind`): full when it holds the manager target;
+past ``full_refresh_threshold`` full only when the last full refresh of the
+manager was cheaper than the estimated targeted refresh (when no full refresh
+was measured yet, the threshold alone decides; when only the targeted cost is
+missing, a targeted refresh goes first and measures it), and never right after
+a full refresh, nor after a failed escalation until a full refresh succeeds
+(:class:`Escalation`), so a backlog cannot turn into a loop of full refreshes.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from daemon.acks import Ack
 from daemon.backoff import Backoff
+from daemon.batch_records import ManagerStatus
+from daemon.commit_order import RunningRefresh, may_start_another
+from daemon.refresh_costs import ManagerCosts
 from daemon.refresh_result import RefreshKind
 from daemon.targets import Ref, Target, TargetCollection, Trigger
 
@@ -29,15 +50,21 @@ class BatchingSettings:
     """How targets are batched and retried (per manager; ``workers`` and
     ``max_pending_targets`` are global and read from the default settings)."""
 
-    debounce: float = 0.5
-    """Seconds of quiet (no new target for the manager) before its batch is dispatched."""
-    max_delay: float = 5.0
+    debounce: float = 0.05
+    """Seconds a batch waits from its oldest target for more targets to coalesce (quiet
+    or not); while the manager's previous refresh runs, as long as the batch's refresh is
+    estimated to take when that is longer (up to ``max_delay``)."""
+    max_delay: float = 1.0
     """Seconds; no target waits longer than this from its first arrival, even under a
     steady stream."""
     max_targets: int = 500
-    """Distinct targets; a batch this big is dispatched at once."""
+    """Distinct targets; a batch this big is dispatched at once, and a targeted refresh
+    takes at most this many (the oldest; the rest go next)."""
     full_refresh_threshold: int = 1000
-    """Distinct targets; a batch at or above it becomes a full refresh."""
+    """Distinct targets; a batch at or above it becomes a full refresh when the manager's
+    last full refresh took less time than refreshing the batch's targets is estimated to
+    (or before a full refresh was measured); a batch below it is never escalated by its
+    size."""
     workers: int = 4
     """Refreshes running at once across all managers (global)."""
     retry_initial: float = 1.0
@@ -53,6 +80,9 @@ class BatchingSettings:
     max_pending_targets: int = 100_000
     """Distinct pending targets across all managers before submit raises QueueFullError
     (global)."""
+    targeted_refresh: bool = True
+    """False: every batch is a full refresh (a manager with ``allow_targeted_refresh =
+    false``); not a ``[batching]`` key."""
 
     def __post_init__(self) -> None:
         if self.debounce < 0 or self.max_delay < 0:
@@ -76,88 +106,6 @@ class BatchingSettings:
             multiplier=self.retry_multiplier,
             jitter=self.retry_jitter,
         )
-
-
-def _ignore_start(manager: str, collection: TargetCollection) -> None:
-    pass
-
-
-def _ignore_success(manager: str, collection: TargetCollection, result: object) -> None:
-    pass
-
-
-def _ignore_failure(manager: str, collection: TargetCollection, exc: Exception) -> None:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class RefreshHooks:
-    """Callbacks for metrics and ``refresh_runs``; called synchronously, must not block.
-
-    Each receives the manager and the collection handed to the refresh (for a
-    full refresh: the manager target only).  When ``on_failure`` runs, the
-    manager's status already shows the retry (``next_retry_at``,
-    ``consecutive_failures``).  Exceptions raised by a hook are logged and
-    otherwise ignored.
-    """
-
-    on_start: Callable[[str, TargetCollection], None] = _ignore_start
-    on_success: Callable[[str, TargetCollection, object], None] = _ignore_success
-    on_failure: Callable[[str, TargetCollection, Exception], None] = _ignore_failure
-
-
-@dataclass(frozen=True, slots=True)
-class RefreshAttempt:
-    """One dispatched refresh of a manager."""
-
-    kind: RefreshKind
-    collection: TargetCollection
-    """What the refresh is given (for a full refresh: the manager target only)."""
-    targets: int
-    """Distinct targets the batch covers (those absorbed by a full refresh included)."""
-    attempt: int
-    """1, or n after n-1 consecutive failures of the manager."""
-    started_at: float
-
-
-def _per_kind() -> dict[RefreshKind, int]:
-    return dict.fromkeys(RefreshKind, 0)
-
-
-@dataclass(slots=True)
-class BatcherStats:
-    """Monotonic counters since start (export them as Prometheus counters)."""
-
-    targets_enqueued: int = 0
-    """Targets accepted by submit / request_full."""
-    targets_coalesced: int = 0
-    """Accepted targets that were already pending for their manager."""
-    targets_rejected: int = 0
-    """Targets refused with QueueFullError."""
-    escalations: int = 0
-    """Retries turned into a full refresh after ``escalate_after`` failures."""
-    batches_dispatched: dict[RefreshKind, int] = field(default_factory=_per_kind)
-    refresh_successes: dict[RefreshKind, int] = field(default_factory=_per_kind)
-    refresh_failures: dict[RefreshKind, int] = field(default_factory=_per_kind)
-
-
-@dataclass(frozen=True, slots=True)
-class ManagerStatus:
-    """A snapshot of one manager in the batcher (times are clock times)."""
-
-    manager: str
-    pending: int
-    """Distinct targets waiting for the next batch."""
-    in_flight: bool
-    """A refresh of this manager is running now."""
-    in_flight_kind: RefreshKind | None
-    in_flight_targets: int
-    consecutive_failures: int
-    next_retry_at: float | None
-    pending_since: float | None
-    last_success_at: float | None
-    last_failure_at: float | None
-    last_error: str | None
 
 
 class PendingBatch:
@@ -207,12 +155,20 @@ class PendingBatch:
         for target in other.targets:
             self._add(target, other._acks[target.key])
 
-    def is_full(self, threshold: int) -> bool:
-        return self.targets.is_full or len(self.targets) >= threshold
+    def take_oldest(self, limit: int) -> PendingBatch:
+        """Move the ``limit`` oldest targets with their acks into a new batch (in
+        ``limit`` steps, whatever the size of this one).  Both keep this batch's
+        arrival times, so what stays is as due as this batch was."""
+        head = PendingBatch(self.targets.manager)
+        acks = self._acks
+        for target in self.targets.take_first(limit):
+            head._add(target, acks.pop(target.key))
+        head.first_at, head.last_at = self.first_at, self.last_at
+        return head
 
-    def collection(self, threshold: int) -> TargetCollection:
+    def collection(self, kind: RefreshKind) -> TargetCollection:
         """What to refresh: the targets, or only the manager target for a full refresh."""
-        if not self.is_full(threshold):
+        if kind is RefreshKind.TARGETED:
             return self.targets
         manager = self.targets.manager
         full = next((t for t in self.targets if t.is_full), None) or Target.full(
@@ -241,29 +197,45 @@ class PendingBatch:
             self.first_at, self.last_at = first, last
 
 
+class Escalation(enum.Enum):
+    """Whether a manager's next batch may be made a full refresh for its size."""
+
+    ALLOWED = "allowed"
+    AFTER_FULL = "after full"
+    """No: a full refresh just covered everything pending before it started; what
+    arrived during it is refreshed targeted (then ALLOWED again)."""
+    REFUSED = "refused"
+    """No: a full refresh chosen for size failed (the mass-deletion guard refused it,
+    say); until a full refresh succeeds (the scheduled one) batches stay targeted."""
+
+
 class ManagerState:
     """One manager in the batcher: its pending batch, the running one, its failures."""
 
     __slots__ = (
+        "costs",
+        "escalation",
         "failures",
         "flush_requested",
-        "in_flight",
         "last_error",
         "last_failure_at",
         "last_success_at",
         "manager",
         "next_retry_at",
         "pending",
+        "running",
         "settings",
-        "task",
     )
 
     def __init__(self, manager: str, settings: BatchingSettings) -> None:
         self.manager = manager
         self.settings = settings
         self.pending = PendingBatch(manager)
-        self.in_flight: PendingBatch | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.running: list[RunningRefresh] = []
+        """Its refreshes in flight, oldest first (two when the next collects while the
+        previous persists, see :mod:`daemon.commit_order`)."""
+        self.costs = ManagerCosts()
+        self.escalation = Escalation.ALLOWED
         self.failures = 0
         self.next_retry_at: float | None = None
         self.flush_requested = False
@@ -272,11 +244,18 @@ class ManagerState:
         self.last_error: str | None = None
 
     def due_at(self) -> float | None:
-        """When the pending batch may be dispatched; None while empty or refreshing."""
-        if self.in_flight is not None or not self.pending:
+        """When the pending batch may be dispatched; None while empty, or while refreshes
+        of the manager run that it may not overlap."""
+        if not self.pending:
+            return None
+        if self.running and not may_start_another(self.running, self.choose_kind(self.pending)):
             return None
         batch, settings = self.pending, self.settings
-        when = min(batch.last_at + settings.debounce, batch.first_at + settings.max_delay)
+        age = settings.debounce
+        if self.running:  # it would overlap the running refresh: worth it once it is as
+            estimate = self.costs.batch_seconds(len(batch))  # old as its refresh takes
+            age = max(age, estimate or 0.0)
+        when = batch.first_at + min(age, settings.max_delay)
         if self.flush_requested:
             when = min(when, batch.first_at)
         elif len(batch) >= settings.max_targets:
@@ -285,17 +264,44 @@ class ManagerState:
             when = max(when, self.next_retry_at)
         return when
 
+    def choose_kind(self, batch: PendingBatch) -> RefreshKind:
+        """Targeted or full, for ``batch`` about to be dispatched (see the module doc)."""
+        if batch.targets.is_full or not self.settings.targeted_refresh:
+            return RefreshKind.FULL
+        if (
+            len(batch) < self.settings.full_refresh_threshold
+            or self.escalation is not Escalation.ALLOWED
+        ):
+            return RefreshKind.TARGETED
+        cheaper = self.costs.full_is_cheaper(len(batch))
+        if cheaper is None:  # not measured: the threshold decides, unless only the
+            # targeted cost is missing: then a targeted refresh measures it first
+            cheaper = self.costs.last_full is None
+        return RefreshKind.FULL if cheaper else RefreshKind.TARGETED
+
     def growth(self, targets: Iterable[Target]) -> int:
         """How many distinct pending targets submitting ``targets`` would add."""
         pending = self.pending
         return len({t.key for t in targets if not pending.holds(t)})
 
-    def take_pending(self) -> PendingBatch:
-        """Move the pending batch in flight; new targets start a fresh batch."""
-        batch, self.pending = self.pending, PendingBatch(self.manager)
-        self.in_flight = batch
-        self.flush_requested = False
-        return batch
+    def take_pending(self, kind: RefreshKind) -> tuple[PendingBatch, RunningRefresh]:
+        """Move the pending batch in flight (a targeted one: its ``max_targets`` oldest
+        targets, the rest stay pending and due); new targets start a fresh batch."""
+        limit = self.settings.max_targets
+        if kind is RefreshKind.TARGETED and len(self.pending) > limit:
+            batch = self.pending.take_oldest(limit)
+        else:
+            batch, self.pending = self.pending, PendingBatch(self.manager)
+        previous = self.running[-1] if self.running else None
+        running = RunningRefresh(kind, batch_size=len(batch), previous=previous)
+        self.running.append(running)
+        self.flush_requested = self.flush_requested and bool(self.pending)
+        return batch, running
+
+    def ended(self, running: RunningRefresh) -> None:
+        """``running`` is over (committed, failed or cancelled)."""
+        running.end()
+        self.running.remove(running)
 
     def restore(self, batch: PendingBatch) -> None:
         """Put an unfinished batch back in front of the targets that arrived since."""
@@ -304,15 +310,36 @@ class ManagerState:
         merged.absorb(self.pending)
         self.pending = merged
 
-    def succeeded(self, now: float) -> None:
+    def succeeded(self, kind: RefreshKind, *, targets: int, duration: float, now: float) -> None:
+        if kind is RefreshKind.FULL:
+            self.costs.observe_full(duration)
+        else:
+            self.costs.observe_targeted(targets, duration)
+        # targets that arrived during a full refresh stay targeted: no full-refresh loop
+        if kind is RefreshKind.FULL:
+            self.escalation = Escalation.AFTER_FULL
+        elif self.escalation is Escalation.AFTER_FULL:
+            self.escalation = Escalation.ALLOWED
         self.failures = 0
         self.next_retry_at = None
         self.last_success_at = now
 
     def failed(
-        self, batch: PendingBatch, exc: Exception, *, now: float, retry_at: float, escalate: bool
+        self,
+        batch: PendingBatch,
+        exc: Exception,
+        *,
+        kind: RefreshKind,
+        now: float,
+        retry_at: float,
+        escalate: bool,
     ) -> None:
         self.failures += 1
+        if kind is RefreshKind.FULL and not batch.targets.is_full:
+            # a full refresh chosen for the batch's size failed (the mass-deletion guard
+            # refused it, say): retry the targets as targeted refreshes, and choose no
+            # full refresh for size until one (the scheduled one) succeeds
+            self.escalation = Escalation.REFUSED
         self.restore(batch)
         if escalate:
             self.pending.add(Target.full(self.manager, trigger=Trigger.ESCALATED), (), now=now)
@@ -321,17 +348,13 @@ class ManagerState:
         self.last_error = f"{type(exc).__name__}: {exc}"
 
     def status(self) -> ManagerStatus:
-        in_flight = self.in_flight
-        kind = None
-        if in_flight is not None:
-            full = in_flight.is_full(self.settings.full_refresh_threshold)
-            kind = RefreshKind.FULL if full else RefreshKind.TARGETED
+        running = self.running
         return ManagerStatus(
             manager=self.manager,
             pending=len(self.pending),
-            in_flight=in_flight is not None,
-            in_flight_kind=kind,
-            in_flight_targets=len(in_flight) if in_flight is not None else 0,
+            in_flight=bool(running),
+            in_flight_kind=running[0].kind if running else None,
+            in_flight_targets=sum(r.batch_size for r in running),
             consecutive_failures=self.failures,
             next_retry_at=self.next_retry_at,
             pending_since=self.pending.first_at if self.pending else None,

@@ -169,7 +169,7 @@ async def cmd_run(loaded: LoadedConfig) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    return await Daemon(loaded).run(stop)
+    return await Daemon(loaded, freeze_heap=True).run(stop)
 
 
 async def cmd_db_upgrade(args: argparse.Namespace) -> int:

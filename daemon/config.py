@@ -385,7 +385,6 @@ def load_config(path: str | Path | None) -> LoadedConfig:
 
 EMBEDDED_DEFAULT: dict[str, Any] = {
     "status_interval": 5.0,
-    "batching": {"debounce": 0.2, "max_delay": 2.0},
     "managers": [
         {
             "name": "awesome",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -55,7 +56,7 @@ from daemon.migrate import upgrade
 from daemon.persister import Persister
 from daemon.progress import ProgressBoard
 from daemon.provider import EventMapper, load_provider
-from daemon.refresh_result import PersisterSettings, RefreshResult
+from daemon.refresh_result import PersisterSettings, RefreshKind, RefreshResult
 from daemon.refresher import RefreshableManager, Refresher
 from daemon.retention import prune_forever
 from daemon.scheduler import Scheduler
@@ -113,11 +114,16 @@ class Daemon:
         *,
         notifier: Notifier | None = None,
         clock: Clock = LOOP_CLOCK,
+        freeze_heap: bool = False,
     ) -> None:
+        """``freeze_heap``: once started, exempt what start-up allocated from garbage
+        collection (``gc.freeze``; ``refreshd run`` does, a daemon embedded in another
+        program need not)."""
         self.loaded = loaded
         self.config: Config = loaded.config
         self.notifier = notifier or Notifier()
         self.clock = clock
+        self.freeze_heap = freeze_heap
         self.readiness = Readiness()
         self.metrics = Metrics(version=refreshd_version())
         self.progress = ProgressBoard()
@@ -195,8 +201,10 @@ class Daemon:
                 endpoints[m.name] = ManagerEndpoint(m.name, m.provider, mapper, connection)
 
             base = batching_settings(BatchingSettings(), cfg.batching)
+            refresher = Refresher(persister, refreshable, progress=self.progress)
             batcher = Batcher(
-                Refresher(persister, refreshable, progress=self.progress).refresh,
+                refresher.refresh,
+                collect=refresher.collect,  # a manager's next batch collects while one persists
                 settings=base,
                 overrides={
                     # a manager without targeted refresh: every batch is full at dispatch
@@ -213,6 +221,7 @@ class Daemon:
                 ),
             )
             self.batcher = batcher
+            await seed_costs(engine, batcher)
             sink = MeteredSink(batcher, self.metrics, self.clock.now)
             self.sink = sink
             token = cfg.http.token.reveal() if cfg.http.token is not None else None
@@ -280,6 +289,8 @@ class Daemon:
             ]
             if self.notifier.watchdog_interval:
                 loops.append(asyncio.create_task(self._watchdog_loop(), name="refreshd-watchdog"))
+            if self.freeze_heap:
+                _freeze_start_up_heap()
             try:
                 self.readiness.reasons.clear()
                 loops.append(asyncio.create_task(database.run(), name="refreshd-database-watch"))
@@ -424,12 +435,19 @@ async def _last_success(engine: AsyncEngine) -> dict[str, dict[str, float]]:
     return out
 
 
+def _freeze_start_up_heap() -> None:
+    """Move what start-up allocated (modules, config, connections) out of the garbage
+    collector's reach: full collections then scan only what the pipeline allocates."""
+    gc.collect()
+    gc.freeze()
+
+
 def _as_dict(stats: object) -> dict[str, Any]:
     return {k: getattr(stats, k) for k in dir(stats) if not k.startswith("_")}
 
 
 def _full_only(settings: BatchingSettings) -> BatchingSettings:
-    return replace(settings, full_refresh_threshold=1)
+    return replace(settings, targeted_refresh=False)
 
 
 @contextlib.asynccontextmanager
@@ -439,6 +457,30 @@ async def _closing_batcher(batcher: Batcher) -> Any:
         yield batcher
     finally:
         await batcher.close(cancel=True)
+
+
+async def seed_costs(engine: AsyncEngine, batcher: Batcher, runs_per_manager: int = 20) -> None:
+    """Start from the durations of each manager's recent successful refreshes in
+    ``refresh_runs`` (oldest first), so that a daemon started on a backlog times its
+    batches and decides escalation from measurements, not from the threshold alone."""
+    r, m = schema.refresh_runs, schema.managers
+    recent = (
+        select(m.c.name, r.c.kind, r.c.targets, r.c.duration, r.c.id)
+        .join(m, m.c.id == r.c.manager_id)
+        .where(r.c.error.is_(None))
+        .order_by(r.c.id.desc())
+        .limit(runs_per_manager * 20)
+    )
+    async with engine.connect() as conn:
+        rows = (await conn.execute(recent)).all()
+    newest: dict[str, list[Any]] = {}
+    for row in rows:  # newest first
+        kept = newest.setdefault(row.name, [])
+        if len(kept) < runs_per_manager:
+            kept.append(row)
+    for row in reversed([row for kept in newest.values() for row in kept]):
+        kind = RefreshKind.FULL if row.kind == RefreshKind.FULL.value else RefreshKind.TARGETED
+        batcher.record_cost(row.name, kind, targets=row.targets, duration=row.duration)
 
 
 async def _last_full(engine: AsyncEngine) -> dict[str, datetime | None]:

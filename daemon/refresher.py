@@ -10,10 +10,12 @@ Flow: batcher -> **refresher** -> provider connection (collector + parser) -> pe
 * A targeted refresh collects everything *before* opening its transaction
   (short transaction, short lock); a full refresh streams pages into one
   transaction, with the next page fetched while the current one is written.
+* :meth:`Refresher.collect` splits a targeted refresh in two: it collects and
+  returns how to persist what it collected, so that the batcher may collect a
+  manager's next batch while this one persists (daemon.commit_order keeps the
+  commits in collect order).  ``refresh`` is ``collect`` followed by its persist.
 * Any failure is recorded on the manager and in ``refresh_runs`` and
   re-raised, so the batcher keeps the targets and retries.
-* Pages and rows are counted on the :class:`~daemon.progress.ProgressBoard` as they
-  go to the persister (``/managers``, the status page, a log line every few seconds).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 
 from daemon.inventory import InventoryPage
 from daemon.persister import Persister, utcnow
-from daemon.progress import Progress, ProgressBoard, counted
+from daemon.progress import ProgressBoard, counted
 from daemon.provider import ManagerConnection
 from daemon.refresh_result import RefreshKind, RefreshResult
 from daemon.targets import Target, TargetCollection
@@ -68,25 +70,51 @@ class Refresher:
             targets = TargetCollection(
                 manager.name, [Target.full(manager.name, trigger=targets.trigger)]
             )
-        kind = RefreshKind.FULL if targets.is_full else RefreshKind.TARGETED
+        if targets.is_full:
+            return await self._full(manager, targets)
+        persist = await self._collect_targeted(manager, targets)
+        return await persist()
+
+    async def collect(
+        self, targets: TargetCollection
+    ) -> Callable[[], Awaitable[RefreshResult]] | None:
+        """Collect a targeted refresh of ``targets``; returns how to persist it.
+
+        Nothing is written until the returned function is awaited (one
+        transaction).  Returns None, having done nothing, when the refresh cannot
+        be collected ahead of the manager's previous commit: a full refresh
+        (requested, or the manager does not allow targeted refreshes) collects
+        while it persists, and targets on child collections are resolved to their
+        parents from the database, which the previous commit may change.
+        """
+        manager = self._managers.get(targets.manager)
+        if manager is None:
+            raise LookupError(f"unknown manager {targets.manager!r}")
+        if targets.is_full or not manager.allow_targeted_refresh:
+            return None
+        registry = self._persister.collections
+        if any(a in registry and registry[a].is_child for a in targets.associations()):
+            return None
+        await self._persister.ensure_manager(manager.name, manager.provider)
+        return await self._collect_targeted(manager, targets)
+
+    async def _full(self, manager: RefreshableManager, targets: TargetCollection) -> RefreshResult:
         board = self._progress
         progress = board.start(
-            manager.name, kind=kind, trigger=targets.trigger, targets=len(targets)
+            manager.name, kind=RefreshKind.FULL, trigger=targets.trigger, targets=len(targets)
         )
         try:
-            if targets.is_full:
-                async with (
-                    aclosing(prefetched(manager.connection.collect_full())) as pages,
-                    aclosing(counted(pages, board, progress)) as seen,
-                ):
-                    return await self._persister.save(manager.name, seen, targets=targets)
-            return await self._targeted(manager, targets, progress)
+            async with (
+                aclosing(prefetched(manager.connection.collect_full())) as pages,
+                aclosing(counted(pages, board, progress)) as seen,
+            ):
+                return await self._persister.save(manager.name, seen, targets=targets)
         finally:
             board.finish(progress)
 
-    async def _targeted(
-        self, manager: RefreshableManager, targets: TargetCollection, progress: Progress
-    ) -> RefreshResult:
+    async def _collect_targeted(
+        self, manager: RefreshableManager, targets: TargetCollection
+    ) -> Callable[[], Awaitable[RefreshResult]]:
         started, t0 = utcnow(), time.perf_counter()
         try:
             resolved = await self._persister.resolve_targets(targets)
@@ -109,16 +137,31 @@ class Refresher:
         expanded = [t for page in pages for t in page.expanded]
         if expanded:
             resolved = TargetCollection(manager.name, [*resolved, *expanded])
-        async with aclosing(counted(_iterate(pages), self._progress, progress)) as seen:
-            result = await self._persister.save(manager.name, seen, targets=resolved)
-        result.extra["collect_seconds"] = collect_time
         log.debug(
             "manager %s: targeted refresh collected %d page(s) in %.3fs",
             manager.name,
             len(pages),
             collect_time,
         )
-        return result
+        scope = resolved
+
+        async def persist() -> RefreshResult:
+            board = self._progress
+            progress = board.start(
+                manager.name,
+                kind=RefreshKind.TARGETED,
+                trigger=targets.trigger,
+                targets=len(targets),
+            )
+            try:
+                async with aclosing(counted(_iterate(pages), board, progress)) as seen:
+                    result = await self._persister.save(manager.name, seen, targets=scope)
+            finally:
+                board.finish(progress)
+            result.extra["collect_seconds"] = collect_time
+            return result
+
+        return persist
 
 
 async def _iterate(pages: list[InventoryPage]) -> AsyncIterator[InventoryPage]:

@@ -18,6 +18,7 @@ is built without sorting, and hashing and comparing refs stays cheap.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,6 +164,11 @@ class TargetCollection:
             return False
         self._targets[key] = target
         return True
+
+    def take_first(self, count: int) -> list[Target]:
+        """Remove and return the ``count`` targets added first (all when fewer)."""
+        keys = list(itertools.islice(self._targets, count))
+        return [self._targets.pop(key) for key in keys]
 
     def merge(self, other: TargetCollection) -> None:
         for target in other:

@@ -123,7 +123,10 @@ async def make_batcher(clock: FakeClock, refresh: FakeRefresh) -> AsyncIterator[
     ) -> Batcher:
         batcher = Batcher(
             refresh,
-            settings=BatchingSettings(**{"retry_jitter": 0.0, **fields}),
+            # the timings below were written for debounce 0.5 s and max_delay 5 s
+            settings=BatchingSettings(
+                **{"retry_jitter": 0.0, "debounce": 0.5, "max_delay": 5.0, **fields}
+            ),
             overrides=overrides or {},
             clock=clock,
             rng=random.Random(0),
@@ -162,16 +165,23 @@ async def test_batch_is_dispatched_after_debounce_of_quiet(make_batcher, clock, 
     assert batcher.stats.batches_dispatched[RefreshKind.TARGETED] == 1
 
 
-async def test_each_new_target_restarts_the_quiet_period(make_batcher, clock, refresh):
+async def test_a_steady_stream_does_not_hold_a_batch_back(make_batcher, clock, refresh):
+    # debounce counts from the oldest target, quiet or not (issue 13: a batch goes when
+    # it is worth going, not only after debounce of quiet)
     batcher = make_batcher()
     submit(batcher, clock, vm("a"))
     await clock.advance(0.4)
     submit(batcher, clock, vm("b"))
-    await clock.advance(0.4)
+    await clock.advance(0.05)
     assert refresh.calls == []
 
-    await clock.advance(0.1)
-    assert [(c.targets, c.started_at) for c in refresh.calls] == [({"m1:vms:a", "m1:vms:b"}, 0.9)]
+    await clock.advance(0.05)
+    submit(batcher, clock, vm("c"))
+    await clock.advance(0.6)
+    assert [(c.targets, c.started_at) for c in refresh.calls] == [
+        ({"m1:vms:a", "m1:vms:b"}, 0.5),
+        ({"m1:vms:c"}, 1.0),
+    ]
 
 
 async def test_pending_target_is_not_added_twice_and_every_ack_waits_on_it(
@@ -189,17 +199,17 @@ async def test_pending_target_is_not_added_twice_and_every_ack_waits_on_it(
     assert batcher.stats.targets_coalesced == 1
 
 
-async def test_steady_stream_is_flushed_at_max_delay(make_batcher, clock, refresh):
-    batcher = make_batcher(debounce=0.5, max_delay=5.0)
+async def test_max_delay_caps_the_wait(make_batcher, clock, refresh):
+    batcher = make_batcher(debounce=2.0, max_delay=1.0)
     for i in itertools.count():
-        if clock.now() >= 5.0 - 1e-9:
+        if clock.now() >= 1.0 - 1e-9:
             break
         submit(batcher, clock, vm(f"v{i}"))
         await clock.advance(0.3)
 
     assert len(refresh.calls) == 1
-    assert refresh.calls[0].started_at == pytest.approx(5.0)
-    assert len(refresh.calls[0].targets) == 17  # t = 0, 0.3, ..., 4.8
+    assert refresh.calls[0].started_at == pytest.approx(1.0)
+    assert len(refresh.calls[0].targets) == 4  # t = 0, 0.3, 0.6, 0.9
 
 
 async def test_batch_reaching_max_targets_is_dispatched_at_once(make_batcher, clock, refresh):
@@ -251,7 +261,7 @@ async def test_target_arriving_mid_refresh_waits_for_the_next_batch(make_batcher
 
 
 async def test_per_manager_overrides(make_batcher, clock, refresh):
-    batcher = make_batcher(overrides={"slow": BatchingSettings(debounce=2.0)})
+    batcher = make_batcher(overrides={"slow": BatchingSettings(debounce=2.0, max_delay=5.0)})
     submit(batcher, clock, vm("a"), vm("b", manager="slow"))
     await clock.advance(3)
     assert [(c.manager, c.started_at) for c in refresh.calls] == [("m1", 0.5), ("slow", 2.0)]
