@@ -17,7 +17,13 @@ Guarantees (DESIGN.md semantics 1-6 and 10):
   nothing; counts are exact.  Missing references become skeletal rows;
   archived rows that reappear are reconnected (same id).
 * A full refresh that would archive/delete more than ``max_delete_ratio`` of
-  the manager's rows is refused: nothing changes, the run is recorded failed.
+  the manager's rows saves everything else and holds the deletions back
+  (:mod:`daemon.deletion_guard`).
+* One bad object does not stop the refresh (semantic 13): rows are normalised
+  and checked before they are written (:mod:`daemon.row_check`), rows the
+  database still refuses are isolated (:mod:`daemon.row_isolation`); rejected
+  objects are recorded (:mod:`daemon.rejects`) and never treated as gone
+  (:mod:`daemon.sweep_scope`), nor are children a targeted page did not cover.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,31 +41,22 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from daemon import schema
 from daemon.collections import Collection, CollectionRegistry, Retention
 from daemon.db import Dialect, dialect_of
+from daemon.deletion_guard import DeletionGuard, HeldDeletion
 from daemon.inventory import COLLECTIONS, InventoryPage, Row
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
+from daemon.rejection import Rejection
+from daemon.rejects import RejectLog, protect
+from daemon.row_check import RowChecker, clean_ref
+from daemon.row_isolation import is_row_error, save_isolating, short_error
 from daemon.staging import TEMP_TABLES_READY, Stager
 from daemon.statements import Statements, statements_for
+from daemon.sweep_scope import SweepScope
 from daemon.targets import Ref, Target, TargetCollection
 
 log = logging.getLogger(__name__)
 
 ADVISORY_NAMESPACE = 0x52464844  # "RFHD": first key of pg_advisory_xact_lock(int, int)
 ANALYZE_MIN_ROWS = 1000  # rows created in a table by one refresh before it is re-ANALYZEd
-
-
-class MassDeletionRefusedError(Exception):
-    """A full refresh would have removed too much of the inventory; nothing was changed."""
-
-    retryable = True
-
-    def __init__(self, manager: str, would_remove: int, total: int, ratio: float) -> None:
-        super().__init__(
-            f"manager {manager}: full refresh refused by the mass-deletion guard: it would "
-            f"archive/delete {would_remove} of {total} rows (> max_delete_ratio {ratio:g}); "
-            "inventory left unchanged"
-        )
-        self.would_remove = would_remove
-        self.total = total
 
 
 def utcnow() -> datetime:
@@ -84,6 +81,9 @@ class Persister:
         self._dialect = dialect_of(engine)
         self._statements: dict[str, Statements] = {c.name: statements_for(c) for c in collections}
         self._manager_ids: dict[str, int] = {}
+        self._checkers = {c.name: RowChecker(c) for c in collections}
+        self._rejects = RejectLog(self._dialect)
+        self._guard = DeletionGuard(self._settings)
         self._sqlite_writer = asyncio.Lock()
 
     @property
@@ -175,7 +175,10 @@ class Persister:
             await conn.execute(
                 select(parent.c.ems_ref)
                 .join(c.table, c.table.c[c.parent.column] == parent.c.id)
-                .where(c.table.c.manager_id == manager_id, c.table.c.ems_ref == ref["ems_ref"])
+                .where(
+                    c.table.c.manager_id == manager_id,
+                    c.table.c.ems_ref == clean_ref(ref["ems_ref"]),
+                )
                 .limit(1)
             )
         ).first()
@@ -183,46 +186,45 @@ class Persister:
 
     # -- saving -----------------------------------------------------------------
 
+    def confirm_deletions(self, manager: str) -> None:
+        """Let the next full refresh of ``manager`` apply deletions the guard would hold."""
+        self._guard.confirm(manager)
+
     async def save(
         self,
         manager: str,
-        pages: AsyncIterable[InventoryPage],
+        pages: AsyncIterable[InventoryPage] | Sequence[InventoryPage],
         *,
         targets: TargetCollection | None = None,
     ) -> RefreshResult:
-        """Save ``pages`` in one transaction; scope FULL when ``targets`` is None or full."""
+        """Save ``pages`` in one transaction; scope FULL when ``targets`` is None or full.
+
+        A full refresh saves each collection of a page under a savepoint, so a row the
+        database refuses is rejected alone (:mod:`daemon.row_isolation`).  A targeted
+        refresh saves without savepoints; if the database refuses one of its rows and
+        its pages are a sequence (they can be read again), it is saved again, isolating.
+        """
         kind = RefreshKind.FULL if targets is None or targets.is_full else RefreshKind.TARGETED
-        manager_id = self._manager_id(manager)
+        self._manager_id(manager)  # raises before anything is recorded
         started = self._now()
         t0 = time.perf_counter()
-        counts: dict[str, Counts] = {c.name: Counts() for c in self._collections}
         try:
-            async with self._write() as conn:
-                await self._lock(conn, manager_id)
-                now = self._now()
-                params: dict[str, Any] = {"m": manager_id, "now": now}
-                stager = Stager(conn, self._engine)
-                await stager.prepare(self._statements.values(), self._engine)
-                tracked = self._tracked(kind, targets)
-                total_before = await self._count_active(conn, params) if kind.full else 0
-                analyzed: dict[str, int] = {}
-                async for page in pages:
-                    await self._save_page(conn, stager, page, params, tracked, counts)
-                    await self._analyze_grown(conn, counts, analyzed)
-                if kind.full:
-                    await self._sweep_full(conn, manager, params, total_before, counts)
-                else:
-                    assert targets is not None
-                    await self._sweep_targeted(conn, targets, params, counts)
-                result = RefreshResult(
-                    manager=manager,
-                    kind=kind,
-                    targets=len(targets) if targets is not None else 1,
-                    counts=counts,
-                    started_at=started,
-                    duration=time.perf_counter() - t0,
+            try:
+                result = await self._save_once(
+                    manager, pages, targets, kind=kind, isolate=kind.full, started=started, t0=t0
                 )
-                await self._record(conn, manager_id, result, now=now)
+            except Exception as exc:
+                if kind.full or not isinstance(pages, Sequence) or not is_row_error(exc):
+                    raise
+                log.warning(
+                    "manager %s: the database refused a row of a targeted refresh (%s); "
+                    "saving it again row by row",
+                    manager,
+                    short_error(exc),
+                )
+                result = await self._save_once(
+                    manager, pages, targets, kind=kind, isolate=True, started=started, t0=t0
+                )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -242,6 +244,70 @@ class Persister:
             result.duration,
             result.total,
         )
+        return result
+
+    async def _save_once(
+        self,
+        manager: str,
+        pages: AsyncIterable[InventoryPage] | Sequence[InventoryPage],
+        targets: TargetCollection | None,
+        *,
+        kind: RefreshKind,
+        isolate: bool,
+        started: datetime,
+        t0: float,
+    ) -> RefreshResult:
+        manager_id = self._manager_id(manager)
+        counts: dict[str, Counts] = {c.name: Counts() for c in self._collections}
+        scope = SweepScope(self._collections)
+        held: HeldDeletion | None = None
+        async with self._write() as conn:
+            await self._lock(conn, manager_id)
+            now = self._now()
+            params: dict[str, Any] = {"m": manager_id, "now": now}
+            stager = Stager(conn, self._engine)
+            await stager.prepare(self._statements.values(), self._engine)
+            tracked = self._tracked(kind, targets)
+            total_before = await self._count_active(conn, params) if kind.full else 0
+            analyzed: dict[str, int] = {}
+            saved_refs: dict[str, set[str]] = {}
+            async for page in _each(pages):
+                saved, rejected = await self._save_page(
+                    conn, stager, page, params, tracked, counts, isolate=isolate
+                )
+                scope.observe(saved, covers=page.covers, rejected=[*page.rejected, *rejected])
+                if not kind.full:
+                    for name, rows in saved.items():
+                        ref_of = self._checkers[name].ref_of
+                        saved_refs.setdefault(name, set()).update(ref_of(r) for r in rows)
+                await self._analyze_grown(conn, counts, analyzed)
+            if kind.full:
+                await protect(
+                    conn,
+                    scope.protected(),
+                    collections=self._collections,
+                    statements=self._statements,
+                    manager_id=manager_id,
+                )
+                held = await self._sweep_full(conn, manager, params, total_before, counts)
+            else:
+                assert targets is not None
+                await self._sweep_targeted(conn, targets, params, counts, scope)
+            await self._rejects.record(conn, manager, manager_id, scope.rejected, now=now)
+            await self._rejects.clear(
+                conn, manager_id, now=now, saved=None if kind.full else saved_refs
+            )
+            result = RefreshResult(
+                manager=manager,
+                kind=kind,
+                targets=len(targets) if targets is not None else 1,
+                counts=counts,
+                started_at=started,
+                duration=time.perf_counter() - t0,
+                rejected=scope.rejected,
+                held_deletion=held,
+            )
+            await self._record(conn, manager_id, result, now=now)
         return result
 
     async def _analyze_grown(
@@ -282,34 +348,79 @@ class Persister:
         params: dict[str, Any],
         tracked: set[str],
         counts: dict[str, Counts],
-    ) -> None:
+        *,
+        isolate: bool,
+    ) -> tuple[dict[str, list[Row]], list[Rejection]]:
+        """Save one page; returns the rows saved per collection and the rejected objects."""
+        saved: dict[str, list[Row]] = {}
+        rejected: list[Rejection] = []
         for collection in self._collections:
             rows = page.rows.get(collection.name)
             if not rows:
                 continue
+            checker = self._checkers[collection.name]
+            rows, bad = checker.check(rows)
+            rejected.extend(bad)
+            if not rows:
+                continue
             st = self._statements[collection.name]
-            await stager.load(st, _dedupe(collection, rows))
-            for referred, statement in st.skeletal:
-                made = len((await conn.execute(statement, params)).all())
-                if made:
-                    counts[referred] = counts[referred] + Counts(created=made)
-            # created: rows inserted now; updated: rows that existed before this refresh
-            # (a row created by an earlier page or a skeletal insert is not counted twice)
             track = collection.name in tracked
-            if self._dialect is Dialect.POSTGRESQL:
-                statement = st.pg_upsert_seen if track else st.pg_upsert
-                flags = (await conn.execute(statement, params)).all()
-                created = sum(1 for inserted, _ in flags if inserted)
-                updated = sum(1 for _, fresh in flags if not fresh)
+            rows = _dedupe(collection, rows)
+            if not isolate:
+                delta = await self._save_rows(conn, stager, st, rows, params, track=track)
+                parts = [(rows, delta)]
             else:
-                created = (await conn.execute(st.count_new, params)).scalar_one()
-                fresh_flags = (await conn.execute(st.upsert, params)).scalars().all()
-                updated = sum(1 for fresh in fresh_flags if not fresh)
-                if track:
-                    await conn.execute(st.mark_seen, params)
-            counts[collection.name] = counts[collection.name] + Counts(
-                created=created, updated=updated
-            )
+
+                def refuse(row: Row, exc: BaseException, checker: RowChecker = checker) -> None:
+                    rejected.append(checker.database_rejection(row, short_error(exc)))
+
+                async def save(
+                    part: list[Row], st: Statements = st, track: bool = track
+                ) -> dict[str, Counts]:
+                    return await self._save_rows(conn, stager, st, part, params, track=track)
+
+                parts = await save_isolating(conn, rows, save, reject=refuse)
+            for part, delta in parts:
+                saved.setdefault(collection.name, []).extend(part)
+                for name, c in delta.items():
+                    counts[name] = counts[name] + c
+        return saved, rejected
+
+    async def _save_rows(
+        self,
+        conn: AsyncConnection,
+        stager: Stager,
+        st: Statements,
+        rows: list[Row],
+        params: dict[str, Any],
+        *,
+        track: bool,
+    ) -> dict[str, Counts]:
+        """Stage and upsert checked rows of one collection; returns the counts per collection."""
+        delta: dict[str, Counts] = {}
+        collection = st.collection
+        await stager.load(st, rows)
+        for referred, statement in st.skeletal:
+            made = len((await conn.execute(statement, params)).all())
+            if made:
+                delta[referred] = delta.get(referred, Counts()) + Counts(created=made)
+        # created: rows inserted now; updated: rows that existed before this refresh
+        # (a row created by an earlier page or a skeletal insert is not counted twice)
+        if self._dialect is Dialect.POSTGRESQL:
+            statement = st.pg_upsert_seen if track else st.pg_upsert
+            flags = (await conn.execute(statement, params)).all()
+            created = sum(1 for inserted, _ in flags if inserted)
+            updated = sum(1 for _, fresh in flags if not fresh)
+        else:
+            created = (await conn.execute(st.count_new, params)).scalar_one()
+            fresh_flags = (await conn.execute(st.upsert, params)).scalars().all()
+            updated = sum(1 for fresh in fresh_flags if not fresh)
+            if track:
+                await conn.execute(st.mark_seen, params)
+        delta[collection.name] = delta.get(collection.name, Counts()) + Counts(
+            created=created, updated=updated
+        )
+        return delta
 
     async def _count_active(self, conn: AsyncConnection, params: dict[str, Any]) -> int:
         total = 0
@@ -324,19 +435,19 @@ class Persister:
         params: dict[str, Any],
         total_before: int,
         counts: dict[str, Counts],
-    ) -> None:
+    ) -> HeldDeletion | None:
+        """Archive/delete the unseen rows, unless the guard holds the deletion back."""
         would_remove = 0
         for st in self._statements.values():
             would_remove += (await conn.execute(st.count_full, params)).scalar_one()
-        s = self._settings
-        if would_remove > s.mass_delete_min_rows and would_remove > s.max_delete_ratio * max(
-            total_before, 1
-        ):
-            raise MassDeletionRefusedError(manager, would_remove, total_before, s.max_delete_ratio)
+        held = self._guard.decide(manager, would_remove=would_remove, total=total_before)
+        if held is not None:
+            return held
         for collection in self._collections:
             st = self._statements[collection.name]
             removed = (await conn.execute(st.sweep_full, params)).rowcount
             counts[collection.name] = counts[collection.name] + _removed(collection, removed)
+        return None
 
     async def _sweep_targeted(
         self,
@@ -344,12 +455,14 @@ class Persister:
         targets: TargetCollection,
         params: dict[str, Any],
         counts: dict[str, Counts],
+        scope: SweepScope,
     ) -> None:
         for collection in self._collections:
             scope_of = collection.parent.collection if collection.parent else collection.name
             if scope_of in self._collections and self._collections[scope_of].is_child:
                 continue
-            refs = sorted(targets.references(scope_of))
+            targeted = {clean_ref(r) for r in targets.references(scope_of)}
+            refs = scope.targeted_refs(collection.name, targeted)
             if not refs:
                 continue
             st = self._statements[collection.name]
@@ -372,7 +485,7 @@ class Persister:
                 started_at=result.started_at,
                 duration=result.duration,
                 error=None,
-                details=result.details(),
+                details=result.run_details(),
             )
         )
         values: dict[str, Any] = {
@@ -486,6 +599,17 @@ class _WriteTransaction:
         finally:
             if self._lock is not None:
                 self._lock.release()
+
+
+async def _each(
+    pages: AsyncIterable[InventoryPage] | Sequence[InventoryPage],
+) -> AsyncIterator[InventoryPage]:
+    if isinstance(pages, Sequence):
+        for page in pages:
+            yield page
+    else:
+        async for page in pages:
+            yield page
 
 
 def _removed(collection: Collection, n: int) -> Counts:

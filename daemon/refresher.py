@@ -85,7 +85,8 @@ class Refresher:
         expanded = [t for page in pages for t in page.expanded]
         if expanded:
             resolved = TargetCollection(manager.name, [*resolved, *expanded])
-        result = await self._persister.save(manager.name, _iterate(pages), targets=resolved)
+        # a list, not a stream: the persister can save it again if a row must be isolated
+        result = await self._persister.save(manager.name, pages, targets=resolved)
         result.extra["collect_seconds"] = collect_time
         log.debug(
             "manager %s: targeted refresh collected %d page(s) in %.3fs",
@@ -94,11 +95,6 @@ class Refresher:
             collect_time,
         )
         return result
-
-
-async def _iterate(pages: list[InventoryPage]) -> AsyncIterator[InventoryPage]:
-    for page in pages:
-        yield page
 
 
 async def prefetched(

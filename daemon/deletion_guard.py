@@ -1,0 +1,87 @@
+"""The mass-deletion guard: holds back the deletions of a full refresh that would
+remove too much, never the rest of it.
+
+Flow: persister (full refresh: pages saved, unseen rows counted) -> **guard** ->
+sweep applied or held -> ``refresh_runs`` / logs / metrics / ``/managers``.
+
+A full refresh that would archive/delete more than ``max_delete_ratio`` of the
+manager's rows (and more than ``mass_delete_min_rows``) -- a cloud API that
+answered an empty list during an outage -- saves every created and updated row
+and commits, but removes nothing: the deletion is *held* (DESIGN.md semantic 10,
+in the manner of Port Ocean's deletion threshold).  The refresh succeeds, so its
+events are acknowledged and the batcher neither retries nor stalls the manager.
+
+A held deletion is applied when
+
+* a later full refresh would remove a share within the threshold (the cloud
+  came back, or it really shrank by a little: the guard agrees), or
+* an operator confirms it: ``refreshd refresh --manager M --confirm-deletions``
+  or ``POST /refresh {"manager": "M", "confirm_deletions": true}`` -- the next full
+  refresh of M then applies its deletions whatever their share (one-shot).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from daemon.refresh_result import PersisterSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldDeletion:
+    """The rows a full refresh did not remove because the guard refused."""
+
+    would_remove: int
+    total: int
+    max_delete_ratio: float
+
+    def message(self, manager: str) -> str:
+        return (
+            f"manager {manager}: the mass-deletion guard held back the deletions of a full "
+            f"refresh: it would archive/delete {self.would_remove} of {self.total} rows "
+            f"(> max_delete_ratio {self.max_delete_ratio:g}); created and updated rows were "
+            "saved; confirm with `refreshd refresh --manager "
+            f"{manager} --confirm-deletions` if the cloud really lost them"
+        )
+
+    def as_details(self) -> dict[str, int]:
+        return {"rows": self.would_remove, "total": self.total}
+
+
+class DeletionGuard:
+    """Decides, per full refresh, whether its deletions are applied or held."""
+
+    def __init__(self, settings: PersisterSettings) -> None:
+        self._settings = settings
+        self._confirmed: set[str] = set()
+
+    def confirm(self, manager: str) -> None:
+        """Let the next full refresh of ``manager`` apply its deletions, whatever their share."""
+        log.info("manager %s: deletions confirmed for its next full refresh", manager)
+        self._confirmed.add(manager)
+
+    def is_confirmed(self, manager: str) -> bool:
+        return manager in self._confirmed
+
+    def decide(self, manager: str, *, would_remove: int, total: int) -> HeldDeletion | None:
+        """None: apply the deletions; else what is held.  Consumes a confirmation."""
+        if manager in self._confirmed:
+            self._confirmed.discard(manager)
+            log.warning(
+                "manager %s: applying %d confirmed deletion(s) of %d rows",
+                manager,
+                would_remove,
+                total,
+            )
+            return None
+        s = self._settings
+        if would_remove > s.mass_delete_min_rows and would_remove > s.max_delete_ratio * max(
+            total, 1
+        ):
+            held = HeldDeletion(would_remove, total, s.max_delete_ratio)
+            log.warning("%s", held.message(manager))
+            return held
+        return None
