@@ -2,7 +2,8 @@
 
 Flow: operator -> **cli** -> config -> (run | refresh | db upgrade | simulator | check-config).
 
-Exit codes: 0 success, 1 the operation failed (refresh error, guard refusal),
+Exit codes: 0 success, 1 the operation failed (refresh error; or the mass-deletion
+guard held the deletions back: the rest was saved, ``--confirm-deletions`` applies them),
 2 bad usage or configuration (the message names the file and key).
 """
 
@@ -73,11 +74,15 @@ async def cmd_refresh(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     manager_cfg = loaded.config.manager(args.manager)
     targets = [parse_target(manager_cfg.name, t) for t in args.target or []]
+    if args.confirm_deletions and targets:
+        raise UsageError("--confirm-deletions applies to a full refresh: give no --target")
     collection = TargetCollection(manager_cfg.name, targets or [Target.full(manager_cfg.name)])
     engine = create_engine(loaded.config.database_url)
     try:
         await upgrade(engine)
         persister = Persister(engine, settings=persister_settings(loaded))
+        if args.confirm_deletions:
+            persister.confirm_deletions(manager_cfg.name)
         provider = load_provider(manager_cfg.provider)
         connection = provider.connect(manager_cfg.name, loaded.provider_settings[manager_cfg.name])
         async with connection:
@@ -90,6 +95,9 @@ async def cmd_refresh(args: argparse.Namespace) -> int:
             result = await Refresher(persister, {managed.name: managed}).refresh(collection)
         for line in result.summary_lines():
             print(line)
+        if result.held_deletion is not None:
+            print(f"refreshd: {result.held_deletion.message(manager_cfg.name)}", file=sys.stderr)
+            return 1
         return 0
     finally:
         await engine.dispose()
@@ -192,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="COLLECTION:REF",
         help="refresh only this object (repeatable), e.g. vms:vm-000012",
+    )
+    p.add_argument(
+        "--confirm-deletions",
+        action="store_true",
+        help="full refresh that applies the deletions the mass-deletion guard would hold back",
     )
 
     db = sub.add_parser("db", help="database schema")

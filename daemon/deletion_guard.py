@@ -24,7 +24,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from daemon import schema
 from daemon.refresh_result import PersisterSettings
 
 log = logging.getLogger(__name__)
@@ -85,3 +90,23 @@ class DeletionGuard:
             log.warning("%s", held.message(manager))
             return held
         return None
+
+
+async def held_deletions(conn: AsyncConnection) -> dict[int, dict[str, Any]]:
+    """Per manager id, the deletion its last successful full refresh held back, if any:
+    ``{"rows": n, "total": t, "since": <that refresh's start>}`` (from ``refresh_runs``)."""
+    rr = schema.refresh_runs
+    last_full = (
+        select(func.max(rr.c.id))
+        .where(rr.c.kind == "full", rr.c.error.is_(None))
+        .group_by(rr.c.manager_id)
+    )
+    rows = await conn.execute(
+        select(rr.c.manager_id, rr.c.details, rr.c.started_at).where(rr.c.id.in_(last_full))
+    )
+    out: dict[int, dict[str, Any]] = {}
+    for manager_id, details, started_at in rows:
+        held = (details or {}).get("held_deletion")
+        if held:
+            out[int(manager_id)] = dict(held) | {"since": started_at.isoformat()}
+    return out

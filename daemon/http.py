@@ -7,10 +7,11 @@ Flow: operator / Prometheus -> **http** -> (status of the pipeline | batcher.req
   catchers started, and until shutdown begins; 503 with the reason otherwise.
 * ``GET /metrics``: Prometheus text format.
 * ``GET /managers``: per manager: last refresh, last full refresh, last error,
-  pending targets, refreshing now.
+  pending targets, refreshing now, deletions held by the mass-deletion guard.
 * ``POST /refresh``: ``{"manager": "...", "targets": ["vms:vm-1", ...]}`` (no
-  targets: full); bearer-token authenticated like the webhook; 202 with the
-  number of targets queued, or 200 once committed with ``?wait=true``.
+  targets: full; ``"confirm_deletions": true``: a full refresh that applies the
+  deletions the guard would hold); bearer-token authenticated like the webhook;
+  202 with the number of targets queued, or 200 once committed with ``?wait=true``.
 
 Binds to 127.0.0.1 by default ([http] listen).
 """
@@ -32,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from daemon import schema
 from daemon.acks import Ack, QueueFullError
 from daemon.batcher import Batcher
+from daemon.deletion_guard import held_deletions
 from daemon.metrics import Metrics
 from daemon.targets import Ref, Target
 
@@ -84,6 +86,8 @@ class HttpDeps:
     managers: frozenset[str]
     token: str | None
     clock: Callable[[], float]
+    confirm_deletions: Callable[[str], None] | None = None
+    """Arms the next full refresh of a manager to apply held deletions (the persister's)."""
 
 
 def make_app(deps: HttpDeps) -> web.Application:
@@ -112,6 +116,7 @@ def make_app(deps: HttpDeps) -> web.Application:
         m = schema.managers
         async with deps.engine.connect() as conn:
             rows = (await conn.execute(select(m))).mappings().all()
+            held = await held_deletions(conn)
         by_name = {r["name"]: r for r in rows}
         out = []
         for name in sorted(deps.managers):
@@ -127,6 +132,7 @@ def make_app(deps: HttpDeps) -> web.Application:
                     "last_refresh_error_at": _iso(row["last_refresh_error_at"]) if row else None,
                     "pending_targets": deps.batcher.pending_count(name),
                     "refreshing": status.in_flight,
+                    "deletions_held": held.get(row["id"]) if row else None,
                 }
             )
         return web.json_response({"managers": out})
@@ -144,8 +150,17 @@ def make_app(deps: HttpDeps) -> web.Application:
             if not isinstance(specs, list):
                 raise ValueError("targets must be a list of COLLECTION:REF strings")
             targets = [parse_target_spec(manager, str(s)) for s in specs] or [Target.full(manager)]
+            confirm = body.get("confirm_deletions", False)
+            if confirm not in (True, False):
+                raise ValueError("confirm_deletions must be true or false")
+            if confirm and specs:
+                raise ValueError("confirm_deletions applies to a full refresh: give no targets")
+            if confirm and deps.confirm_deletions is None:
+                raise ValueError("this endpoint cannot confirm deletions")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             return web.json_response({"error": f"bad request: {exc}"}, status=400)
+        if confirm and deps.confirm_deletions is not None:
+            deps.confirm_deletions(manager)
         ack = Ack(received_at=deps.clock())
         try:
             deps.batcher.submit(targets, ack)

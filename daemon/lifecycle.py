@@ -199,6 +199,7 @@ class Daemon:
                     managers=frozenset(refreshable),
                     token=token,
                     clock=self.clock.now,
+                    confirm_deletions=persister.confirm_deletions,
                 )
             )
             context = CatcherContext(
