@@ -9,6 +9,7 @@ import pytest
 
 from daemon.cli import main
 from daemon.config import ConfigError, load_config, parse_config
+from daemon.migrate import head_revision
 from tests.daemon_process import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +169,25 @@ def test_refresh_without_targeted_refresh_is_full(
     assert "awesome: full refresh" in capsys.readouterr().out
 
 
+def test_refresh_holds_a_mass_deletion_until_confirmed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["refresh", "--config", str(embedded(tmp_path)), "--manager", "awesome"]) == 0
+    capsys.readouterr()
+    config = str(embedded(tmp_path, embedded_vms=5))  # the same cloud, 25 of 30 vms gone
+
+    assert main(["refresh", "--config", config, "--manager", "awesome"]) == 1
+    captured = capsys.readouterr()
+    assert "held back the deletions" in captured.err and "--confirm-deletions" in captured.err
+    assert sum(archived is None for archived in vms_in(tmp_path / "r.db").values()) == 30
+
+    confirm = ["refresh", "--config", config, "--manager", "awesome", "--confirm-deletions"]
+    assert main(confirm) == 0
+    assert sum(archived is None for archived in vms_in(tmp_path / "r.db").values()) == 5
+    assert main([*confirm, "--target", "vms:vm-000001"]) == 2
+    assert "applies to a full refresh" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -187,7 +207,7 @@ def test_db_upgrade_is_idempotent(tmp_path: Path, capsys: pytest.CaptureFixture[
     config = str(embedded(tmp_path))
     assert main(["db", "upgrade", "--config", config]) == 0
     assert main(["db", "upgrade", "--config", config]) == 0
-    assert capsys.readouterr().out.count("database schema at revision 0001") == 2
+    assert capsys.readouterr().out.count(f"database schema at revision {head_revision()}") == 2
     tables = {
         r[0]
         for r in sqlite3.connect(tmp_path / "r.db").execute(
