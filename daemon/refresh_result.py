@@ -58,9 +58,9 @@ class PersisterSettings:
 
     max_delete_ratio: float = 0.5
     """A full refresh that would archive/delete more than this share of the manager's
-    rows is refused (0..1, default 0.5)."""
+    rows has its deletions held back (0..1, default 0.5; see daemon.deletion_guard)."""
     mass_delete_min_rows: int = 10
-    """Removing at most this many rows is never refused (default 10)."""
+    """Removing at most this many rows is never held back (default 10)."""
 
 
 @dataclass(slots=True)
