@@ -8,8 +8,11 @@ its existing row (and a vm's children) stays as it was until it saves.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, text
@@ -24,11 +27,13 @@ from daemon.refresh_result import RefreshResult
 from daemon.rejection import Rejection, RejectReason
 from tests.inventory_builders import (
     MANAGER,
+    Cloud,
     fleet,
     normalize,
     of_vms,
     pages,
     runs,
+    scenarios,
     snapshot,
     vm_targets,
 )
@@ -256,3 +261,59 @@ async def test_a_row_the_database_refuses_is_isolated(
                 await conn.execute(text("ALTER TABLE vms DROP CONSTRAINT test_no_evil"))
             else:
                 await conn.execute(text("DROP TRIGGER test_no_evil"))
+
+
+# -- property: bad objects change nothing but themselves --------------------------------
+
+_managers = itertools.count()
+
+
+@st.composite
+def poisoned_scenarios(
+    draw: st.DrawFn,
+) -> tuple[Cloud, Cloud, list[str], dict[str, str]]:
+    initial, cloud, chosen = draw(scenarios())
+    live = [r for r in chosen if r in cloud.vms]
+    poison = draw(
+        st.fixed_dictionaries({r: st.sampled_from(["none", "reject", "normalise"]) for r in live})
+    )
+    return initial, cloud, chosen, {r: p for r, p in poison.items() if p != "none"}
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(scenario=poisoned_scenarios())
+async def test_bad_objects_change_nothing_but_themselves(
+    persister: Persister,
+    engine: AsyncEngine,
+    scenario: tuple[Cloud, Cloud, list[str], dict[str, str]],
+) -> None:
+    initial, cloud, chosen, poison = scenario
+    manager = f"p{next(_managers)}"  # one manager per example: examples share the database
+    mid = await persister.ensure_manager(manager, "awesome_cloud")
+    await persister.save(manager, pages(*initial.full_pages()))
+    before = await snapshot(engine, mid)
+    expected = cloud.copy()
+    for ref, kind in poison.items():
+        if kind == "reject":
+            cloud.vms[ref]["extra"] = {"x": float("nan")}
+        else:
+            cloud.vms[ref]["name"] = "a\x00b"
+            expected.vms[ref]["name"] = f"a{R}b"
+
+    result = await persister.save(
+        manager, [cloud.targeted_page(*chosen)], targets=vm_targets(*chosen, manager=manager)
+    )
+
+    after = await snapshot(engine, mid)
+    rejected = sorted(r for r, kind in poison.items() if kind == "reject")
+    assert sorted(r.ref for r in result.rejected) == rejected
+    unchanged = [r for r in before["vms"] if r not in chosen or r in rejected]
+    assert of_vms(after, unchanged) == of_vms(before, unchanged)
+    assert not any(r in after["vms"] for r in rejected if r not in before["vms"])
+    saved = [r for r in chosen if r in cloud.vms and r not in rejected]
+    assert of_vms(normalize(after), saved) == of_vms(expected.normalized(), saved)
