@@ -62,6 +62,7 @@ class DeletionGuard:
     def __init__(self, settings: PersisterSettings) -> None:
         self._settings = settings
         self._confirmed: set[str] = set()
+        self._using: set[str] = set()  # confirmations a refresh in flight is applying
 
     def confirm(self, manager: str) -> None:
         """Let the next full refresh of ``manager`` apply its deletions, whatever their share."""
@@ -72,9 +73,10 @@ class DeletionGuard:
         return manager in self._confirmed
 
     def decide(self, manager: str, *, would_remove: int, total: int) -> HeldDeletion | None:
-        """None: apply the deletions; else what is held.  Consumes a confirmation."""
+        """None: apply the deletions; else what is held.  A confirmation is used here and
+        spent by :meth:`spend` once the refresh committed (kept if it rolled back)."""
         if manager in self._confirmed:
-            self._confirmed.discard(manager)
+            self._using.add(manager)
             log.warning(
                 "manager %s: applying %d confirmed deletion(s) of %d rows",
                 manager,
@@ -90,6 +92,13 @@ class DeletionGuard:
             log.warning("%s", held.message(manager))
             return held
         return None
+
+    def spend(self, manager: str) -> None:
+        """A full refresh of ``manager`` committed: spend the confirmation it applied, if any.
+        (One that failed after :meth:`decide` never gets here: the confirmation stays armed.)"""
+        if manager in self._using:
+            self._using.discard(manager)
+            self._confirmed.discard(manager)
 
 
 async def held_deletions(conn: AsyncConnection) -> dict[int, dict[str, Any]]:

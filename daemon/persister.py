@@ -308,6 +308,8 @@ class Persister:
                 held_deletion=held,
             )
             await self._record(conn, manager_id, result, now=now)
+        if kind.full:  # committed: a confirmation it applied is spent (one that failed is kept)
+            self._guard.spend(manager)
         return result
 
     async def _analyze_grown(
