@@ -39,12 +39,12 @@ from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from daemon import schema
-from daemon.collections import Collection, CollectionRegistry, Retention
+from daemon.collections import Collection, CollectionRegistry, Reference, Retention
 from daemon.db import Dialect, dialect_of
 from daemon.deletion_guard import DeletionGuard, HeldDeletion
 from daemon.inventory import COLLECTIONS, InventoryPage, Row
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
-from daemon.rejection import Rejection
+from daemon.rejection import Rejection, RejectReason
 from daemon.rejects import RejectLog, protect
 from daemon.row_check import RowChecker, clean_ref
 from daemon.row_isolation import is_row_error, save_isolating, short_error
@@ -84,6 +84,7 @@ class Persister:
         self._checkers = {c.name: RowChecker(c) for c in collections}
         self._rejects = RejectLog(self._dialect)
         self._guard = DeletionGuard(self._settings)
+        self._isolating: set[str] = set()  # managers whose full refreshes save row by row
         self._sqlite_writer = asyncio.Lock()
 
     @property
@@ -199,32 +200,45 @@ class Persister:
     ) -> RefreshResult:
         """Save ``pages`` in one transaction; scope FULL when ``targets`` is None or full.
 
-        A full refresh saves each collection of a page under a savepoint, so a row the
-        database refuses is rejected alone (:mod:`daemon.row_isolation`).  A targeted
-        refresh saves without savepoints; if the database refuses one of its rows and
-        its pages are a sequence (they can be read again), it is saved again, isolating.
+        Rows are saved without savepoints (no subtransactions on the fast path).  When the
+        database refuses a row the row check did not foresee, the refresh is saved again
+        *isolating* (each collection of a page under a savepoint, a refused batch bisected:
+        :mod:`daemon.row_isolation`): at once when ``pages`` is a sequence (a targeted
+        refresh's pages are collected first), else (a streamed full refresh) by its retry,
+        and by the manager's full refreshes as long as the database keeps refusing rows.
         """
         kind = RefreshKind.FULL if targets is None or targets.is_full else RefreshKind.TARGETED
         self._manager_id(manager)  # raises before anything is recorded
         started = self._now()
         t0 = time.perf_counter()
+        isolate = kind.full and manager in self._isolating
         try:
             try:
                 result = await self._save_once(
-                    manager, pages, targets, kind=kind, isolate=kind.full, started=started, t0=t0
+                    manager, pages, targets, kind=kind, isolate=isolate, started=started, t0=t0
                 )
             except Exception as exc:
-                if kind.full or not isinstance(pages, Sequence) or not is_row_error(exc):
+                if isolate or not is_row_error(exc):
                     raise
+                replay = isinstance(pages, Sequence)
                 log.warning(
-                    "manager %s: the database refused a row of a targeted refresh (%s); "
-                    "saving it again row by row",
+                    "manager %s: the database refused a row of a %s refresh (%s); %s",
                     manager,
+                    kind.value,
                     short_error(exc),
+                    "saving it again row by row" if replay else "its retry saves row by row",
                 )
+                if not replay:
+                    self._isolating.add(manager)
+                    raise
                 result = await self._save_once(
                     manager, pages, targets, kind=kind, isolate=True, started=started, t0=t0
                 )
+            if kind.full:  # keep isolating while the database refuses rows of this manager
+                if any(r.reason is RejectReason.DATABASE_ERROR for r in result.rejected):
+                    self._isolating.add(manager)
+                else:
+                    self._isolating.discard(manager)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -363,6 +377,8 @@ class Persister:
             checker = self._checkers[collection.name]
             rows, bad = checker.check(rows)
             rejected.extend(bad)
+            if collection.parent is not None:  # a rejected vm is kept whole: children too
+                rows = _without_children_of(collection.parent, rows, [*page.rejected, *rejected])
             if not rows:
                 continue
             st = self._statements[collection.name]
@@ -612,6 +628,16 @@ async def _each(
     else:
         async for page in pages:
             yield page
+
+
+def _without_children_of(
+    parent: Reference, rows: list[Row], rejected: list[Rejection]
+) -> list[Row]:
+    """``rows`` of a child collection, less the children of rejected parents."""
+    gone = {r.ref for r in rejected if r.collection == parent.collection}
+    if not gone:
+        return rows
+    return [row for row in rows if row.get(parent.attribute) not in gone]
 
 
 def _removed(collection: Collection, n: int) -> Counts:

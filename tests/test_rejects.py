@@ -11,11 +11,13 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from daemon import schema
@@ -235,6 +237,11 @@ async def test_a_row_the_database_refuses_is_isolated(
     try:
         cloud = fleet(10)
         cloud.vms["v5"]["name"] = "evil"
+        # a streamed full refresh cannot be read twice: it fails, and its retry isolates
+        with pytest.raises(DBAPIError):
+            await persister.save(MANAGER, pages(*cloud.full_pages(vms_per_page=4)))
+        assert (await snapshot(engine))["vms"] == {}
+        assert (await runs(engine))[-1]["error"]  # recorded as failed
         result = await persister.save(MANAGER, pages(*cloud.full_pages(vms_per_page=4)))
         after = await snapshot(engine)
         assert set(after["vms"]) == {f"v{i}" for i in range(10)} - {"v5"}
@@ -255,6 +262,10 @@ async def test_a_row_the_database_refuses_is_isolated(
         assert after["vms"]["v6"]["name"] == "v6-new"
         assert {r.ref for r in result.rejected} == {"v5", "evil-too"}
         assert set(await rejected_objects(engine)) == {("vms", "v5"), ("vms", "evil-too")}
+
+        # the next full refresh isolates from the start (the database still refuses v5)
+        result = await persister.save(MANAGER, pages(*cloud.full_pages(vms_per_page=4)))
+        assert {r.ref for r in result.rejected} == {"v5", "evil-too"}
     finally:
         async with engine.begin() as conn:
             if postgres:
