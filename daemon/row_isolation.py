@@ -5,12 +5,13 @@ Flow: persister (page of one collection) -> **row isolation** -> stage + upsert.
 The row check (:mod:`daemon.row_check`) catches what it can foresee before any
 round trip.  Whatever it cannot (a constraint or trigger an operator added, a
 driver that refuses a value) fails the statement that saves the batch.  Here
+when the persister saves again isolating (:meth:`daemon.persister.Persister.save`),
 each batch runs under a savepoint; when the database refuses it with a data or
 integrity error (SQLSTATE classes 22 and 23, their SQLite equivalents, a value
 the driver cannot encode), the savepoint is rolled back and the batch is split
 in halves, recursively, until the failing rows stand alone: they are rejected,
 every other row is saved.  A batch of n rows with k bad ones costs about
-``2k log2(n)`` extra statements; a clean batch costs one savepoint.
+``2k log2(n)`` extra saves; a clean batch costs one savepoint.
 
 Any other error (connection lost, a bug) is raised: the refresh fails and is retried.
 """
