@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from daemon import schema
 from daemon.config import parse_config
@@ -109,3 +109,48 @@ async def test_poison_values_from_the_cloud_do_not_stop_100_changes(
         if x.name == "refreshd_objects_rejected_total"
     }
     assert rejected == {("disks", "out_of_range"): 1.0}
+
+
+async def test_a_row_the_database_refuses_in_a_full_refresh_is_isolated_by_its_retry(
+    daemon: tuple[Daemon, str, Cloud], empty_db_url: str
+) -> None:
+    d, url, cloud = daemon
+    engine = create_engine(empty_db_url)
+    postgres = engine.dialect.name == "postgresql"
+    refused = "CHECK (name <> 'refused')"
+    async with engine.begin() as conn:  # what the row check cannot foresee
+        await conn.execute(
+            text(f"ALTER TABLE vms ADD CONSTRAINT test_refused {refused}")
+            if postgres
+            else text(
+                "CREATE TRIGGER test_refused BEFORE UPDATE ON vms WHEN NEW.name = 'refused' "
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        )
+    try:
+        victim, other = cloud.ids("vms")[:2]
+        cloud.update("vms", victim, {"name": "refused"})
+        cloud.update("vms", other, {"name": "saved"})
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(url + "/refresh?wait=true", json={"manager": "sim"}, headers=auth) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+        vms = await vms_in(empty_db_url)
+        assert vms[other]["name"] == "saved"
+        assert vms[victim]["name"] != "refused" and vms[victim]["archived_at"] is None
+        assert d.refreshes_failed == 1  # the streamed attempt; its retry isolated the row
+        async with engine.connect() as conn:
+            listed = (await conn.execute(select(schema.rejected_objects))).mappings().all()
+        assert [(r["collection"], r["ref"], r["reason"]) for r in listed] == [
+            ("vms", victim, "database_error")
+        ]
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("ALTER TABLE vms DROP CONSTRAINT test_refused")
+                if postgres
+                else text("DROP TRIGGER test_refused")
+            )
+        await engine.dispose()
