@@ -46,7 +46,7 @@ from daemon.inventory import COLLECTIONS, InventoryPage, Row
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
 from daemon.rejection import Rejection, RejectReason
 from daemon.rejects import RejectLog, protect
-from daemon.row_check import RowChecker, clean_ref
+from daemon.row_check import RowChecker, clean_ref, clean_rejection
 from daemon.row_isolation import is_row_error, save_isolating, short_error
 from daemon.staging import TEMP_TABLES_READY, Stager
 from daemon.statements import Statements, statements_for
@@ -289,7 +289,7 @@ class Persister:
                 saved, rejected = await self._save_page(
                     conn, stager, page, params, tracked, counts, isolate=isolate
                 )
-                scope.observe(saved, covers=page.covers, rejected=[*page.rejected, *rejected])
+                scope.observe(saved, covers=page.covers, rejected=rejected)
                 if not kind.full:
                     for name, rows in saved.items():
                         ref_of = self._checkers[name].ref_of
@@ -367,9 +367,10 @@ class Persister:
         *,
         isolate: bool,
     ) -> tuple[dict[str, list[Row]], list[Rejection]]:
-        """Save one page; returns the rows saved per collection and the rejected objects."""
+        """Save one page; returns the rows saved per collection and the rejected objects
+        (the parser's and the row check's, normalised, and those the database refused)."""
         saved: dict[str, list[Row]] = {}
-        rejected: list[Rejection] = []
+        rejected: list[Rejection] = [clean_rejection(r) for r in page.rejected]
         for collection in self._collections:
             rows = page.rows.get(collection.name)
             if not rows:
@@ -378,7 +379,7 @@ class Persister:
             rows, bad = checker.check(rows)
             rejected.extend(bad)
             if collection.parent is not None:  # a rejected vm is kept whole: children too
-                rows = _without_children_of(collection.parent, rows, [*page.rejected, *rejected])
+                rows = _without_children_of(collection.parent, rows, rejected)
             if not rows:
                 continue
             st = self._statements[collection.name]

@@ -28,6 +28,7 @@ from daemon import schema
 from daemon.collections import CollectionRegistry
 from daemon.db import Dialect
 from daemon.rejection import Rejection
+from daemon.row_check import clean_text
 from daemon.statements import Statements
 from daemon.sweep_scope import Protected
 
@@ -83,7 +84,7 @@ class RejectLog:
                     "collection": r.collection,
                     "ref": r.ref,
                     "reason": r.reason.value,
-                    "error": r.error[:ERROR_CHARS],
+                    "error": clean_text(r.error[:ERROR_CHARS]),
                     "first_seen": now,
                     "last_seen": now,
                     "count": 1,

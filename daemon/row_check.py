@@ -227,3 +227,15 @@ class RowChecker:
 def clean_ref(value: str) -> str:
     """A target's ref normalised like the rows' keys (so it names the same row)."""
     return clean_text(value)
+
+
+def clean_rejection(rejection: Rejection) -> Rejection:
+    """A provider's rejection with its ref, parent and error storable (and matching rows)."""
+    parent = rejection.parent
+    return Rejection(
+        rejection.collection,
+        clean_text(rejection.ref),
+        rejection.reason,
+        clean_text(rejection.error),
+        parent=clean_text(parent) if parent is not None else None,
+    )

@@ -328,3 +328,21 @@ async def test_bad_objects_change_nothing_but_themselves(
     assert not any(r in after["vms"] for r in rejected if r not in before["vms"])
     saved = [r for r in chosen if r in cloud.vms and r not in rejected]
     assert of_vms(normalize(after), saved) == of_vms(expected.normalized(), saved)
+
+
+async def test_a_parser_rejection_with_a_poison_ref_is_stored_and_keeps_its_row(
+    persister: Persister, engine: AsyncEngine
+) -> None:
+    cloud = fleet(3).vm("bad\x00", disks=("sda",))
+    await persister.save(MANAGER, pages(*cloud.full_pages()))
+    cloud.remove_vm("bad\x00")  # unreadable now, not gone
+    unreadable = InventoryPage(
+        rejected=[Rejection("vms", "bad\x00", RejectReason.PARSE_ERROR, "ValueError: \x00")]
+    )
+    result = await persister.save(MANAGER, pages(*cloud.full_pages(), unreadable))
+    assert result.total.archived == result.total.deleted == 0
+    after = await snapshot(engine)
+    assert after["vms"][f"bad{R}"]["archived_at"] is None
+    assert (f"bad{R}", "sda") in after["disks"]
+    listed = await rejected_objects(engine)
+    assert listed[("vms", f"bad{R}")]["error"] == f"ValueError: {R}"
