@@ -26,6 +26,7 @@ Rejected (:class:`~daemon.rejection.Rejection`), the rest of the page is saved:
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -89,10 +90,20 @@ def clean_json(value: Any) -> Any:
     return value
 
 
+class _Kind(enum.Enum):
+    """How a column's values are checked."""
+
+    TEXT = "text"
+    INT = "int"
+    FLOAT = "float"
+    JSON = "json"
+    OTHER = "other"
+
+
 @dataclass(frozen=True, slots=True)
 class _Field:
     attribute: str
-    kind: str  # "text", "int", "float", "json", "other"
+    kind: _Kind
     nullable: bool
     length: int | None = None
     bounds: tuple[int, int] = INT64
@@ -100,7 +111,7 @@ class _Field:
 
 def _field(collection: Collection, attribute: str, *, required: bool) -> _Field:
     if any(r.attribute == attribute for r in collection.all_references):
-        return _Field(attribute, "text", not required)
+        return _Field(attribute, _Kind.TEXT, not required)
     column = collection.table.c[attribute]
     nullable = bool(column.nullable) and not required
     return _field_of_type(attribute, column.type, nullable)
@@ -108,16 +119,16 @@ def _field(collection: Collection, attribute: str, *, required: bool) -> _Field:
 
 def _field_of_type(attribute: str, type_: TypeEngine[Any], nullable: bool) -> _Field:
     if isinstance(type_, JSON):
-        return _Field(attribute, "json", nullable)
+        return _Field(attribute, _Kind.JSON, nullable)
     if isinstance(type_, String):
-        return _Field(attribute, "text", nullable, length=type_.length)
+        return _Field(attribute, _Kind.TEXT, nullable, length=type_.length)
     if isinstance(type_, BigInteger):
-        return _Field(attribute, "int", nullable, bounds=INT64)
+        return _Field(attribute, _Kind.INT, nullable, bounds=INT64)
     if isinstance(type_, Integer):
-        return _Field(attribute, "int", nullable, bounds=INT32)
+        return _Field(attribute, _Kind.INT, nullable, bounds=INT32)
     if isinstance(type_, Float):
-        return _Field(attribute, "float", nullable)
-    return _Field(attribute, "other", nullable)
+        return _Field(attribute, _Kind.FLOAT, nullable)
+    return _Field(attribute, _Kind.OTHER, nullable)
 
 
 class RowChecker:
@@ -195,7 +206,7 @@ class RowChecker:
             if not f.nullable:
                 raise _Bad(RejectReason.MISSING_KEY, f"{f.attribute} is missing")
             return None
-        if f.kind == "text":
+        if f.kind is _Kind.TEXT:
             if not isinstance(value, str):
                 raise _Bad(RejectReason.INVALID_TYPE, f"{f.attribute}: not a string: {value!r:.80}")
             if not value and not f.nullable:
@@ -207,7 +218,7 @@ class RowChecker:
                     f"{f.attribute}: {len(value)} characters, the column holds {f.length}",
                 )
             return value
-        if f.kind == "int":
+        if f.kind is _Kind.INT:
             if type(value) is not int:
                 raise _Bad(
                     RejectReason.INVALID_TYPE, f"{f.attribute}: not an integer: {value!r:.80}"
@@ -215,11 +226,11 @@ class RowChecker:
             if not f.bounds[0] <= value <= f.bounds[1]:
                 raise _Bad(RejectReason.OUT_OF_RANGE, f"{f.attribute}: {value} is out of range")
             return value
-        if f.kind == "float":
+        if f.kind is _Kind.FLOAT:
             if type(value) not in (int, float):
                 raise _Bad(RejectReason.INVALID_TYPE, f"{f.attribute}: not a number: {value!r:.80}")
             return value
-        if f.kind == "json":
+        if f.kind is _Kind.JSON:
             return clean_json(value)
         return value
 
