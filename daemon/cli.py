@@ -82,7 +82,8 @@ async def cmd_refresh(args: argparse.Namespace) -> int:
         await upgrade(engine)
         persister = Persister(engine, settings=persister_settings(loaded))
         if args.confirm_deletions:
-            persister.confirm_deletions(manager_cfg.name)
+            await persister.ensure_manager(manager_cfg.name, manager_cfg.provider)
+            await persister.confirm_deletions(manager_cfg.name)
         provider = load_provider(manager_cfg.provider)
         connection = provider.connect(manager_cfg.name, loaded.provider_settings[manager_cfg.name])
         async with connection:

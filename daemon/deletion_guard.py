@@ -16,17 +16,20 @@ A held deletion is applied when
 * a later full refresh would remove a share within the threshold (the cloud
   came back, or it really shrank by a little: the guard agrees), or
 * an operator confirms it: ``refreshd refresh --manager M --confirm-deletions``
-  or ``POST /refresh {"manager": "M", "confirm_deletions": true}`` -- the next full
-  refresh of M then applies its deletions whatever their share (one-shot).
+  or ``POST /refresh {"manager": "M", "confirm_deletions": true}`` set
+  ``managers.deletions_confirmed_at``; the next full refresh of M, in whichever
+  process, applies its deletions whatever their share and clears it in the
+  same transaction (a refresh that fails leaves it set).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from daemon import schema
@@ -61,22 +64,13 @@ class DeletionGuard:
 
     def __init__(self, settings: PersisterSettings) -> None:
         self._settings = settings
-        self._confirmed: set[str] = set()
-        self._using: set[str] = set()  # confirmations a refresh in flight is applying
 
-    def confirm(self, manager: str) -> None:
-        """Let the next full refresh of ``manager`` apply its deletions, whatever their share."""
-        log.info("manager %s: deletions confirmed for its next full refresh", manager)
-        self._confirmed.add(manager)
-
-    def is_confirmed(self, manager: str) -> bool:
-        return manager in self._confirmed
-
-    def decide(self, manager: str, *, would_remove: int, total: int) -> HeldDeletion | None:
-        """None: apply the deletions; else what is held.  A confirmation is used here and
-        spent by :meth:`spend` once the refresh committed (kept if it rolled back)."""
-        if manager in self._confirmed:
-            self._using.add(manager)
+    def decide(
+        self, manager: str, *, would_remove: int, total: int, confirmed: bool
+    ) -> HeldDeletion | None:
+        """None: apply the deletions; else what is held.  ``confirmed``: an operator
+        confirmed (``managers.deletions_confirmed_at``): apply whatever the share."""
+        if confirmed:
             log.warning(
                 "manager %s: applying %d confirmed deletion(s) of %d rows",
                 manager,
@@ -93,12 +87,24 @@ class DeletionGuard:
             return held
         return None
 
-    def spend(self, manager: str) -> None:
-        """A full refresh of ``manager`` committed: spend the confirmation it applied, if any.
-        (One that failed after :meth:`decide` never gets here: the confirmation stays armed.)"""
-        if manager in self._using:
-            self._using.discard(manager)
-            self._confirmed.discard(manager)
+
+async def confirm_deletions(conn: AsyncConnection, manager: str, *, now: datetime) -> bool:
+    """Arm the next full refresh of ``manager`` to apply its deletions; False: no such manager."""
+    m = schema.managers
+    done = await conn.execute(
+        update(m).where(m.c.name == manager).values(deletions_confirmed_at=now)
+    )
+    confirmed = done.rowcount > 0
+    if confirmed:
+        log.info("manager %s: deletions confirmed for its next full refresh", manager)
+    return confirmed
+
+
+async def is_confirmed(conn: AsyncConnection, manager_id: int) -> bool:
+    """Whether an operator confirmed the deletions of ``manager_id``'s next full refresh."""
+    m = schema.managers
+    row = await conn.execute(select(m.c.deletions_confirmed_at).where(m.c.id == manager_id))
+    return row.scalar_one_or_none() is not None
 
 
 async def held_deletions(conn: AsyncConnection) -> dict[int, dict[str, Any]]:

@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from daemon import schema
@@ -86,7 +87,7 @@ class HttpDeps:
     managers: frozenset[str]
     token: str | None
     clock: Callable[[], float]
-    confirm_deletions: Callable[[str], None] | None = None
+    confirm_deletions: Callable[[str], Awaitable[None]] | None = None
     """Arms the next full refresh of a manager to apply held deletions (the persister's)."""
 
 
@@ -133,6 +134,7 @@ def make_app(deps: HttpDeps) -> web.Application:
                     "pending_targets": deps.batcher.pending_count(name),
                     "refreshing": status.in_flight,
                     "deletions_held": held.get(row["id"]) if row else None,
+                    "deletions_confirmed_at": _iso(row["deletions_confirmed_at"]) if row else None,
                 }
             )
         return web.json_response({"managers": out})
@@ -160,7 +162,15 @@ def make_app(deps: HttpDeps) -> web.Application:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             return web.json_response({"error": f"bad request: {exc}"}, status=400)
         if confirm and deps.confirm_deletions is not None:
-            deps.confirm_deletions(manager)
+            try:
+                await deps.confirm_deletions(manager)
+            except (OSError, SQLAlchemyError) as exc:
+                log.warning("manager %s: could not record the confirmation: %s", manager, exc)
+                return web.json_response(
+                    {"error": "the database is unavailable; try again"},
+                    status=503,
+                    headers={"Retry-After": "5"},
+                )
         ack = Ack(received_at=deps.clock())
         try:
             deps.batcher.submit(targets, ack)

@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from daemon import schema
 from daemon.collections import Collection, CollectionRegistry, Reference, Retention
 from daemon.db import Dialect, dialect_of
-from daemon.deletion_guard import DeletionGuard, HeldDeletion
+from daemon.deletion_guard import DeletionGuard, HeldDeletion, confirm_deletions, is_confirmed
 from daemon.inventory import COLLECTIONS, InventoryPage, Row
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
 from daemon.rejection import Rejection, RejectReason
@@ -187,9 +187,11 @@ class Persister:
 
     # -- saving -----------------------------------------------------------------
 
-    def confirm_deletions(self, manager: str) -> None:
+    async def confirm_deletions(self, manager: str) -> None:
         """Let the next full refresh of ``manager`` apply deletions the guard would hold."""
-        self._guard.confirm(manager)
+        async with self._write() as conn:
+            if not await confirm_deletions(conn, manager, now=self._now()):
+                raise LookupError(f"unknown manager {manager!r}")
 
     async def save(
         self,
@@ -275,6 +277,7 @@ class Persister:
         counts: dict[str, Counts] = {c.name: Counts() for c in self._collections}
         scope = SweepScope(self._collections)
         held: HeldDeletion | None = None
+        confirmed = False
         async with self._write() as conn:
             await self._lock(conn, manager_id)
             now = self._now()
@@ -303,7 +306,10 @@ class Persister:
                     statements=self._statements,
                     manager_id=manager_id,
                 )
-                held = await self._sweep_full(conn, manager, params, total_before, counts)
+                confirmed = await is_confirmed(conn, manager_id)
+                held = await self._sweep_full(
+                    conn, manager, params, total_before, counts, confirmed=confirmed
+                )
             else:
                 assert targets is not None
                 await self._sweep_targeted(conn, targets, params, counts, scope)
@@ -321,9 +327,7 @@ class Persister:
                 rejected=scope.rejected,
                 held_deletion=held,
             )
-            await self._record(conn, manager_id, result, now=now)
-        if kind.full:  # committed: a confirmation it applied is spent (one that failed is kept)
-            self._guard.spend(manager)
+            await self._record(conn, manager_id, result, now=now, spend_confirmation=confirmed)
         return result
 
     async def _analyze_grown(
@@ -454,12 +458,16 @@ class Persister:
         params: dict[str, Any],
         total_before: int,
         counts: dict[str, Counts],
+        *,
+        confirmed: bool,
     ) -> HeldDeletion | None:
         """Archive/delete the unseen rows, unless the guard holds the deletion back."""
         would_remove = 0
         for st in self._statements.values():
             would_remove += (await conn.execute(st.count_full, params)).scalar_one()
-        held = self._guard.decide(manager, would_remove=would_remove, total=total_before)
+        held = self._guard.decide(
+            manager, would_remove=would_remove, total=total_before, confirmed=confirmed
+        )
         if held is not None:
             return held
         for collection in self._collections:
@@ -489,7 +497,13 @@ class Persister:
             counts[collection.name] = counts[collection.name] + _removed(collection, removed)
 
     async def _record(
-        self, conn: AsyncConnection, manager_id: int, result: RefreshResult, *, now: datetime
+        self,
+        conn: AsyncConnection,
+        manager_id: int,
+        result: RefreshResult,
+        *,
+        now: datetime,
+        spend_confirmation: bool = False,
     ) -> None:
         total = result.total
         await conn.execute(
@@ -515,6 +529,8 @@ class Persister:
         }
         if result.kind.full:
             values["last_full_refresh_at"] = now
+        if spend_confirmation:  # the confirmed deletions were applied: spent
+            values["deletions_confirmed_at"] = None
         m = schema.managers
         await conn.execute(update(m).where(m.c.id == manager_id).values(**values))
 

@@ -77,6 +77,7 @@ managers = Table(
     Column("last_full_refresh_at", Timestamp),
     Column("last_refresh_error", Text),
     Column("last_refresh_error_at", Timestamp),
+    Column("deletions_confirmed_at", Timestamp),
 )
 
 

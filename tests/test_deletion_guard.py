@@ -29,6 +29,7 @@ from tests.daemon_process import free_port, wait_for
 from tests.inventory_builders import (
     MANAGER,
     fleet,
+    manager_row,
     normalize,
     pages,
     runs,
@@ -87,13 +88,15 @@ async def test_confirmed_deletion_is_applied_once(
         cloud.remove_vm(f"v{i}")
     assert (await persister.save(MANAGER, pages(*cloud.full_pages()))).held_deletion
 
-    persister.confirm_deletions(MANAGER)
+    await persister.confirm_deletions(MANAGER)
+    assert (await manager_row(engine))["deletions_confirmed_at"] is not None
     result = await persister.save(MANAGER, pages(*cloud.full_pages()))
     assert result.held_deletion is None
     assert result.details()["vms"] == {"archived": 15}
     assert normalize(await snapshot(engine)) == cloud.normalized()
 
     # the confirmation was for one refresh: the next mass deletion is held again
+    assert (await manager_row(engine))["deletions_confirmed_at"] is None
     assert (await persister.save(MANAGER, pages(InventoryPage()))).held_deletion
 
 

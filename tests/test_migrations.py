@@ -94,12 +94,15 @@ async def fill_under_0001(engine: AsyncEngine) -> None:
 
 
 async def table_rows(engine: AsyncEngine) -> dict[str, list[dict[str, Any]]]:
+    """The rows of the tables 0001 has, in the columns 0001 has."""
     names = ("managers", "flavors", "vms", "disks", "refresh_runs")
+    added = {"deletions_confirmed_at"}
     async with engine.connect() as conn:
-        return {
-            n: [dict(r._mapping) for r in await conn.execute(select(schema.metadata.tables[n]))]
-            for n in names
-        }
+        out = {}
+        for n in names:
+            columns = [c for c in schema.metadata.tables[n].c if c.name not in added]
+            out[n] = [dict(r._mapping) for r in await conn.execute(select(*columns))]
+        return out
 
 
 def column_types(conn: Connection) -> dict[tuple[str, str], str]:
@@ -123,6 +126,8 @@ async def test_upgrade_keeps_data_and_stores_long_values(engine_0001: AsyncEngin
         types = await conn.run_sync(column_types)
         tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
         assert (await conn.execute(text("SELECT count(*) FROM rejected_objects"))).scalar() == 0
+        confirmed = await conn.execute(text("SELECT deletions_confirmed_at FROM managers"))
+        assert confirmed.scalar_one() is None
     assert "rejected_objects" in tables
     if engine.dialect.name == "postgresql":
         assert types[("vms", "name")] == types[("disks", "device_name")] == "TEXT"
@@ -152,6 +157,10 @@ async def test_downgrade_gives_0001_back(engine_0001: AsyncEngine) -> None:
     async with engine.connect() as conn:
         tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
         types = await conn.run_sync(column_types)
+        managers = await conn.run_sync(
+            lambda c: {x["name"] for x in inspect(c).get_columns("managers")}
+        )
     assert "rejected_objects" not in tables
+    assert "deletions_confirmed_at" not in managers
     if engine.dialect.name == "postgresql":
         assert types[("vms", "name")] == "VARCHAR(255)"

@@ -10,6 +10,10 @@ as they are there (recreating the tables would only copy them).
 ``rejected_objects``: one row per object of a manager that could not be saved,
 with the error, first/last seen and how many times; cleared once it saves.
 
+``managers.deletions_confirmed_at``: an operator confirmed the deletions the
+mass-deletion guard held; the manager's next full refresh applies its deletions
+whatever their share and clears it (in the database, so any process may run it).
+
 Revision ID: 0002_reliab_persist
 Revises: 0001
 """
@@ -46,6 +50,9 @@ Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
+    op.add_column(
+        "managers", sa.Column("deletions_confirmed_at", sa.DateTime(timezone=True), nullable=True)
+    )
     if op.get_bind().dialect.name == "postgresql":
         for table, column, length, nullable in TEXT_COLUMNS:
             op.alter_column(
@@ -83,6 +90,7 @@ def downgrade() -> None:
     """Back to 0001.  On PostgreSQL a value longer than its old column fails the downgrade
     (nothing is truncated silently): shorten or remove such rows first."""
     op.drop_table("rejected_objects")
+    op.drop_column("managers", "deletions_confirmed_at")  # SQLite >= 3.35
     if op.get_bind().dialect.name == "postgresql":
         for table, column, length, nullable in TEXT_COLUMNS:
             op.alter_column(
