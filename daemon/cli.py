@@ -2,7 +2,8 @@
 
 Flow: operator -> **cli** -> config -> (run | refresh | db upgrade | simulator | check-config).
 
-Exit codes: 0 success, 1 the operation failed (refresh error, guard refusal),
+Exit codes: 0 success, 1 the operation failed (refresh error; or the mass-deletion
+guard held the deletions back: the rest was saved, ``--confirm-deletions`` applies them),
 2 bad usage or configuration (the message names the file and key) -- also when
 ``run`` finds a configuration problem at start, so systemd does not restart it
 (``RestartPreventExitStatus=2``).  ``--log-level`` and ``--log-format`` are
@@ -94,6 +95,8 @@ async def cmd_refresh(args: argparse.Namespace) -> int:
     loaded = load_config(args.config).usable()
     manager_cfg = loaded.config.manager(args.manager)
     targets = [parse_target(manager_cfg.name, t) for t in args.target or []]
+    if args.confirm_deletions and targets:
+        raise UsageError("--confirm-deletions applies to a full refresh: give no --target")
     collection = TargetCollection(
         manager_cfg.name, targets or [Target.full(manager_cfg.name, trigger=Trigger.MANUAL)]
     )
@@ -101,6 +104,9 @@ async def cmd_refresh(args: argparse.Namespace) -> int:
     try:
         await upgrade(engine)
         persister = Persister(engine, settings=persister_settings(loaded))
+        if args.confirm_deletions:
+            await persister.ensure_manager(manager_cfg.name, manager_cfg.provider)
+            await persister.confirm_deletions(manager_cfg.name)
         provider = load_provider(manager_cfg.provider)
         connection = provider.connect(manager_cfg.name, loaded.provider_settings[manager_cfg.name])
         async with connection:
@@ -116,6 +122,9 @@ async def cmd_refresh(args: argparse.Namespace) -> int:
         else:
             for line in result.summary_lines():
                 print(line)
+        if result.held_deletion is not None:
+            print(f"refreshd: {result.held_deletion.message(manager_cfg.name)}", file=sys.stderr)
+            return 1
         return 0
     finally:
         await engine.dispose()
@@ -133,6 +142,10 @@ def result_json(result: RefreshResult) -> dict[str, object]:
         "rows_written": result.rows_written,
         "total": vars_of(result.total),
         "collections": {name: vars_of(c) for name, c in result.counts.items()},
+        "rejected": result.rejected_counts(),
+        "held_deletion": (
+            result.held_deletion.as_details() if result.held_deletion is not None else None
+        ),
     }
 
 
@@ -256,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--demo-into-database", action="store_true", help=DEMO_HELP)
+    p.add_argument(
+        "--confirm-deletions",
+        action="store_true",
+        help="full refresh that applies the deletions the mass-deletion guard would hold back",
+    )
 
     db = sub.add_parser("db", parents=[common], help="database schema")
     dbsub = db.add_subparsers(dest="db_command", required=True)

@@ -73,10 +73,11 @@ class PersisterConfig(_Strict):
         0.5,
         ge=0,
         le=1,
-        description="refuse a full refresh that would archive/delete more than this share of rows",
+        description="hold back the deletions of a full refresh that would archive/delete more "
+        "than this share of rows (everything else is saved)",
     )
     mass_delete_min_rows: int = Field(
-        10, ge=0, description="removing at most this many rows is never refused"
+        10, ge=0, description="removing at most this many rows is never held back"
     )
     keep_runs: Duration = Field(
         30 * 86400.0,

@@ -13,11 +13,13 @@ Flow: operator / Prometheus -> **http** -> (status of the pipeline | batcher.req
   pending targets, refreshing now and, while it does, its ``progress`` (kind,
   trigger, pages, rows, rows/s).  While the database does not answer (within
   ``PROBE_TIMEOUT``) it answers from memory (``"source": "memory"``): the last
-  rows read, updated with what this process saw since.
+  rows read, updated with what this process saw since.  ``deletions_held``: what the
+  mass-deletion guard holds back.
 * ``GET /``: the status page (daemon/status_page.py).
 * ``POST /refresh``: ``{"manager": "...", "targets": ["vms:vm-1", ...]}`` (no
-  targets: full); bearer-token authenticated like the webhook; 202 with the
-  number of targets queued, or 200 once committed with ``?wait=true``.
+  targets: full; ``"confirm_deletions": true``: a full refresh that applies the
+  deletions the guard would hold); bearer-token authenticated like the webhook;
+  202 with the number of targets queued, or 200 once committed with ``?wait=true``.
 
 Binds to 127.0.0.1 by default ([http] listen).
 """
@@ -36,11 +38,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from daemon import schema
 from daemon.acks import Ack, QueueFullError
 from daemon.batcher import Batcher
+from daemon.deletion_guard import held_deletions
 from daemon.health import PROBE_TIMEOUT, ManagerMemory, ManagerSeen
 from daemon.metrics import CatcherProbe, Metrics
 from daemon.progress import ProgressBoard
@@ -106,6 +110,8 @@ class HttpDeps:
     progress: ProgressBoard = field(default_factory=ProgressBoard)
     catchers: Sequence[CatcherProbe] = ()
     """Filled once the catchers are built (after the app: webhooks add routes to it)."""
+    confirm_deletions: Callable[[str], Awaitable[None]] | None = None
+    """Arms the next full refresh of a manager to apply held deletions (the persister's)."""
 
 
 def make_app(deps: HttpDeps) -> web.Application:
@@ -133,19 +139,25 @@ def make_app(deps: HttpDeps) -> web.Application:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     last_rows: dict[str, Any] = {}
+    last_held: dict[int, Any] = {}
 
     @routes.get("/managers")
     async def managers(_request: web.Request) -> web.Response:
         m = schema.managers
         source = "database"
+        held: dict[int, Any] = {}
         try:
             async with asyncio.timeout(PROBE_TIMEOUT), deps.engine.connect() as conn:
                 rows = (await conn.execute(select(m))).mappings().all()
+                held = await held_deletions(conn)
             last_rows.clear()
             last_rows.update({r["name"]: dict(r) for r in rows})
+            last_held.clear()
+            last_held.update(held)
         except Exception as exc:  # noqa: BLE001 - any driver error or timeout: answer from memory
             log.warning("GET /managers: database unavailable (%s); answering from memory", exc)
             source = "memory"
+            held = dict(last_held)
         out = []
         for name in sorted(deps.managers):
             row = _merged(last_rows.get(name), deps.memory.get(name))
@@ -161,6 +173,8 @@ def make_app(deps: HttpDeps) -> web.Application:
                     "pending_targets": deps.batcher.pending_count(name),
                     "refreshing": status.in_flight,
                     "progress": deps.progress.current(name),
+                    "deletions_held": held.get(row["id"]) if row.get("id") is not None else None,
+                    "deletions_confirmed_at": _iso(row.get("deletions_confirmed_at")),
                 }
             )
         return web.json_response({"managers": out, "source": source})
@@ -180,8 +194,25 @@ def make_app(deps: HttpDeps) -> web.Application:
             targets = [parse_target_spec(manager, str(s)) for s in specs] or [
                 Target.full(manager, trigger=Trigger.MANUAL)
             ]
+            confirm = body.get("confirm_deletions", False)
+            if confirm not in (True, False):
+                raise ValueError("confirm_deletions must be true or false")
+            if confirm and specs:
+                raise ValueError("confirm_deletions applies to a full refresh: give no targets")
+            if confirm and deps.confirm_deletions is None:
+                raise ValueError("this endpoint cannot confirm deletions")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             return web.json_response({"error": f"bad request: {exc}"}, status=400)
+        if confirm and deps.confirm_deletions is not None:
+            try:
+                await deps.confirm_deletions(manager)
+            except (OSError, SQLAlchemyError) as exc:
+                log.warning("manager %s: could not record the confirmation: %s", manager, exc)
+                return web.json_response(
+                    {"error": "the database is unavailable; try again"},
+                    status=503,
+                    headers={"Retry-After": "5"},
+                )
         ack = Ack(received_at=deps.clock())
         try:
             deps.batcher.submit(targets, ack)

@@ -30,6 +30,7 @@ from typing import Any
 
 from daemon import schema
 from daemon.collections import Collection, CollectionRegistry, Reference, Retention
+from daemon.rejection import Rejection
 from daemon.targets import Target
 
 Row = dict[str, Any]
@@ -96,6 +97,18 @@ class InventoryPage:
     to the vm it is attached to) names the vm here; the refresh adds it to its
     deletion scope, so that vm's children are swept as if it had been targeted.
     """
+    covers: frozenset[str] = frozenset()
+    """Child collections this page lists *completely* for every parent it carries.
+
+    In a targeted refresh a child collection is swept (children the cloud no
+    longer has deleted) only for parents whose page covers it; a provider that
+    leaves a child collection out of its targeted pages keeps those children.
+    A targeted parent the cloud no longer has is gone with all its children
+    whatever the coverage.  Full refreshes sweep everything (every page of a
+    full refresh is complete by definition).
+    """
+    rejected: list[Rejection] = field(default_factory=list)
+    """Objects the parser could not turn into rows (kept, retried later)."""
 
     def add(self, collection: str, row: Row) -> None:
         self.rows.setdefault(collection, []).append(row)

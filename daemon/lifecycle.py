@@ -237,6 +237,7 @@ class Daemon:
                 memory=self.memory,
                 progress=self.progress,
                 catchers=self.catcher_probes,
+                confirm_deletions=persister.confirm_deletions,
             )
             app = make_app(app_deps)
             add_status_page(

@@ -121,6 +121,20 @@ class Metrics:
             ["manager", "collection", "action"],
             registry=r,
         )
+        self.objects_rejected = Counter(
+            "refreshd_objects_rejected",
+            "Objects a refresh could not save (their rows kept as they were; retried on their "
+            "next event or full refresh; listed in the rejected_objects table)",
+            ["manager", "collection", "reason"],
+            registry=r,
+        )
+        self.deletions_held = Gauge(
+            "refreshd_deletions_held",
+            "Rows the manager's last full refresh would have archived/deleted but the "
+            "mass-deletion guard held back (0: none held)",
+            ["manager"],
+            registry=r,
+        )
         self.event_latency = EventLatencies(LATENCY_BUCKETS)
         """The event-to-commit histogram and the committed events counter."""
         r.register(self.event_latency)
@@ -143,6 +157,11 @@ class Metrics:
             ):
                 if n:
                     self.rows_written.labels(result.manager, collection, action).inc(n)
+        for r in result.rejected:
+            self.objects_rejected.labels(result.manager, r.collection, r.reason.value).inc()
+        if result.kind.full:
+            held = result.held_deletion
+            self.deletions_held.labels(result.manager).set(held.would_remove if held else 0)
 
     def refresh_failed(self, manager: str, kind: str) -> None:
         self.refreshes.labels(manager, kind, "failure").inc()

@@ -17,7 +17,13 @@ Guarantees (DESIGN.md semantics 1-6 and 10):
   nothing; counts are exact.  Missing references become skeletal rows;
   archived rows that reappear are reconnected (same id).
 * A full refresh that would archive/delete more than ``max_delete_ratio`` of
-  the manager's rows is refused: nothing changes, the run is recorded failed.
+  the manager's rows saves everything else and holds the deletions back
+  (:mod:`daemon.deletion_guard`).
+* One bad object does not stop the refresh (semantic 13): rows are normalised
+  and checked before they are written (:mod:`daemon.row_check`), rows the
+  database still refuses are isolated (:mod:`daemon.row_isolation`); rejected
+  objects are recorded (:mod:`daemon.rejects`) and never treated as gone
+  (:mod:`daemon.sweep_scope`), nor are children a targeted page did not cover.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,14 +41,20 @@ from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from daemon import schema
-from daemon.collections import Collection, CollectionRegistry, Retention
+from daemon.collections import Collection, CollectionRegistry, Reference, Retention
 from daemon.db import Dialect, dialect_of
+from daemon.deletion_guard import DeletionGuard, HeldDeletion, confirm_deletions, is_confirmed
 from daemon.diff_statements import diff_statements_for
-from daemon.inventory import COLLECTIONS, InventoryPage
+from daemon.inventory import COLLECTIONS, InventoryPage, Row
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
+from daemon.rejection import Rejection, RejectReason
+from daemon.rejects import RejectLog, protect
+from daemon.row_check import RowChecker, clean_ref, clean_rejection
+from daemon.row_isolation import is_row_error, save_isolating, short_error
 from daemon.small_batch import SmallBatchRefusedError, SmallBatchSaver
 from daemon.staging import TEMP_TABLES_READY, Stager
 from daemon.statements import Statements, statements_for
+from daemon.sweep_scope import SweepScope
 from daemon.targets import Ref, Target, TargetCollection, Trigger
 
 log = logging.getLogger(__name__)
@@ -70,21 +82,6 @@ class _Failure:
     trigger: Trigger
 
 
-class MassDeletionRefusedError(Exception):
-    """A full refresh would have removed too much of the inventory; nothing was changed."""
-
-    retryable = True
-
-    def __init__(self, manager: str, would_remove: int, total: int, ratio: float) -> None:
-        super().__init__(
-            f"manager {manager}: full refresh refused by the mass-deletion guard: it would "
-            f"archive/delete {would_remove} of {total} rows (> max_delete_ratio {ratio:g}); "
-            "inventory left unchanged"
-        )
-        self.would_remove = would_remove
-        self.total = total
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -107,6 +104,10 @@ class Persister:
         self._dialect = dialect_of(engine)
         self._statements: dict[str, Statements] = {c.name: statements_for(c) for c in collections}
         self._manager_ids: dict[str, int] = {}
+        self._checkers = {c.name: RowChecker(c) for c in collections}
+        self._rejects = RejectLog(self._dialect)
+        self._guard = DeletionGuard(self._settings)
+        self._isolating: set[str] = set()  # managers whose full refreshes save row by row
         self._sqlite_writer = asyncio.Lock()
         self._small_batch = SmallBatchSaver(
             engine,
@@ -206,7 +207,10 @@ class Persister:
             await conn.execute(
                 select(parent.c.ems_ref)
                 .join(c.table, c.table.c[c.parent.column] == parent.c.id)
-                .where(c.table.c.manager_id == manager_id, c.table.c.ems_ref == ref["ems_ref"])
+                .where(
+                    c.table.c.manager_id == manager_id,
+                    c.table.c.ems_ref == clean_ref(ref["ems_ref"]),
+                )
                 .limit(1)
             )
         ).first()
@@ -214,72 +218,86 @@ class Persister:
 
     # -- saving -----------------------------------------------------------------
 
+    async def confirm_deletions(self, manager: str) -> None:
+        """Let the next full refresh of ``manager`` apply deletions the guard would hold."""
+        async with self._write() as conn:
+            if not await confirm_deletions(conn, manager, now=self._now()):
+                raise LookupError(f"unknown manager {manager!r}")
+
     async def save(
         self,
         manager: str,
-        pages: AsyncIterable[InventoryPage],
+        pages: AsyncIterable[InventoryPage] | Sequence[InventoryPage],
         *,
         targets: TargetCollection | None = None,
     ) -> RefreshResult:
-        """Save ``pages`` in one transaction; scope FULL when ``targets`` is None or full."""
+        """Save ``pages`` in one transaction; scope FULL when ``targets`` is None or full.
+
+        Rows are saved without savepoints (no subtransactions on the fast path).  When the
+        database refuses a row the row check did not foresee, the refresh is saved again
+        *isolating* (each collection of a page under a savepoint, a refused batch bisected:
+        :mod:`daemon.row_isolation`): at once when ``pages`` is a sequence (a targeted
+        refresh's pages are collected first), else (a streamed full refresh) by its retry,
+        and by the manager's full refreshes as long as the database keeps refusing rows.
+        """
         kind = RefreshKind.FULL if targets is None or targets.is_full else RefreshKind.TARGETED
         trigger = targets.trigger if targets is not None else Trigger.MANUAL
-        manager_id = self._manager_id(manager)
+        manager_id = self._manager_id(manager)  # raises before anything is recorded
         started = self._now()
         t0 = time.perf_counter()
-        if self._small_batch.accepts(kind, targets):
+        if self._small_batch.accepts(kind, targets) and self._rejects.known_clean(manager_id):
             assert targets is not None
-            batch: list[InventoryPage] = []
-            try:
-                batch += [page async for page in pages]  # a targeted refresh's are in memory
-                return await self._small_batch.save(
-                    manager, batch, manager_id=manager_id, targets=targets, now=started
-                )
-            except SmallBatchRefusedError as exc:
-                log.info("manager %s: %s; saving through the staged path", manager, exc)
-                pages = _replay(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                await self.record_failure(
-                    manager,
-                    kind=kind,
-                    targets=len(targets),
-                    started_at=started,
-                    duration=time.perf_counter() - t0,
-                    error=exc,
-                )
-                raise
-        counts: dict[str, Counts] = {c.name: Counts() for c in self._collections}
+            batch = [page async for page in _each(pages)]  # a targeted refresh's are in memory
+            pages = batch
+            clean = self._clean_pages(batch)
+            if clean is not None:
+                try:
+                    return await self._small_batch.save(
+                        manager, clean, manager_id=manager_id, targets=targets, now=started
+                    )
+                except SmallBatchRefusedError as exc:
+                    log.info("manager %s: %s; saving through the staged path", manager, exc)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    await self.record_failure(
+                        manager,
+                        kind=kind,
+                        trigger=trigger,
+                        targets=len(targets),
+                        started_at=started,
+                        duration=time.perf_counter() - t0,
+                        error=exc,
+                    )
+                    raise
+        isolate = kind.full and manager in self._isolating
         try:
-            async with self._write() as conn:
-                await self._lock(conn, manager_id)
-                now = self._now()
-                params: dict[str, Any] = {"m": manager_id, "now": now}
-                stager = Stager(conn, self._engine)
-                await stager.prepare(self._statements.values(), self._engine)
-                active = await self._count_active(conn, params) if kind.full else {}
-                total_before = sum(active.values())
-                tracked = self._tracked(kind, targets, active)
-                analyzed: dict[str, int] = {}
-                async for page in pages:
-                    await self._save_page(conn, stager, page, params, tracked, counts)
-                    await self._analyze_grown(conn, counts, analyzed)
-                if kind.full:
-                    await self._sweep_full(conn, manager, params, total_before, tracked, counts)
-                else:
-                    assert targets is not None
-                    await self._sweep_targeted(conn, targets, params, counts)
-                result = RefreshResult(
-                    manager=manager,
-                    kind=kind,
-                    targets=len(targets) if targets is not None else 1,
-                    counts=counts,
-                    started_at=started,
-                    duration=time.perf_counter() - t0,
-                    trigger=trigger,
+            try:
+                result = await self._save_once(
+                    manager, pages, targets, kind=kind, isolate=isolate, started=started, t0=t0
                 )
-                await self._record(conn, manager_id, result, now=now)
+            except Exception as exc:
+                if isolate or not is_row_error(exc):
+                    raise
+                replay = isinstance(pages, Sequence)
+                log.warning(
+                    "manager %s: the database refused a row of a %s refresh (%s); %s",
+                    manager,
+                    kind.value,
+                    short_error(exc),
+                    "saving it again row by row" if replay else "its retry saves row by row",
+                )
+                if not replay:
+                    self._isolating.add(manager)
+                    raise
+                result = await self._save_once(
+                    manager, pages, targets, kind=kind, isolate=True, started=started, t0=t0
+                )
+            if kind.full:  # keep isolating while the database refuses rows of this manager
+                if any(r.reason is RejectReason.DATABASE_ERROR for r in result.rejected):
+                    self._isolating.add(manager)
+                else:
+                    self._isolating.discard(manager)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -300,6 +318,102 @@ class Persister:
             result.duration,
             result.total,
         )
+        return result
+
+    def _clean_pages(self, pages: list[InventoryPage]) -> list[InventoryPage] | None:
+        """``pages`` with their rows checked and normalised, when the small-batch path
+        can save them exactly as the staged path would: no object rejected (by the
+        parser or the row check) and every child collection covered for the parents
+        each page carries.  None: the staged path must save them (it records rejected
+        objects and spares what a page did not cover)."""
+        out: list[InventoryPage] = []
+        for page in pages:
+            if page.rejected:
+                return None
+            rows: dict[str, list[Row]] = {}
+            for name, page_rows in page.rows.items():
+                if name not in self._collections:
+                    continue
+                c = self._collections[name]
+                if not c.is_child and not all(
+                    child.name in page.covers for child in self._collections.children_of(name)
+                ):
+                    return None
+                checked, bad = self._checkers[name].check(page_rows)
+                if bad:
+                    return None
+                rows[name] = checked
+            out.append(InventoryPage(rows=rows, expanded=page.expanded, covers=page.covers))
+        return out
+
+    async def _save_once(
+        self,
+        manager: str,
+        pages: AsyncIterable[InventoryPage] | Sequence[InventoryPage],
+        targets: TargetCollection | None,
+        *,
+        kind: RefreshKind,
+        isolate: bool,
+        started: datetime,
+        t0: float,
+    ) -> RefreshResult:
+        manager_id = self._manager_id(manager)
+        counts: dict[str, Counts] = {c.name: Counts() for c in self._collections}
+        scope = SweepScope(self._collections)
+        held: HeldDeletion | None = None
+        confirmed = False
+        async with self._write() as conn:
+            await self._lock(conn, manager_id)
+            now = self._now()
+            params: dict[str, Any] = {"m": manager_id, "now": now}
+            stager = Stager(conn, self._engine)
+            await stager.prepare(self._statements.values(), self._engine)
+            active = await self._count_active(conn, params) if kind.full else {}
+            total_before = sum(active.values())
+            tracked = self._tracked(kind, targets, active)
+            analyzed: dict[str, int] = {}
+            saved_refs: dict[str, set[str]] = {}
+            async for page in _each(pages):
+                saved, rejected = await self._save_page(
+                    conn, stager, page, params, tracked, counts, isolate=isolate
+                )
+                scope.observe(saved, covers=page.covers, rejected=rejected)
+                if not kind.full:
+                    for name, rows in saved.items():
+                        ref_of = self._checkers[name].ref_of
+                        saved_refs.setdefault(name, set()).update(ref_of(r) for r in rows)
+                await self._analyze_grown(conn, counts, analyzed)
+            if kind.full:
+                await protect(
+                    conn,
+                    scope.protected(),
+                    collections=self._collections,
+                    statements=self._statements,
+                    manager_id=manager_id,
+                )
+                confirmed = await is_confirmed(conn, manager_id)
+                held = await self._sweep_full(
+                    conn, manager, params, total_before, tracked, counts, confirmed=confirmed
+                )
+            else:
+                assert targets is not None
+                await self._sweep_targeted(conn, targets, params, counts, scope)
+            await self._rejects.record(conn, manager, manager_id, scope.rejected, now=now)
+            await self._rejects.clear(
+                conn, manager_id, now=now, saved=None if kind.full else saved_refs
+            )
+            result = RefreshResult(
+                manager=manager,
+                kind=kind,
+                targets=len(targets) if targets is not None else 1,
+                counts=counts,
+                started_at=started,
+                duration=time.perf_counter() - t0,
+                rejected=scope.rejected,
+                held_deletion=held,
+                trigger=targets.trigger if targets is not None else Trigger.MANUAL,
+            )
+            await self._record(conn, manager_id, result, now=now, spend_confirmation=confirmed)
         return result
 
     async def _analyze_grown(
@@ -350,42 +464,90 @@ class Persister:
         params: dict[str, Any],
         tracked: set[str],
         counts: dict[str, Counts],
-    ) -> None:
+        *,
+        isolate: bool,
+    ) -> tuple[dict[str, list[Row]], list[Rejection]]:
+        """Save one page; returns the rows saved per collection and the rejected objects
+        (the parser's and the row check's, normalised, and those the database refused)."""
+        saved: dict[str, list[Row]] = {}
+        rejected: list[Rejection] = [clean_rejection(r) for r in page.rejected]
         for collection in self._collections:
             rows = page.rows.get(collection.name)
             if not rows:
                 continue
+            checker = self._checkers[collection.name]
+            rows, bad = checker.check(rows)
+            rejected.extend(bad)
+            if collection.parent is not None:  # a rejected vm is kept whole: children too
+                rows = _without_children_of(collection.parent, rows, rejected)
+            if not rows:
+                continue
             st = self._statements[collection.name]
-            staged = await stager.load(st, rows)
-            for referred, statement in st.skeletal:
-                made = len((await conn.execute(statement, params)).all())
-                if made:
-                    counts[referred] = counts[referred] + Counts(created=made)
-            # compare before writing (daemon.diff_statements): only new and changed rows
-            # are written; created: rows inserted now; updated: rows that existed before
-            # this refresh (a row created by an earlier page or a skeletal insert is not
-            # counted twice)
             track = collection.name in tracked
-            diff = diff_statements_for(collection)
-            if self._dialect is Dialect.POSTGRESQL:
-                statement = diff.pg_save if track else diff.pg_save_untracked
-                created, updated = (await conn.execute(statement, params)).one()
+            rows = _dedupe(collection, rows)
+            if not isolate:
+                delta = await self._save_rows(conn, stager, st, rows, params, track=track)
+                parts = [(rows, delta)]
             else:
-                updated = 0
-                if diff.sqlite_update is not None:
-                    fresh_flags = (await conn.execute(diff.sqlite_update, params)).scalars()
-                    updated = sum(1 for fresh in fresh_flags if not fresh)
-                # mark the stored rows seen first: when every staged row has one (a
-                # refresh that changes little), the insert pass is skipped
-                matched = (await conn.execute(st.mark_seen, params)).rowcount if track else -1
-                created = 0
-                if matched != staged:
-                    created = (await conn.execute(diff.sqlite_insert, params)).rowcount
-                    if track and created:
-                        await conn.execute(st.mark_seen, params)
-            counts[collection.name] = counts[collection.name] + Counts(
-                created=created, updated=updated
-            )
+
+                def refuse(row: Row, exc: BaseException, checker: RowChecker = checker) -> None:
+                    rejected.append(checker.database_rejection(row, short_error(exc)))
+
+                async def save(
+                    part: list[Row], st: Statements = st, track: bool = track
+                ) -> dict[str, Counts]:
+                    return await self._save_rows(conn, stager, st, part, params, track=track)
+
+                parts = await save_isolating(conn, rows, save, reject=refuse)
+            for part, delta in parts:
+                saved.setdefault(collection.name, []).extend(part)
+                for name, c in delta.items():
+                    counts[name] = counts[name] + c
+        return saved, rejected
+
+    async def _save_rows(
+        self,
+        conn: AsyncConnection,
+        stager: Stager,
+        st: Statements,
+        rows: list[Row],
+        params: dict[str, Any],
+        *,
+        track: bool,
+    ) -> dict[str, Counts]:
+        """Stage and upsert checked rows of one collection; returns the counts per collection."""
+        delta: dict[str, Counts] = {}
+        collection = st.collection
+        staged = await stager.load(st, rows)
+        for referred, statement in st.skeletal:
+            made = len((await conn.execute(statement, params)).all())
+            if made:
+                delta[referred] = delta.get(referred, Counts()) + Counts(created=made)
+        # compare before writing (daemon.diff_statements): only new and changed rows
+        # are written; created: rows inserted now; updated: rows that existed before
+        # this refresh (a row created by an earlier page or a skeletal insert is not
+        # counted twice)
+        diff = diff_statements_for(collection)
+        if self._dialect is Dialect.POSTGRESQL:
+            statement = diff.pg_save if track else diff.pg_save_untracked
+            created, updated = (await conn.execute(statement, params)).one()
+        else:
+            updated = 0
+            if diff.sqlite_update is not None:
+                fresh_flags = (await conn.execute(diff.sqlite_update, params)).scalars()
+                updated = sum(1 for fresh in fresh_flags if not fresh)
+            # mark the stored rows seen first: when every staged row has one (a
+            # refresh that changes little), the insert pass is skipped
+            matched = (await conn.execute(st.mark_seen, params)).rowcount if track else -1
+            created = 0
+            if matched != staged:
+                created = (await conn.execute(diff.sqlite_insert, params)).rowcount
+                if track and created:
+                    await conn.execute(st.mark_seen, params)
+        delta[collection.name] = delta.get(collection.name, Counts()) + Counts(
+            created=created, updated=updated
+        )
+        return delta
 
     async def _count_active(self, conn: AsyncConnection, params: dict[str, Any]) -> dict[str, int]:
         """Active rows of the manager per collection, before a full refresh."""
@@ -402,24 +564,28 @@ class Persister:
         total_before: int,
         tracked: set[str],
         counts: dict[str, Counts],
-    ) -> None:
-        # an untracked collection has nothing to sweep (see _tracked)
+        *,
+        confirmed: bool,
+    ) -> HeldDeletion | None:
+        """Archive/delete the unseen rows, unless the guard holds the deletion back.
+        An untracked collection has nothing to sweep (see ``_tracked``)."""
         would_remove = 0
         for name in tracked:
             would_remove += (
                 await conn.execute(self._statements[name].count_full, params)
             ).scalar_one()
-        s = self._settings
-        if would_remove > s.mass_delete_min_rows and would_remove > s.max_delete_ratio * max(
-            total_before, 1
-        ):
-            raise MassDeletionRefusedError(manager, would_remove, total_before, s.max_delete_ratio)
+        held = self._guard.decide(
+            manager, would_remove=would_remove, total=total_before, confirmed=confirmed
+        )
+        if held is not None:
+            return held
         for collection in self._collections:
             if collection.name not in tracked:
                 continue
             st = self._statements[collection.name]
             removed = (await conn.execute(st.sweep_full, params)).rowcount
             counts[collection.name] = counts[collection.name] + _removed(collection, removed)
+        return None
 
     async def _sweep_targeted(
         self,
@@ -427,12 +593,14 @@ class Persister:
         targets: TargetCollection,
         params: dict[str, Any],
         counts: dict[str, Counts],
+        scope: SweepScope,
     ) -> None:
         for collection in self._collections:
             scope_of = collection.parent.collection if collection.parent else collection.name
             if scope_of in self._collections and self._collections[scope_of].is_child:
                 continue
-            refs = sorted(targets.references(scope_of))
+            targeted = {clean_ref(r) for r in targets.references(scope_of)}
+            refs = scope.targeted_refs(collection.name, targeted)
             if not refs:
                 continue
             st = self._statements[collection.name]
@@ -440,7 +608,13 @@ class Persister:
             counts[collection.name] = counts[collection.name] + _removed(collection, removed)
 
     async def _record(
-        self, conn: AsyncConnection, manager_id: int, result: RefreshResult, *, now: datetime
+        self,
+        conn: AsyncConnection,
+        manager_id: int,
+        result: RefreshResult,
+        *,
+        now: datetime,
+        spend_confirmation: bool = False,
     ) -> None:
         total = result.total
         await conn.execute(
@@ -456,7 +630,7 @@ class Persister:
                 started_at=result.started_at,
                 duration=result.duration,
                 error=None,
-                details=result.details(),
+                details=result.run_details(),
             )
         )
         values: dict[str, Any] = {
@@ -467,6 +641,8 @@ class Persister:
         }
         if result.kind.full:
             values["last_full_refresh_at"] = now
+        if spend_confirmation:  # the confirmed deletions were applied: spent
+            values["deletions_confirmed_at"] = None
         m = schema.managers
         await conn.execute(update(m).where(m.c.id == manager_id).values(**values))
 
@@ -628,12 +804,39 @@ class _WriteTransaction:
                 self._lock.release()
 
 
-async def _replay(pages: list[InventoryPage]) -> AsyncIterator[InventoryPage]:
-    for page in pages:
-        yield page
+async def _each(
+    pages: AsyncIterable[InventoryPage] | Sequence[InventoryPage],
+) -> AsyncIterator[InventoryPage]:
+    if isinstance(pages, Sequence):
+        for page in pages:
+            yield page
+    else:
+        async for page in pages:
+            yield page
+
+
+def _without_children_of(
+    parent: Reference, rows: list[Row], rejected: list[Rejection]
+) -> list[Row]:
+    """``rows`` of a child collection, less the children of rejected parents."""
+    gone = {r.ref for r in rejected if r.collection == parent.collection}
+    if not gone:
+        return rows
+    return [row for row in rows if row.get(parent.attribute) not in gone]
 
 
 def _removed(collection: Collection, n: int) -> Counts:
     if collection.retention is Retention.ARCHIVE:
         return Counts(archived=n)
     return Counts(deleted=n)
+
+
+def _dedupe(collection: Collection, rows: list[Row]) -> list[Row]:
+    """One row per conflict key (the last wins): an upsert may touch a row only once."""
+    key_attrs = ((collection.parent.attribute,) if collection.parent else ()) + collection.key
+    if len(rows) < 2:
+        return rows
+    by_key: dict[tuple[Any, ...], Row] = {}
+    for row in rows:
+        by_key[tuple(row.get(a) for a in key_attrs)] = row
+    return list(by_key.values()) if len(by_key) != len(rows) else rows

@@ -8,7 +8,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from daemon.deletion_guard import HeldDeletion
+    from daemon.rejection import Rejection
 
 from daemon.targets import Trigger
 
@@ -56,9 +60,9 @@ class PersisterSettings:
 
     max_delete_ratio: float = 0.5
     """A full refresh that would archive/delete more than this share of the manager's
-    rows is refused (0..1, default 0.5)."""
+    rows has its deletions held back (0..1, default 0.5; see daemon.deletion_guard)."""
     mass_delete_min_rows: int = 10
-    """Removing at most this many rows is never refused (default 10)."""
+    """Removing at most this many rows is never held back (default 10)."""
     small_batch_max_targets: int = 1000
     """A targeted refresh of at most this many targets is saved by the small-batch path
     (rows as parameters, no temp tables: daemon/small_batch.py); larger ones by the staged
@@ -80,6 +84,10 @@ class RefreshResult:
     extra: dict[str, Any] = field(default_factory=dict)
     trigger: Trigger = Trigger.EVENT
     """Why it ran (``refresh_runs.trigger``)."""
+    rejected: list[Rejection] = field(default_factory=list)
+    """Objects this refresh could not save (kept as they were, retried later)."""
+    held_deletion: HeldDeletion | None = None
+    """A full refresh's deletions the mass-deletion guard held back (None: applied)."""
 
     @property
     def total(self) -> Counts:
@@ -100,12 +108,35 @@ class RefreshResult:
             if c.written
         }
 
+    def rejected_counts(self) -> dict[str, int]:
+        """Rejected objects per collection."""
+        out: dict[str, int] = {}
+        for r in self.rejected:
+            out[r.collection] = out.get(r.collection, 0) + 1
+        return out
+
+    def run_details(self) -> dict[str, dict[str, int]]:
+        """``refresh_runs.details``: the counts, plus ``rejected`` (objects per collection)
+        and ``held_deletion`` (``rows`` held of ``total``) when there are any."""
+        out = self.details()
+        if self.rejected:
+            out["rejected"] = self.rejected_counts()
+        if self.held_deletion is not None:
+            out["held_deletion"] = self.held_deletion.as_details()
+        return out
+
     def summary_lines(self) -> list[str]:
         lines = [f"{name:<20} {c}" for name, c in self.counts.items()]
         lines.append(
             f"{self.manager}: {self.kind.value} refresh of {self.targets} target(s) "
             f"in {self.duration:.3f}s, {self.rows_written} row(s) written"
         )
+        lines.extend(
+            f"rejected {r.collection} {r.ref!r} ({r.reason.value}): {r.error}"
+            for r in self.rejected
+        )
+        if self.held_deletion is not None:
+            lines.append(self.held_deletion.message(self.manager))
         return lines
 
 

@@ -137,6 +137,12 @@ class Refresher:
         expanded = [t for page in pages for t in page.expanded]
         if expanded:
             resolved = TargetCollection(manager.name, [*resolved, *expanded])
+<<<<<<< HEAD
+=======
+        # a list, not a stream: the persister can save it again if a row must be isolated
+        result = await self._persister.save(manager.name, pages, targets=resolved)
+        result.extra["collect_seconds"] = collect_time
+>>>>>>> reliab-persist
         log.debug(
             "manager %s: targeted refresh collected %d page(s) in %.3fs",
             manager.name,
@@ -162,11 +168,6 @@ class Refresher:
             return result
 
         return persist
-
-
-async def _iterate(pages: list[InventoryPage]) -> AsyncIterator[InventoryPage]:
-    for page in pages:
-        yield page
 
 
 async def prefetched(

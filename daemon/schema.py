@@ -6,8 +6,11 @@ Top-level collections (``vms``, ``images``, ``flavors``, ``security_groups``)
 are unique on ``(manager_id, ems_ref)`` and are archived (``archived_at``),
 never deleted, so a row keeps its id for life.  Children of vms (``disks``,
 ``network_ports``, ``vm_security_groups``) are unique within their vm and are
-destroyed when the cloud no longer has them.  ``refresh_runs`` is the audit
-trail: one row per refresh.  Alembic migrations in ``daemon/migrations``
+destroyed when the cloud no longer has them.  Values that come from the cloud
+are ``text`` (no length limit: PostgreSQL ``text`` costs nothing over
+``varchar(n)``).  ``refresh_runs`` is the audit trail: one row per refresh.
+``rejected_objects`` lists the objects of a manager that could not be saved
+(one row per object, cleared once it saves).  Alembic migrations in ``daemon/migrations``
 create exactly these tables; a test keeps the two in step.
 """
 
@@ -74,6 +77,7 @@ managers = Table(
     Column("last_full_refresh_at", Timestamp),
     Column("last_refresh_error", Text),
     Column("last_refresh_error_at", Timestamp),
+    Column("deletions_confirmed_at", Timestamp),
 )
 
 
@@ -83,8 +87,8 @@ def _top_level(name: str, *columns: Column[object]) -> Table:
         metadata,
         _id(),
         _manager_id(),
-        Column("ems_ref", String(255), nullable=False),
-        Column("name", String(255)),
+        Column("ems_ref", Text, nullable=False),
+        Column("name", Text),
         *columns,
         Column("extra", Json),
         *_stamps(archive=True),
@@ -97,11 +101,11 @@ flavors = _top_level(
     Column("cpus", Integer),
     Column("memory_mb", Integer),
 )
-images = _top_level("images", Column("os", String(100)))
+images = _top_level("images", Column("os", Text))
 security_groups = _top_level("security_groups")
 vms = _top_level(
     "vms",
-    Column("state", String(50)),
+    Column("state", Text),
     Column("flavor_id", Id, ForeignKey("flavors.id"), index=True),
     Column("image_id", Id, ForeignKey("images.id"), index=True),
     Column("tags", Json),
@@ -110,7 +114,7 @@ vms = _top_level(
 
 def _child(name: str, *columns: Column[object], unique: tuple[str, ...]) -> Table:
     # manager_id has no foreign key of its own: vm_id -> vms.id -> managers.id implies it
-    # (migration 0002_fullrefresh dropped it: a trigger call per inserted row, no gain)
+    # (migration 0002 dropped it: a trigger call per inserted row, no gain)
     return Table(
         name,
         metadata,
@@ -126,16 +130,16 @@ def _child(name: str, *columns: Column[object], unique: tuple[str, ...]) -> Tabl
 
 disks = _child(
     "disks",
-    Column("device_name", String(100), nullable=False),
+    Column("device_name", Text, nullable=False),
     Column("size_gb", Integer),
     Column("extra", Json),
     unique=("device_name",),
 )
 network_ports = _child(
     "network_ports",
-    Column("ems_ref", String(255), nullable=False),
-    Column("mac_address", String(64)),
-    Column("ip_address", String(64)),
+    Column("ems_ref", Text, nullable=False),
+    Column("mac_address", Text),
+    Column("ip_address", Text),
     Column("extra", Json),
     unique=("ems_ref",),
 )
@@ -162,4 +166,19 @@ refresh_runs = Table(
     Column("error", Text),
     Column("details", Json),
     Index(None, "manager_id", "started_at"),
+)
+
+rejected_objects = Table(
+    "rejected_objects",
+    metadata,
+    _id(),
+    _manager_id(),
+    Column("collection", String(100), nullable=False),
+    Column("ref", Text, nullable=False),
+    Column("reason", String(100), nullable=False),
+    Column("error", Text, nullable=False),
+    Column("first_seen", Timestamp, nullable=False),
+    Column("last_seen", Timestamp, nullable=False),
+    Column("count", Integer, nullable=False),
+    UniqueConstraint("manager_id", "collection", "ref"),
 )

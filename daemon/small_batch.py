@@ -141,6 +141,7 @@ class SmallBatchSaver:
                 counts=counts,
                 started_at=now,
                 duration=time.perf_counter() - t0,
+                trigger=targets.trigger,
             )
 
         save = self._save_pg if self._dialect is Dialect.POSTGRESQL else self._save_sqlite
@@ -261,12 +262,13 @@ class SmallBatchSaver:
         total = result.total
         stamp = self._timestamp(now)
         await driver.execute_fetchall(
-            "INSERT INTO refresh_runs (manager_id, kind, targets, created, updated, archived, "
-            "deleted, started_at, duration, error, details) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+            "INSERT INTO refresh_runs (manager_id, kind, trigger, targets, created, updated, "
+            "archived, deleted, started_at, duration, error, details) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
             (
                 manager_id,
                 result.kind.value,
+                result.trigger.value,
                 result.targets,
                 total.created,
                 total.updated,
@@ -353,6 +355,7 @@ def _pg_record(manager_id: int, result: RefreshResult, now: datetime) -> str:
     values = [
         manager_id,
         result.kind.value,
+        result.trigger.value,
         result.targets,
         total.created,
         total.updated,
@@ -365,8 +368,8 @@ def _pg_record(manager_id: int, result: RefreshResult, now: datetime) -> str:
     details = f"{_literal(canonical_json(result.details()))}::jsonb"
     t = _literal(now)
     return (
-        "INSERT INTO refresh_runs (manager_id, kind, targets, created, updated, archived, "
-        "deleted, started_at, duration, error, details) VALUES ("
+        "INSERT INTO refresh_runs (manager_id, kind, trigger, targets, created, updated, "
+        "archived, deleted, started_at, duration, error, details) VALUES ("
         + ", ".join(_literal(v) for v in values)
         + f", {details}); UPDATE managers SET last_refresh_at = {t}, last_refresh_error = NULL, "
         f"last_refresh_error_at = NULL, updated_at = {t} WHERE id = {manager_id:d}"

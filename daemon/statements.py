@@ -36,6 +36,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     TextClause,
     bindparam,
     text,
@@ -79,7 +80,7 @@ class Statements:
 
 def _stage_type(collection: Collection, attribute: str) -> TypeEngine[Any]:
     if any(r.attribute == attribute for r in collection.all_references):
-        return String(255)
+        return Text()  # an ems_ref: cloud ids have no length limit
     return collection.table.c[attribute].type
 
 

@@ -108,11 +108,13 @@ class Cloud:
             pages.append(page)
         return pages
 
-    def targeted_page(self, *refs: str, with_references: bool = True) -> InventoryPage:
+    def targeted_page(
+        self, *refs: str, with_references: bool = True, covers: Iterable[str] = CHILDREN
+    ) -> InventoryPage:
         """What a targeted collector yields for vms ``refs``: the vms the cloud still has,
         their children, and (``with_references``) the flavors, images and security
-        groups they refer to."""
-        page = InventoryPage()
+        groups they refer to; the page covers the child collections ``covers``."""
+        page = InventoryPage(covers=frozenset(covers))
         if with_references:
             live = [self.vms[r] for r in refs if r in self.vms]
             for coll, attr in (("flavors", "flavor"), ("images", "image")):

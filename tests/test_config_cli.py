@@ -194,6 +194,25 @@ def test_refresh_without_targeted_refresh_is_full(
     assert "awesome: full refresh" in capsys.readouterr().out
 
 
+def test_refresh_holds_a_mass_deletion_until_confirmed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["refresh", "--config", str(embedded(tmp_path)), "--manager", "awesome"]) == 0
+    capsys.readouterr()
+    config = str(embedded(tmp_path, embedded_vms=5))  # the same cloud, 25 of 30 vms gone
+
+    assert main(["refresh", "--config", config, "--manager", "awesome"]) == 1
+    captured = capsys.readouterr()
+    assert "held back the deletions" in captured.err and "--confirm-deletions" in captured.err
+    assert sum(archived is None for archived in vms_in(tmp_path / "r.db").values()) == 30
+
+    confirm = ["refresh", "--config", config, "--manager", "awesome", "--confirm-deletions"]
+    assert main(confirm) == 0
+    assert sum(archived is None for archived in vms_in(tmp_path / "r.db").values()) == 5
+    assert main([*confirm, "--target", "vms:vm-000001"]) == 2
+    assert "applies to a full refresh" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -109,9 +109,9 @@ async def test_database_filled_under_0001_upgrades_with_data_intact(
     assert normalize(await snapshot(engine)) == cloud.normalized()
 
 
-async def test_0002_downgrades_to_0001_with_data_intact(fresh_engine: AsyncEngine) -> None:
+async def test_head_downgrades_to_0001_with_data_intact(fresh_engine: AsyncEngine) -> None:
     engine = fresh_engine
-    await upgrade(engine, "0002_fullrefresh")
+    await upgrade(engine)
     persister = Persister(engine)
     await persister.ensure_manager(MANAGER, "awesome_cloud")
     await persister.save(MANAGER, pages(*inventory().full_pages()))

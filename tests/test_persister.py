@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from daemon.db import create_engine
 from daemon.inventory import InventoryPage
 from daemon.migrate import upgrade
-from daemon.persister import ADVISORY_NAMESPACE, MassDeletionRefusedError, Persister
+from daemon.persister import ADVISORY_NAMESPACE, Persister
 from daemon.refresh_result import PersisterSettings, RefreshResult, vars_of
 from daemon.targets import Ref, Target, TargetCollection
 from tests.inventory_builders import (
@@ -345,15 +345,24 @@ async def test_full_refresh_sweeps_unseen_rows_with_exact_counts(
 
 
 async def refused(persister: Persister, engine: AsyncEngine, pages_: AsyncIterator) -> int:
+    """Save a full refresh the guard refuses: what it created or updated is saved, nothing is
+    archived or deleted, the run succeeds and says what it held back; returns that count."""
     before = await snapshot(engine)
-    with pytest.raises(MassDeletionRefusedError) as err:
-        await persister.save(MANAGER, pages_)
-    assert await snapshot(engine) == before
+    result = await persister.save(MANAGER, pages_)
+    assert result.held_deletion is not None
+    assert (result.total.archived, result.total.deleted) == (0, 0)
+    after = await snapshot(engine)
+    for collection, rows in before.items():
+        assert set(rows) <= set(after[collection])  # nothing deleted
+        for key, row in rows.items():
+            if "archived_at" in row:
+                assert after[collection][key]["archived_at"] == row["archived_at"]
     run = (await runs(engine))[-1]
-    assert run["error"].startswith("MassDeletionRefusedError")
-    assert (run["created"], run["updated"], run["archived"], run["deleted"]) == (0, 0, 0, 0)
-    assert (await manager_row(engine))["last_refresh_error"] == run["error"]
-    return err.value.would_remove
+    assert run["error"] is None
+    held = result.held_deletion.would_remove
+    assert run["details"]["held_deletion"] == {"rows": held, "total": result.held_deletion.total}
+    assert (await manager_row(engine))["last_refresh_error"] is None
+    return held
 
 
 async def test_mass_deletion_guard(persister: Persister, engine: AsyncEngine) -> None:
@@ -363,7 +372,8 @@ async def test_mass_deletion_guard(persister: Persister, engine: AsyncEngine) ->
     # an outage: the cloud answers with one renamed vm and nothing else
     outage = InventoryPage.of({"vms": [cloud.vms["v0"] | {"name": "renamed"}]})
     assert await refused(persister, engine, pages(outage)) == 41
-    assert (await snapshot(engine))["vms"]["v0"]["name"] == "v0"
+    assert (await snapshot(engine))["vms"]["v0"]["name"] == "renamed"  # the update is saved
+    cloud.vms["v0"]["name"] = "renamed"
 
     # a deletion of at most mass_delete_min_rows rows is always allowed
     result = await full(persister, cloud.remove_vm("v9"))

@@ -21,8 +21,10 @@ hold the ems_ref of the object referred to.  Guarantees: a page of vms always
 carries all four vm collections (possibly empty lists), so a vm that lost its
 last disk gets its disks destroyed; children are unique by their key within
 their vm (duplicates are dropped: the persister's upsert could not take them);
-an object without a usable id is skipped with a warning, never raised on, so
-one bad object cannot block every refresh.
+an object without a usable id is skipped with a warning, and one the parser
+cannot read (an exception) is reported in ``InventoryPage.rejected``, never
+raised on, so one bad object cannot block every refresh.  A page of vms
+declares that it covers their child collections (``InventoryPage.covers``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from daemon.inventory import InventoryPage, Row
+from daemon.rejection import Rejection, RejectReason
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +207,37 @@ def parse_vms(objects: Iterable[ApiObject]) -> InventoryPage:
         "vm_security_groups": [],
     }
     vms, disks, ports, links = (rows[c] for c in ("vms", *VM_CHILDREN))
+    page = InventoryPage(rows, covers=frozenset(VM_CHILDREN))
     seen: set[str] = set()
     for obj in objects:
-        row = parse_vm(obj)
-        if row is None or row["ems_ref"] in seen:
+        try:
+            row = parse_vm(obj)
+            if row is None or row["ems_ref"] in seen:
+                continue
+            children: dict[str, list[Row]] = {c: [] for c in VM_CHILDREN}
+            _add_children(row["ems_ref"], obj, *children.values())
+        except PARSE_ERRORS as exc:
+            _reject(page, "vms", obj, exc)
             continue
         seen.add(row["ems_ref"])
         vms.append(row)
-        _add_children(row["ems_ref"], obj, disks, ports, links)
-    return InventoryPage(rows)
+        disks.extend(children["disks"])
+        ports.extend(children["network_ports"])
+        links.extend(children["vm_security_groups"])
+    return page
+
+
+PARSE_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
+"""What a malformed object raises in a parser: it is rejected alone (DESIGN.md semantic 13)."""
+
+
+def _reject(page: InventoryPage, collection: str, obj: ApiObject, exc: Exception) -> None:
+    ref = obj.get("id") if isinstance(obj, Mapping) else None
+    error = f"{type(exc).__name__}: {exc}"
+    if isinstance(ref, str) and ref:
+        page.rejected.append(Rejection(collection, ref, RejectReason.PARSE_ERROR, error))
+    else:
+        log.warning("skipping a malformed %s without a usable id: %s", collection, error)
 
 
 def parse_page(collection: str, objects: Iterable[ApiObject]) -> InventoryPage:
@@ -221,10 +246,15 @@ def parse_page(collection: str, objects: Iterable[ApiObject]) -> InventoryPage:
         return parse_vms(objects)
     parse = PARSERS[collection]
     rows: list[Row] = []
+    page = InventoryPage({collection: rows})
     seen: set[str] = set()
     for obj in objects:
-        row = parse(obj)
+        try:
+            row = parse(obj)
+        except PARSE_ERRORS as exc:
+            _reject(page, collection, obj, exc)
+            continue
         if row is not None and row["ems_ref"] not in seen:
             seen.add(row["ems_ref"])
             rows.append(row)
-    return InventoryPage({collection: rows})
+    return page

@@ -35,12 +35,15 @@ from datetime import datetime
 from typing import Any
 
 from daemon.inventory import InventoryPage, Row
+from daemon.rejection import Rejection, RejectReason
 
 log = logging.getLogger(__name__)
 
 ApiObject = Mapping[str, Any]
 
 VM_COLLECTIONS = ("vms", "disks", "network_ports", "vm_security_groups")
+VM_CHILDREN = frozenset(VM_COLLECTIONS[1:])
+"""A page of instances lists every disk, port and group link of each (``InventoryPage.covers``)."""
 
 
 def jsonable(value: Any) -> Any:
@@ -92,20 +95,28 @@ def parse_instances(
     instances: Iterable[ApiObject], volumes: Mapping[str, ApiObject] | None = None
 ) -> InventoryPage:
     """A page of vms with their disks, ports and security group links."""
-    page = InventoryPage({name: [] for name in VM_COLLECTIONS})
+    page = InventoryPage({name: [] for name in VM_COLLECTIONS}, covers=VM_CHILDREN)
     volumes = volumes or {}
     for instance in instances:
         vm = instance.get("InstanceId")
         if not isinstance(vm, str) or not vm:
             log.warning("skipping an EC2 instance without an InstanceId: %.200r", instance)
             continue
-        page.add("vms", vm_row(instance))
-        page.extend("disks", disk_rows(vm, instance, volumes))
-        page.extend("network_ports", port_rows(vm, instance))
-        page.extend(
-            "vm_security_groups",
-            [{"vm": vm, "security_group": group} for group in instance_groups(instance)],
-        )
+        try:
+            row = vm_row(instance)
+            disks = disk_rows(vm, instance, volumes)
+            ports = port_rows(vm, instance)
+            links = [{"vm": vm, "security_group": group} for group in instance_groups(instance)]
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            # one malformed instance: reported and kept as it was; the rest of the page saves
+            page.rejected.append(
+                Rejection("vms", vm, RejectReason.PARSE_ERROR, f"{type(exc).__name__}: {exc}")
+            )
+            continue
+        page.add("vms", row)
+        page.extend("disks", disks)
+        page.extend("network_ports", ports)
+        page.extend("vm_security_groups", links)
     return page
 
 

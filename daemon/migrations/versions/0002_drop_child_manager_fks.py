@@ -1,6 +1,6 @@
 """child tables: drop the redundant manager_id foreign keys
 
-Revision ID: 0002_fullrefresh
+Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-02 13:10:00
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0002_fullrefresh"
+revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None

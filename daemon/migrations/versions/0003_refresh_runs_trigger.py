@@ -1,7 +1,7 @@
 """refresh_runs.trigger: why each refresh ran
 
-Revision ID: 0002_operator
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-12-02 13:45:00
 
 ``scheduled``, ``startup``, ``event``, ``manual`` or ``escalated``
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_operator"
-down_revision = "0002_fullrefresh"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
