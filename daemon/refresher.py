@@ -137,12 +137,6 @@ class Refresher:
         expanded = [t for page in pages for t in page.expanded]
         if expanded:
             resolved = TargetCollection(manager.name, [*resolved, *expanded])
-<<<<<<< HEAD
-=======
-        # a list, not a stream: the persister can save it again if a row must be isolated
-        result = await self._persister.save(manager.name, pages, targets=resolved)
-        result.extra["collect_seconds"] = collect_time
->>>>>>> reliab-persist
         log.debug(
             "manager %s: targeted refresh collected %d page(s) in %.3fs",
             manager.name,
@@ -160,8 +154,11 @@ class Refresher:
                 targets=len(targets),
             )
             try:
-                async with aclosing(counted(_iterate(pages), board, progress)) as seen:
-                    result = await self._persister.save(manager.name, seen, targets=scope)
+                for page in pages:
+                    board.page(progress, sum(len(rows) for rows in page.rows.values()))
+                # a list, not a stream: the persister can save it again if a row must be
+                # isolated
+                result = await self._persister.save(manager.name, pages, targets=scope)
             finally:
                 board.finish(progress)
             result.extra["collect_seconds"] = collect_time
