@@ -7,7 +7,8 @@ Flow: operator / Prometheus -> **http** -> (status of the pipeline | batcher.req
   catchers started, and until shutdown begins; 503 with the reason otherwise.
 * ``GET /metrics``: Prometheus text format.
 * ``GET /managers``: per manager: last refresh, last full refresh, last error,
-  pending targets, refreshing now.
+  pending targets, refreshing now, and which process owns it since when
+  (``owner``, ``owner_since``, ``owned_here``; docs/scaling.md).
 * ``POST /refresh``: ``{"manager": "...", "targets": ["vms:vm-1", ...]}`` (no
   targets: full); bearer-token authenticated like the webhook; 202 with the
   number of targets queued, or 200 once committed with ``?wait=true``.
@@ -33,6 +34,7 @@ from daemon import schema
 from daemon.acks import Ack, QueueFullError
 from daemon.batcher import Batcher
 from daemon.metrics import Metrics
+from daemon.ownership import Ownership
 from daemon.targets import Ref, Target
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class HttpDeps:
     metrics: Metrics
     readiness: Readiness
     managers: frozenset[str]
+    ownership: Ownership
     token: str | None
     clock: Callable[[], float]
 
@@ -112,11 +115,13 @@ def make_app(deps: HttpDeps) -> web.Application:
         m = schema.managers
         async with deps.engine.connect() as conn:
             rows = (await conn.execute(select(m))).mappings().all()
+            owners = await deps.ownership.owners(conn)
         by_name = {r["name"]: r for r in rows}
         out = []
         for name in sorted(deps.managers):
             row = by_name.get(name)
             status = deps.batcher.manager_status(name)
+            owner = owners.get(name)
             out.append(
                 {
                     "name": name,
@@ -127,6 +132,9 @@ def make_app(deps: HttpDeps) -> web.Application:
                     "last_refresh_error_at": _iso(row["last_refresh_error_at"]) if row else None,
                     "pending_targets": deps.batcher.pending_count(name),
                     "refreshing": status.in_flight,
+                    "owner": owner.instance if owner else None,
+                    "owner_since": _iso(owner.since) if owner else None,
+                    "owned_here": deps.ownership.holding(name) is not None,
                 }
             )
         return web.json_response({"managers": out})

@@ -41,10 +41,17 @@ from daemon.catcher import (
 )
 from daemon.clock import LOOP_CLOCK, Clock
 from daemon.config import BatchingConfig, Config, LoadedConfig
-from daemon.db import create_engine
+from daemon.db import Dialect, create_engine, dialect_of, normalize_url
 from daemon.http import HttpDeps, Readiness, make_app, start_site
 from daemon.metrics import MeteredSink, Metrics
 from daemon.migrate import upgrade
+from daemon.ownership import (
+    LocalOwnership,
+    OwnershipSettings,
+    PostgresOwnership,
+    default_instance_name,
+    fenced,
+)
 from daemon.persister import Persister
 from daemon.provider import EventMapper, load_provider
 from daemon.refresh_result import PersisterSettings, RefreshResult
@@ -135,6 +142,27 @@ class Daemon:
 
     # -- running --------------------------------------------------------------------
 
+    def _ownership(
+        self, engine: AsyncEngine, manager_ids: dict[str, int], batcher: Callable[[], Batcher]
+    ) -> LocalOwnership | PostgresOwnership:
+        """Who may refresh which manager: every one on SQLite, the owned ones on PostgreSQL."""
+        cfg = self.config
+        instance = cfg.instance_name or default_instance_name()
+        if dialect_of(engine) is Dialect.SQLITE:
+            return LocalOwnership(manager_ids, instance=instance)
+        return PostgresOwnership(
+            normalize_url(cfg.database_url),
+            managers=manager_ids,
+            instance=instance,
+            work=_LazyWork(batcher),
+            settings=OwnershipSettings(
+                keepalive=cfg.ownership.keepalive,
+                session_timeout=cfg.ownership.session_timeout,
+                release_after=cfg.ownership.release_after,
+            ),
+            on_acquired=lambda _manager: batcher().wake(),
+        )
+
     async def run(self, stop: asyncio.Event) -> int:
         cfg = self.config
         async with AsyncExitStack() as stack:
@@ -152,13 +180,14 @@ class Daemon:
                 ),
             )
             refreshable: dict[str, RefreshableManager] = {}
+            manager_ids: dict[str, int] = {}
             endpoints: dict[str, ManagerEndpoint] = {}
             for m in cfg.managers:
                 connection = load_provider(m.provider).connect(
                     m.name, self.loaded.provider_settings[m.name]
                 )
                 await stack.enter_async_context(connection)
-                await persister.ensure_manager(m.name, m.provider)
+                manager_ids[m.name] = await persister.ensure_manager(m.name, m.provider)
                 refreshable[m.name] = RefreshableManager(
                     m.name, m.provider, connection, m.allow_targeted_refresh
                 )
@@ -169,8 +198,9 @@ class Daemon:
                 endpoints[m.name] = ManagerEndpoint(m.name, m.provider, mapper, connection)
 
             base = batching_settings(BatchingSettings(), cfg.batching)
+            ownership = self._ownership(engine, manager_ids, lambda: batcher)
             batcher = Batcher(
-                Refresher(persister, refreshable).refresh,
+                fenced(Refresher(persister, refreshable).refresh, ownership, _manager_of),
                 settings=base,
                 overrides={
                     # a manager without targeted refresh: every batch is full at dispatch
@@ -185,6 +215,7 @@ class Daemon:
                     on_success=self._on_success,
                     on_failure=self._on_failure,
                 ),
+                may_start=ownership.may_start,
             )
             self.batcher = batcher
             sink = MeteredSink(batcher, self.metrics, self.clock.now)
@@ -197,6 +228,7 @@ class Daemon:
                     metrics=self.metrics,
                     readiness=self.readiness,
                     managers=frozenset(refreshable),
+                    ownership=ownership,
                     token=token,
                     clock=self.clock.now,
                 )
@@ -212,9 +244,12 @@ class Daemon:
                 pending=lambda: {m: batcher.pending_count(m) for m in refreshable},
                 catchers=[(c.name, c.stats) for c in self.catchers],
             )
+            self.metrics.register_ownership(ownership)
 
             host, port = cfg.http.host_port
             stack.push_async_callback(await start_site(app, host, port))
+            await ownership.start()
+            stack.push_async_callback(ownership.stop)  # after the batcher closed
             await stack.enter_async_context(_closing_batcher(batcher))
             for catcher in self.catchers:
                 await catcher.start()
@@ -225,6 +260,8 @@ class Daemon:
                 batcher,
                 intervals={m.name: m.refresh_interval for m in cfg.managers},
                 clock=self.clock,
+                ownership=ownership,
+                last_full=lambda name: _last_full_of(engine, name),
             )
             scheduler.plan(await _last_full(engine), now_wall=datetime.now(UTC))
             self._last_progress = self.clock.now()
@@ -349,6 +386,32 @@ async def _closing_batcher(batcher: Batcher) -> Any:
         yield batcher
     finally:
         await batcher.close(cancel=True)
+
+
+def _manager_of(collection: TargetCollection) -> str:
+    return collection.manager
+
+
+class _LazyWork:
+    """The batcher, as ownership sees it (built after ownership, which it needs)."""
+
+    def __init__(self, batcher: Callable[[], Batcher]) -> None:
+        self._batcher = batcher
+
+    def pending_count(self, manager: str | None = None) -> int:
+        return self._batcher().pending_count(manager)
+
+    def in_flight_managers(self) -> frozenset[str]:
+        return self._batcher().in_flight_managers()
+
+
+async def _last_full_of(engine: AsyncEngine, name: str) -> datetime | None:
+    m = schema.managers
+    async with engine.connect() as conn:
+        value: datetime | None = (
+            await conn.execute(select(m.c.last_full_refresh_at).where(m.c.name == name))
+        ).scalar()
+    return value
 
 
 async def _last_full(engine: AsyncEngine) -> dict[str, datetime | None]:

@@ -16,7 +16,7 @@ import bisect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from daemon.acks import Ack, TargetSink
+from daemon.ownership import Holding
 from daemon.refresh_result import RefreshResult
 from daemon.targets import Target
 
@@ -127,6 +128,11 @@ class Metrics:
         catchers: Sequence[tuple[str, Callable[[], Mapping[str, Any]]]],
     ) -> None:
         self.registry.register(_PipelineCollector(batcher_stats, pending, catchers))
+
+    def register_ownership(self, ownership: OwnershipView) -> None:
+        """``refreshd_manager_owned``, ``refreshd_manager_owned_since_seconds`` and
+        ``refreshd_ownership_changes`` for this process (docs/scaling.md)."""
+        self.registry.register(_OwnershipCollector(ownership))
 
 
 _go_float: Callable[[float], str] = floatToGoString
@@ -271,3 +277,44 @@ class _PipelineCollector(Collector):
             for partition, n in dict(s.get("lag", {})).items():
                 lag.add_metric([name, str(partition)], float(n))
         yield from (received, decoded, skipped, dead, lag)
+
+
+class OwnershipView(Protocol):
+    instance: str
+
+    def holdings(self) -> Mapping[str, Holding]: ...
+
+    @property
+    def changes(self) -> Mapping[tuple[str, str], int]: ...
+
+
+class _OwnershipCollector(Collector):
+    def __init__(self, ownership: OwnershipView) -> None:
+        self._ownership = ownership
+
+    def collect(self) -> Iterable[Metric]:
+        o = self._ownership
+        holdings = o.holdings()
+        owned = GaugeMetricFamily(
+            "refreshd_manager_owned",
+            "1 while this process owns the manager (may refresh it), labelled with its instance",
+            labels=["manager", "owner"],
+        )
+        since = GaugeMetricFamily(
+            "refreshd_manager_owned_since_seconds",
+            "Unix time this process took the manager",
+            labels=["manager", "owner"],
+        )
+        for manager, h in sorted(holdings.items()):
+            owned.add_metric([manager, o.instance], 1.0)
+            since.add_metric([manager, o.instance], h.since.timestamp())
+        yield owned
+        yield since
+        changes = CounterMetricFamily(
+            "refreshd_ownership_changes",
+            "Managers taken (acquired), given back (released) or lost with the connection",
+            labels=["manager", "change"],
+        )
+        for (manager, change), n in sorted(o.changes.items()):
+            changes.add_metric([manager, change], float(n))
+        yield changes
