@@ -262,6 +262,7 @@ class Daemon:
                 clock=self.clock,
                 ownership=ownership,
                 last_full=lambda name: _last_full_of(engine, name),
+                recheck=max(1.0, 5 * cfg.ownership.keepalive),
             )
             scheduler.plan(await _last_full(engine), now_wall=datetime.now(UTC))
             self._last_progress = self.clock.now()
