@@ -411,9 +411,9 @@ class PostgresOwnership:
         # first stop new refreshes (synchronously), then unlock
         del self._owned[manager]
         self._idle_since.pop(manager, None)
+        self._count(manager, "released")
         key = {"ns": OWNERSHIP_NAMESPACE, "id": self._ids[manager]}
         await self._run_sql(conn, "SELECT pg_advisory_unlock(:ns, :id)", key)
-        self._count(manager, "released")
         log.info("manager %s: released (no work for %.0fs)", manager, self._settings.release_after)
 
     def _drop_all(self, change: str) -> None:

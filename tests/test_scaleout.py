@@ -104,6 +104,15 @@ async def test_a_slowly_collected_refresh_never_overwrites_a_newer_commit(
         timeout=60,
         what="p0 to have read the vm",
     )
+    # while p0 refreshes, every process shows that p0 holds m0, and since when
+    views = [(await c.managers_view(i))["m0"] for i in (0, 1)]
+    assert [(v["owner"], v["owned_here"], v["refreshing"]) for v in views] == [
+        ("p0", True, True),
+        ("p0", False, False),
+    ]
+    assert views[0]["owner_since"] == views[1]["owner_since"] is not None
+    assert await c.daemons[0].metric("refreshd_manager_owned", {"manager": "m0"}) == 1
+    assert await c.daemons[1].metric("refreshd_manager_owned", {"manager": "m0"}) == 0
     cloud.delete("vms", victim)
     # p1 refreshes the deleted vm (as its event would make it) while p0 still collects
     assert await c.post_refresh(1, "m0", [f"vms:{victim}"], wait=True) == 200
@@ -193,11 +202,14 @@ async def test_a_rolling_restart_with_sigterm_loses_nothing(
     for i in range(len(c.daemons)):
         before = {m: len(await c.runs(m, "targeted")) for m in c.managers}
         assert await c.terminate(i) == 0
+        # what it read was committed before it left: the next owner does not read it again
+        assert c.daemons[i].log().count("all refreshes committed") == 1
         c.daemons[i].start()
         await c.daemons[i].wait_ready(timeout=60)
 
         async def progressed(before: dict[str, int] = before) -> bool:
-            return all(len(await c.runs(m, "targeted")) > before[m] for m in c.managers)
+            now = {m: len(await c.runs(m, "targeted")) for m in c.managers}
+            return all(now[m] > before[m] for m in c.managers)
 
         await wait_for(progressed, timeout=60, what=f"refreshes after restarting p{i}")
     for task in c.tasks[len(c.deliveries) :]:
