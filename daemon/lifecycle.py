@@ -1,6 +1,6 @@
 """The daemon's lifecycle: one owner of every resource, opened in order, closed in reverse.
 
-Flow: **lifecycle** starts database -> provider connections -> batcher (refresher,
+Flow: **lifecycle** starts database -> provider connections -> ownership -> batcher (refresher,
 persister) -> HTTP endpoint -> catchers -> scheduler; READY=1; runs until a stop
 signal; then shuts down in the written order (docs/operations.md):
 

@@ -326,8 +326,10 @@ class PostgresOwnership:
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
         timeout_ms = int(self._settings.session_timeout * 1000)
         idle_s = max(1, int(self._settings.session_timeout / 2))
+        version = (await conn.execute(text("SHOW server_version_num"))).scalar()
+        if int(version or 0) >= 140000:  # PostgreSQL 13 has no idle_session_timeout
+            await conn.execute(text(f"SET idle_session_timeout = {timeout_ms}"))
         for statement in (
-            f"SET idle_session_timeout = {timeout_ms}",
             f"SET statement_timeout = {timeout_ms}",
             f"SET lock_timeout = {int(self._settings.keepalive * 1000)}",
             f"SET tcp_keepalives_idle = {idle_s}",
