@@ -218,6 +218,7 @@ class PostgresOwnership:
         self._owned: dict[str, Holding] = {}
         self._idle_since: dict[str, float] = {}
         self._wanted: set[str] = set()
+        self._refused_at: dict[str, float] = {}
         self._pins: dict[str, int] = {}
         self._conn: AsyncConnection | None = None
         self._engine: AsyncEngine | None = None
@@ -232,7 +233,11 @@ class PostgresOwnership:
     def may_start(self, manager: str) -> bool:
         if manager in self._owned:
             return True
-        if manager in self._ids and manager not in self._wanted:
+        # ask the keepalive loop now, unless it was refused less than a keepalive ago
+        # (the batcher asks on every wake-up; another process may hold it for long)
+        now = self._clock.now()
+        refused = self._refused_at.get(manager)
+        if manager in self._ids and (refused is None or now - refused >= self._settings.keepalive):
             self._wanted.add(manager)
             self._wake.set()
         return False
@@ -383,7 +388,9 @@ class PostgresOwnership:
         key = {"ns": OWNERSHIP_NAMESPACE, "id": self._ids[manager]}
         got = (await self._run_sql(conn, "SELECT pg_try_advisory_lock(:ns, :id)", key)).scalar()
         if not got:
+            self._refused_at[manager] = self._clock.now()
             return
+        self._refused_at.pop(manager, None)
         try:
             # waits (lock_timeout) for a commit of the previous owner still in progress
             row = (
@@ -399,6 +406,7 @@ class PostgresOwnership:
             raise
         except Exception as exc:  # noqa: BLE001 -- e.g. lock_timeout: give it back, retry later
             log.info("manager %s: not taken over yet (%s); retrying", manager, exc)
+            self._refused_at[manager] = self._clock.now()
             await self._run_sql(conn, "SELECT pg_advisory_unlock(:ns, :id)", key)
             return
         self._owned[manager] = Holding(
