@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from daemon.acks import Ack, TargetSink
-from daemon.ownership import Holding
+from daemon.fencing import Holding
 from daemon.refresh_result import RefreshResult
 from daemon.targets import Target
 

@@ -36,10 +36,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -50,40 +50,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 
 from daemon.clock import LOOP_CLOCK, Clock
+from daemon.fencing import FENCE, Holding, OwnershipLostError
 
 log = logging.getLogger(__name__)
 
 OWNERSHIP_NAMESPACE = 0x5246484F  # "RFHO": first key of pg_try_advisory_lock(int, int)
+WANT_NAMESPACE = 0x52464857  # "RFHW": shared locks of processes waiting for a manager
 
 
 def default_instance_name() -> str:
     """``hostname:pid``: the process identity shown in /managers and metrics."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-class OwnershipLostError(Exception):
-    """Another process took the manager since this refresh started: nothing was committed.
-
-    The batcher keeps the targets (their events stay unacknowledged) and retries
-    once this process owns the manager again.
-    """
-
-    retry_after = 1.0
-
-    def __init__(self, manager: str, detail: str) -> None:
-        super().__init__(f"manager {manager}: {detail}")
-        self.manager = manager
-
-
-@dataclass(frozen=True, slots=True)
-class Holding:
-    """This process owns ``manager`` since ``since`` (wall time) under fencing ``epoch``."""
-
-    manager: str
-    instance: str
-    since: datetime
-    epoch: int | None
-    """``managers.owner_epoch`` when it was taken; None: no fencing (SQLite)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +69,6 @@ class Owner:
 
     instance: str
     since: datetime
-
-
-FENCE: ContextVar[Holding | None] = ContextVar("refreshd_ownership_fence", default=None)
-"""The holding a refresh started under; the persister checks it before committing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +192,12 @@ class PostgresOwnership:
         self._idle_since: dict[str, float] = {}
         self._wanted: set[str] = set()
         self._refused_at: dict[str, float] = {}
+        self._owned_at: dict[str, float] = {}
+        self._yielding: set[str] = set()
+        """Owned managers being handed over: no new refresh starts; released when idle."""
+        self._handed_over_at: dict[str, float] = {}
+        self._wanting: set[str] = set()
+        """Managers another process owns that this one waits for (shared WANT lock held)."""
         self._pins: dict[str, int] = {}
         self._conn: AsyncConnection | None = None
         self._engine: AsyncEngine | None = None
@@ -232,7 +211,7 @@ class PostgresOwnership:
 
     def may_start(self, manager: str) -> bool:
         if manager in self._owned:
-            return True
+            return manager not in self._yielding
         # ask the keepalive loop now, unless it was refused less than a keepalive ago
         # (the batcher asks on every wake-up; another process may hold it for long)
         now = self._clock.now()
@@ -353,30 +332,80 @@ class PostgresOwnership:
                 await asyncio.wait_for(conn.close(), 1.0)
 
     async def _tick(self) -> None:
+        """Keepalive; take managers with work, give back idle ones and contested ones."""
         async with self._conn_lock:
             conn = self._conn
             assert conn is not None
-            await self._run_sql(conn, "SELECT 1", {})
+            contested = await self._wanted_elsewhere(conn)  # also the keepalive
             now = self._clock.now()
-            busy = self._work.in_flight_managers()
             for manager in sorted(self._ids):
-                has_work = (
-                    manager in busy
-                    or self._work.pending_count(manager) > 0
-                    or manager in self._pins
-                    or manager in self._wanted
-                )
-                if manager not in self._owned:
-                    if has_work:
+                if manager in self._owned:
+                    await self._keep_or_give(conn, manager, now, self._ids[manager] in contested)
+                elif self._has_work(manager):
+                    handed = self._handed_over_at.get(manager, -math.inf)
+                    if now - handed >= 2 * self._settings.keepalive:  # let a waiter take it
                         await self._acquire(conn, manager)
-                    continue
-                if has_work:
-                    self._idle_since.pop(manager, None)
-                    continue
-                idle_since = self._idle_since.setdefault(manager, now)
-                if now - idle_since >= self._settings.release_after:
-                    await self._release(conn, manager)
+                    if manager not in self._owned:
+                        await self._want(conn, manager, wanting=True)
+                else:
+                    await self._want(conn, manager, wanting=False)
             self._wanted.clear()
+
+    def _has_work(self, manager: str) -> bool:
+        return (
+            manager in self._work.in_flight_managers()
+            or self._work.pending_count(manager) > 0
+            or manager in self._pins
+            or manager in self._wanted
+        )
+
+    async def _keep_or_give(
+        self, conn: AsyncConnection, manager: str, now: float, contested: bool
+    ) -> None:
+        """Give ``manager`` back when idle for ``release_after`` (at once when another
+        process waits), or, when another process waited and this one has held it for
+        ``release_after``, hand it over between two refreshes (its targets stay pending)."""
+        await self._want(conn, manager, wanting=False)
+        if self._has_work(manager):
+            self._idle_since.pop(manager, None)
+            idle = False
+        else:
+            idle = now - self._idle_since.setdefault(manager, now) >= self._settings.release_after
+        held = now - self._owned_at.get(manager, now)
+        if contested and not idle and held >= self._settings.release_after:
+            if manager not in self._yielding:
+                log.info("manager %s: another process waits for it; handing over", manager)
+            self._yielding.add(manager)
+        running = manager in self._work.in_flight_managers() or manager in self._pins
+        if running:
+            return
+        if idle or (contested and not self._has_work(manager)):
+            await self._release(conn, manager, why="no work")
+        elif manager in self._yielding:
+            self._handed_over_at[manager] = now
+            await self._release(conn, manager, why="handed over")
+
+    async def _wanted_elsewhere(self, conn: AsyncConnection) -> set[int]:
+        """Ids of managers other processes wait for."""
+        rows = await self._run_sql(
+            conn,
+            "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = :ns "
+            "AND objsubid = 2 AND granted AND pid <> pg_backend_pid()",
+            {"ns": WANT_NAMESPACE},
+        )
+        return {int(r.objid) for r in rows}
+
+    async def _want(self, conn: AsyncConnection, manager: str, *, wanting: bool) -> None:
+        """Show (shared session lock) or stop showing that this process waits for ``manager``."""
+        if wanting == (manager in self._wanting):
+            return
+        key = {"ns": WANT_NAMESPACE, "id": self._ids[manager]}
+        if wanting:
+            await self._run_sql(conn, "SELECT pg_advisory_lock_shared(:ns, :id)", key)
+            self._wanting.add(manager)
+        else:
+            self._wanting.discard(manager)
+            await self._run_sql(conn, "SELECT pg_advisory_unlock_shared(:ns, :id)", key)
 
     async def _run_sql(self, conn: AsyncConnection, sql: str, params: dict[str, Any]) -> Any:
         result = await asyncio.wait_for(
@@ -412,25 +441,29 @@ class PostgresOwnership:
         self._owned[manager] = Holding(
             manager, self.instance, row.owner_since, int(row.owner_epoch)
         )
+        self._owned_at[manager] = self._clock.now()
         self._idle_since.pop(manager, None)
         self._count(manager, "acquired")
         log.info("manager %s: owned by this process (epoch %d)", manager, row.owner_epoch)
         self._on_acquired(manager)
 
-    async def _release(self, conn: AsyncConnection, manager: str) -> None:
+    async def _release(self, conn: AsyncConnection, manager: str, *, why: str) -> None:
         # first stop new refreshes (synchronously), then unlock
         del self._owned[manager]
+        self._yielding.discard(manager)
         self._idle_since.pop(manager, None)
         self._count(manager, "released")
         key = {"ns": OWNERSHIP_NAMESPACE, "id": self._ids[manager]}
         await self._run_sql(conn, "SELECT pg_advisory_unlock(:ns, :id)", key)
-        log.info("manager %s: released (no work for %.0fs)", manager, self._settings.release_after)
+        log.info("manager %s: released (%s)", manager, why)
 
     def _drop_all(self, change: str) -> None:
         for manager in self._owned:
             self._count(manager, change)
         self._owned.clear()
         self._idle_since.clear()
+        self._yielding.clear()
+        self._wanting.clear()  # the session's locks are gone with it
 
     def _count(self, manager: str, change: str) -> None:
         self.changes[(manager, change)] = self.changes.get((manager, change), 0) + 1
@@ -448,22 +481,3 @@ async def current_owners(conn: AsyncConnection) -> dict[str, Owner]:
         {"ns": OWNERSHIP_NAMESPACE},
     )
     return {r.name: Owner(r.owner, r.owner_since) for r in rows if r.held and r.owner}
-
-
-async def verify_fence(conn: AsyncConnection, manager: str, manager_id: int) -> None:
-    """Inside a save transaction: refuse to go on if ``manager`` changed hands since the
-    refresh began; otherwise lock the manager's row until commit (a takeover waits)."""
-    holding = FENCE.get()
-    if holding is None or holding.epoch is None:
-        return
-    epoch = (
-        await conn.execute(
-            text("SELECT owner_epoch FROM managers WHERE id = :id FOR UPDATE"), {"id": manager_id}
-        )
-    ).scalar()
-    if epoch != holding.epoch:
-        raise OwnershipLostError(
-            manager,
-            f"taken over by another process (epoch {epoch}, this refresh began under "
-            f"{holding.epoch}); not committed",
-        )

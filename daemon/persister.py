@@ -38,8 +38,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from daemon import schema
 from daemon.collections import Collection, CollectionRegistry, Retention
 from daemon.db import Dialect, dialect_of
+from daemon.fencing import verify_fence
 from daemon.inventory import COLLECTIONS, InventoryPage, Row
-from daemon.ownership import verify_fence
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
 from daemon.staging import TEMP_TABLES_READY, Stager
 from daemon.statements import Statements, statements_for

@@ -16,11 +16,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from daemon.db import create_engine, normalize_url
+from daemon.fencing import FENCE, OwnershipLostError
 from daemon.inventory import InventoryPage
 from daemon.migrate import upgrade
 from daemon.ownership import (
-    FENCE,
-    OwnershipLostError,
     OwnershipSettings,
     PostgresOwnership,
     current_owners,
@@ -32,7 +31,8 @@ from tests.inventory_builders import pages, snapshot
 
 pytestmark = pytest.mark.postgres
 
-FAST = OwnershipSettings(keepalive=0.2, session_timeout=3.0, release_after=0.5)
+PATIENT = OwnershipSettings(keepalive=0.2, session_timeout=3.0, release_after=60.0)
+FAIR = OwnershipSettings(keepalive=0.2, session_timeout=3.0, release_after=0.5)
 
 
 class Work:
@@ -72,10 +72,10 @@ async def test_a_process_that_loses_its_connection_stops_and_cannot_commit(
     ids = {"m1": await persister.ensure_manager("m1", "awesome_cloud")}
     work_a, work_b = Work(), Work()
     a = PostgresOwnership(
-        normalize_url(pg_url), managers=ids, instance="a", work=work_a, settings=FAST
+        normalize_url(pg_url), managers=ids, instance="a", work=work_a, settings=PATIENT
     )
     b = PostgresOwnership(
-        normalize_url(pg_url), managers=ids, instance="b", work=work_b, settings=FAST
+        normalize_url(pg_url), managers=ids, instance="b", work=work_b, settings=FAIR
     )
     await a.start()
     await b.start()
@@ -85,7 +85,7 @@ async def test_a_process_that_loses_its_connection_stops_and_cannot_commit(
         assert not a.may_start("m1")  # asks for it ...
         await wait_for(lambda: a.may_start("m1"), timeout=10, what="a to own m1")
         held_by_a = a.holding("m1")
-        work_b.pending.add("m1")  # ... b wants it too, and waits
+        work_b.pending.add("m1")  # ... b wants it too, and waits: a keeps it (release_after)
         async with engine.connect() as conn:
             assert {m: o.instance for m, o in (await current_owners(conn)).items()} == {"m1": "a"}
 
@@ -97,6 +97,7 @@ async def test_a_process_that_loses_its_connection_stops_and_cannot_commit(
         assert not b.may_start("m1")
 
         # a's ownership session ends (a network cut, the server restarting it)
+        work_a.pending.clear()
         async with engine.connect() as conn:
             await conn.execute(
                 text(
@@ -123,10 +124,17 @@ async def test_a_process_that_loses_its_connection_stops_and_cannot_commit(
             FENCE.reset(token)
         assert await flavor_name(engine) == "from b"
 
-        # b gives m1 back once it has no more work for it
-        work_b.pending.clear()
-        await wait_for(lambda: b.holding("m1") is None, timeout=10, what="b to release m1")
+        # a has work for m1 again: b, holding it for release_after, hands it over
+        work_a.pending.add("m1")
+        await wait_for(lambda: a.may_start("m1"), timeout=10, what="b to hand m1 over to a")
+        assert not b.may_start("m1")
         assert b.changes.get(("m1", "released")) == 1
+        assert "m1" in {m for m, o in (await _owners(engine)).items() if o == "a"}
     finally:
         await a.stop()
         await b.stop()
+
+
+async def _owners(engine: AsyncEngine) -> dict[str, str]:
+    async with engine.connect() as conn:
+        return {m: o.instance for m, o in (await current_owners(conn)).items()}
