@@ -12,8 +12,12 @@ Reported per N (the N=1 run is the baseline the others are compared with):
 * refreshes (targeted, full) recorded in ``refresh_runs`` -- full refreshes
   must stay at one per manager (the start-up one) however many daemons run;
 * takeover (N >= 2): the owner of one manager is killed with SIGKILL during
-  the churn; seconds from the kill to the first commit of that manager by
-  another process (``refresh_runs``: started after the kill, end time);
+  the churn (and restarted); seconds from the kill until its ownership lock is
+  gone, and until the first commit of that manager by another process
+  (``refresh_runs``: started after the kill, end time).  Then the same with
+  SIGSTOP (a hung process, woken with SIGCONT afterwards): its lock goes when
+  the server ends the silent session (``[ownership] session_timeout``, 5 s in
+  this harness);
 * whether the database equals every cloud after the churn stops, and how long
   that took.
 
@@ -29,10 +33,12 @@ import argparse
 import asyncio
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -104,6 +110,51 @@ def quantile(before: dict[float, float], after: dict[float, float], q: float) ->
     return lower
 
 
+@dataclass(frozen=True)
+class Takeover:
+    freed: float = math.nan
+    """seconds from the signal until the holder's ownership lock was gone"""
+    committed: float = math.nan
+    """seconds from the signal until another process committed a refresh of the manager"""
+
+
+async def takeover(cluster: Cluster, n: int, signum: signal.Signals) -> Takeover:
+    """Send ``signum`` to the holder of a manager; measure the hand-over (SIGSTOP: a hung
+    process, woken up again with SIGCONT once another process committed)."""
+    owners = await wait_for(cluster.owners, timeout=30, what="an owned manager")
+    manager, holder = sorted(owners.items())[0]
+    index = int(holder.removeprefix("p"))
+    sent_wall, sent = datetime.now(UTC), time.monotonic()
+    os.kill(cluster.daemons[index].pid, signum)
+    freed: list[float] = []
+
+    async def committed_elsewhere() -> float | None:
+        if not freed and (await cluster.owners()).get(manager) != holder:
+            freed.append(time.monotonic() - sent)
+        for run in await cluster.runs(manager):
+            if run.error is None and run.started_at >= sent_wall:
+                return max(0.0, run.started_at.timestamp() + run.duration - sent_wall.timestamp())
+        return None
+
+    try:
+        committed = float(
+            await wait_for(committed_elsewhere, timeout=60, interval=0.02, what="takeover")
+        )
+    except AssertionError:  # stopped inside a save transaction: its row lock stays
+        committed = math.nan
+    result = Takeover(freed[0] if freed else math.nan, committed)
+    print(
+        f"  N={n}: {manager} held by {holder}, {signum.name}: lock free after "
+        f"{result.freed:.2f}s, first commit by another process after {committed:.2f}s"
+    )
+    if signum is signal.SIGSTOP:
+        os.kill(cluster.daemons[index].pid, signal.SIGCONT)
+    else:  # the killed process comes back, as systemd would restart it
+        cluster.daemons[index].start()
+        await cluster.daemons[index].wait_ready(timeout=60)
+    return result
+
+
 async def run_one(n: int, args: argparse.Namespace, bootstrap: str, work: Path) -> dict[str, Any]:
     async with temp_database(f"refreshd_scaleout_{uuid.uuid4().hex[:8]}") as dsn:
         topic = await create_topic(bootstrap, MANAGERS)
@@ -131,36 +182,12 @@ async def run_one(n: int, args: argparse.Namespace, bootstrap: str, work: Path) 
             p50, p99 = quantile(before, after, 0.5), quantile(before, after, 0.99)
             events = after.get(math.inf, 0.0) - before.get(math.inf, 0.0)
 
-            takeover = owned = math.nan
+            kill = stop = Takeover()
             if n >= 2:
-                owners = await wait_for(cluster.owners, timeout=30, what="an owned manager")
-                manager, holder = sorted(owners.items())[0]
-                killed_wall = datetime.now(UTC)
-                killed = time.monotonic()
-                await cluster.kill(int(holder.removeprefix("p")))
-
-                owned_after: list[float] = []
-
-                async def committed_elsewhere() -> float | None:
-                    now = (await cluster.owners()).get(manager)
-                    if not owned_after and now not in (None, holder):
-                        owned_after.append(time.monotonic() - killed)
-                    for run in await cluster.runs(manager):
-                        if run.error is None and run.started_at >= killed_wall:
-                            end = run.started_at.timestamp() + run.duration
-                            return max(0.0, end - killed_wall.timestamp())
-                    return None
-
-                took = await wait_for(
-                    committed_elsewhere, timeout=60, interval=0.02, what="takeover"
-                )
-                takeover = float(took)
-                owned = owned_after[0] if owned_after else math.nan
-                print(
-                    f"  N={n}: {manager} held by {holder}, killed; owned by another process "
-                    f"{owned:.2f}s later, first commit {takeover:.2f}s later"
-                )
+                kill = await takeover(cluster, n, signal.SIGKILL)
                 await asyncio.sleep(5)  # keep the churn going a little after the takeover
+                stop = await takeover(cluster, n, signal.SIGSTOP)
+                await asyncio.sleep(5)
 
             for task in cluster.tasks[len(cluster.deliveries) :]:
                 task.cancel()
@@ -180,8 +207,8 @@ async def run_one(n: int, args: argparse.Namespace, bootstrap: str, work: Path) 
                 "targeted": targeted,
                 "full": full,
                 "failed": failed,
-                "takeover": takeover,
-                "owned": owned,
+                "kill": kill,
+                "stop": stop,
                 "converge": converge,
                 "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             }
@@ -214,17 +241,18 @@ async def main() -> None:
         f"{args.duration:g}s measured per N (baseline: N={base['n']})"
     )
     print(
-        "  N  events  p50 ms (x base)  p99 ms (x base)  targeted  full  failed  "
-        "owned s  takeover s  converged s  loadavg"
+        "  N  events  p50 ms (x base)  p99 ms (x base)  targeted  full  failed"
+        "  SIGKILL free/commit s  SIGSTOP free/commit s  converged s  loadavg"
     )
     for r in results:
+        k, st = r["kill"], r["stop"]
         print(
             f"  {r['n']}  {r['events']:6.0f}"
             f"  {r['p50'] * 1000:6.0f} ({r['p50'] / base['p50']:4.2f})"
             f"  {r['p99'] * 1000:8.0f} ({r['p99'] / base['p99']:4.2f})  {r['targeted']:8d}"
-            f"  {r['full']:4d}  {r['failed']:6d}  {r['owned']:7.2f}  {r['takeover']:10.2f}"
-            f"  {r['converge']:11.2f}"
-            f"  {r['load']}"
+            f"  {r['full']:4d}  {r['failed']:6d}"
+            f"  {k.freed:9.2f} / {k.committed:5.2f}  {st.freed:9.2f} / {st.committed:5.2f}"
+            f"  {r['converge']:11.2f}  {r['load']}"
         )
 
 

@@ -382,7 +382,7 @@ class PostgresOwnership:
         if idle or (contested and not self._has_work(manager)):
             await self._release(conn, manager, why="no work")
         elif manager in self._yielding:
-            self._handed_over_at[manager] = now
+            self._handed_over_at[manager] = self._refused_at[manager] = now
             await self._release(conn, manager, why="handed over")
 
     async def _wanted_elsewhere(self, conn: AsyncConnection) -> set[int]:
