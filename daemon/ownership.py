@@ -16,15 +16,17 @@ On PostgreSQL (:class:`PostgresOwnership`):
   keepalives), so a process that dies or hangs frees its managers within
   seconds;
 * ownership is taken on demand (the batcher has a due batch, the scheduler
-  asks) and given back after ``release_after`` seconds without work;
+  asks) and given back after ``release_after`` seconds without work; a
+  process waiting for a manager shows it with a shared advisory lock
+  ``(WANT_NAMESPACE, manager id)``, and the owner then gives it back at once
+  when idle, or between two refreshes once it has held it ``release_after``;
 * taking a manager increments ``managers.owner_epoch`` (and records ``owner``
   and ``owner_since``); that UPDATE waits for a commit of the previous owner
   still in progress, so a new owner's first collect starts after the old
   owner's last commit;
-* every refresh carries the epoch it started under (:data:`FENCE`); the
-  persister re-reads the epoch ``FOR UPDATE`` inside the save transaction and
-  refuses to commit (:class:`OwnershipLostError`) when another process took
-  the manager since: an older collect never overwrites a newer commit;
+* every refresh carries the holding it started under (daemon/fencing.py);
+  the persister refuses to commit when another process took the manager
+  since: an older collect never overwrites a newer commit;
 * when the ownership connection fails, the process drops every manager at
   once (no refresh starts) and connects again.
 
