@@ -144,6 +144,9 @@ class OwnershipConfig(_Strict):
     release_after: Duration = Field(
         5.0, ge=0, description="seconds without work before a manager is given back"
     )
+    save_idle_timeout: Duration = Field(
+        120.0, gt=0, description="a save transaction idle this long is ended by the server"
+    )
 
 
 class HttpConfig(_Strict):

@@ -10,7 +10,9 @@ transaction :func:`verify_fence` re-reads the epoch ``FOR UPDATE``: if another
 process took the manager since, nothing is committed
 (:class:`OwnershipLostError`); otherwise the manager's row stays locked until
 the commit, so a takeover (which updates that row) waits for it and the new
-owner's first collect starts after this commit.  On SQLite holdings carry no
+owner's first collect starts after this commit.  The transaction may wait idle
+(for the collector's next page) at most ``save_idle_timeout``: a process that
+hangs inside it does not hold the manager's rows for ever.  On SQLite holdings carry no
 epoch and nothing is checked.
 """
 
@@ -47,6 +49,10 @@ class Holding:
     since: datetime
     epoch: int | None
     """``managers.owner_epoch`` when it was taken; None: no fencing (SQLite)."""
+    save_idle_timeout: float | None = None
+    """Seconds a save transaction may wait idle (for the collector's next page)
+    before the server ends it: bounds how long a hung process holds the
+    manager's row and the rows it wrote; None: no limit."""
 
 
 FENCE: ContextVar[Holding | None] = ContextVar("refreshd_ownership_fence", default=None)
@@ -70,3 +76,6 @@ async def verify_fence(conn: AsyncConnection, manager: str, manager_id: int) -> 
             f"taken over by another process (epoch {epoch}, this refresh began under "
             f"{holding.epoch}); not committed",
         )
+    if holding.save_idle_timeout:
+        milliseconds = max(1, int(holding.save_idle_timeout * 1000))
+        await conn.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds}"))

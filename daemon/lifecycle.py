@@ -159,6 +159,7 @@ class Daemon:
                 keepalive=cfg.ownership.keepalive,
                 session_timeout=cfg.ownership.session_timeout,
                 release_after=cfg.ownership.release_after,
+                save_idle_timeout=cfg.ownership.save_idle_timeout,
             ),
             on_acquired=lambda _manager: batcher().wake(),
         )

@@ -83,6 +83,9 @@ class OwnershipSettings:
     up on a statement); a hung or unreachable process loses its managers after this."""
     release_after: float = 5.0
     """Seconds without pending or running refreshes before a manager is given back."""
+    save_idle_timeout: float = 120.0
+    """Seconds a save transaction may wait idle for the collector's next page before the
+    server ends it (a process hung inside a save frees the manager after this)."""
 
 
 class WorkView(Protocol):
@@ -441,7 +444,11 @@ class PostgresOwnership:
             await self._run_sql(conn, "SELECT pg_advisory_unlock(:ns, :id)", key)
             return
         self._owned[manager] = Holding(
-            manager, self.instance, row.owner_since, int(row.owner_epoch)
+            manager,
+            self.instance,
+            row.owner_since,
+            int(row.owner_epoch),
+            self._settings.save_idle_timeout,
         )
         self._owned_at[manager] = self._clock.now()
         self._idle_since.pop(manager, None)

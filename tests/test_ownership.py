@@ -9,10 +9,12 @@ tests/test_scaleout.py.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from daemon.db import create_engine, normalize_url
@@ -138,3 +140,61 @@ async def test_a_process_that_loses_its_connection_stops_and_cannot_commit(
 async def _owners(engine: AsyncEngine) -> dict[str, str]:
     async with engine.connect() as conn:
         return {m: o.instance for m, o in (await current_owners(conn)).items()}
+
+
+async def test_a_save_left_idle_by_a_hung_process_is_ended_by_the_server(
+    engine: AsyncEngine, pg_url: str
+) -> None:
+    persister = Persister(engine)
+    ids = {"m1": await persister.ensure_manager("m1", "awesome_cloud")}
+    work = Work()
+    work.pending.add("m1")
+    hung_settings = OwnershipSettings(
+        keepalive=0.2, session_timeout=3.0, release_after=60.0, save_idle_timeout=0.5
+    )
+    a = PostgresOwnership(
+        normalize_url(pg_url), managers=ids, instance="a", work=work, settings=hung_settings
+    )
+    await a.start()
+    try:
+        await wait_for(lambda: a.may_start("m1"), timeout=10, what="a to own m1")
+        hanging, resume = asyncio.Event(), asyncio.Event()
+
+        async def hanging_collector() -> AsyncIterator[InventoryPage]:
+            yield flavor_page("first page")
+            hanging.set()
+            await resume.wait()  # the process hangs with its save transaction open
+            yield flavor_page("second page")
+
+        token = FENCE.set(a.holding("m1"))
+        try:
+            targets = TargetCollection("m1", [Target.of("m1", "flavors", "f1")])
+            save = asyncio.create_task(persister.save("m1", hanging_collector(), targets=targets))
+        finally:
+            FENCE.reset(token)
+        await wait_for(hanging.is_set, timeout=10, what="the first page to be written")
+        assert await _idle_in_transaction(engine)
+        await wait_for(
+            lambda: _none_idle_in_transaction(engine), timeout=10, what="the server to end it"
+        )
+        resume.set()
+        with pytest.raises(DBAPIError):
+            await save
+        assert await flavor_name(engine) is None  # nothing of it was committed
+    finally:
+        await a.stop()
+
+
+async def _idle_in_transaction(engine: AsyncEngine) -> bool:
+    async with engine.connect() as conn:
+        n = await conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'idle in transaction'"
+            )
+        )
+        return bool(n.scalar())
+
+
+async def _none_idle_in_transaction(engine: AsyncEngine) -> bool:
+    return not await _idle_in_transaction(engine)
