@@ -40,7 +40,12 @@ CATCHER_OPTIONS: dict[str, Any] = {
     "poll_timeout": "100ms",
     "drain_timeout": "5s",
 }
-OWNERSHIP = {"keepalive": "500ms", "session_timeout": "5s", "release_after": "1s"}
+OWNERSHIP = {
+    "keepalive": "500ms",
+    "session_timeout": "5s",
+    "release_after": "1s",
+    "save_idle_timeout": "5s",
+}
 
 
 @dataclass
