@@ -83,9 +83,13 @@ class Batcher:
         rng: random.Random | None = None,
         hooks: RefreshHooks = NO_HOOKS,
         collect: CollectFn | None = None,
+        may_start: Callable[[str], bool] = lambda _manager: True,
     ) -> None:
         self._refresh = refresh
         self._collect = collect
+        self._may_start = may_start
+        """Ownership gate (daemon/ownership.py): a due batch of a manager this process
+        does not own waits, its targets pending, until :meth:`wake` after it is owned."""
         self._settings = settings
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
@@ -149,6 +153,10 @@ class Batcher:
             self.stats.targets_enqueued += enqueued
             self._queued()
         return queued
+
+    def wake(self) -> None:
+        """Look at the pending batches again (a manager became ours to refresh)."""
+        self._wake.set()
 
     def has_room(self) -> bool:
         return self.pending_count() < self._settings.max_pending_targets
@@ -330,6 +338,8 @@ class Batcher:
                 return when if self._running < self._settings.workers else None
             if self._running >= self._settings.workers:
                 return None
+            if not self._may_start(state.manager):
+                continue
             self._start(state, now)
         return None
 

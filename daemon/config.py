@@ -120,6 +120,22 @@ class ManagerConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class OwnershipConfig(_Strict):
+    """The ``[ownership]`` table: how processes sharing a PostgreSQL database hand managers
+    over (daemon/ownership.py, docs/scaling.md); unused on SQLite."""
+
+    keepalive: Duration = Field(2.0, gt=0, description="seconds between keepalives")
+    session_timeout: Duration = Field(
+        10.0, gt=0, description="a silent process loses its managers after this many seconds"
+    )
+    release_after: Duration = Field(
+        5.0, ge=0, description="seconds without work before a manager is given back"
+    )
+    save_idle_timeout: Duration = Field(
+        120.0, gt=0, description="a save transaction idle this long is ended by the server"
+    )
+
+
 class HttpConfig(_Strict):
     """The ``[http]`` table: where the endpoint listens and who may post to it.
 
@@ -189,7 +205,11 @@ class Config(_Strict):
     log_format: Literal["text", "json"] = "text"
     shutdown_timeout: Duration = 30.0
     status_interval: Duration = 10.0
+    instance_name: str | None = Field(
+        None, min_length=1, max_length=200, description="process identity; default host:pid"
+    )
     persister: PersisterConfig = PersisterConfig()
+    ownership: OwnershipConfig = OwnershipConfig()
     batching: BatchingConfig = BatchingConfig()
     http: HttpConfig = HttpConfig()
     managers: list[ManagerConfig] = Field(default_factory=list)

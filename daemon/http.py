@@ -14,7 +14,8 @@ Flow: operator / Prometheus -> **http** -> (status of the pipeline | batcher.req
   trigger, pages, rows, rows/s).  While the database does not answer (within
   ``PROBE_TIMEOUT``) it answers from memory (``"source": "memory"``): the last
   rows read, updated with what this process saw since.  ``deletions_held``: what the
-  mass-deletion guard holds back.
+  mass-deletion guard holds back; ``owner``, ``owner_since``, ``owned_here``: which
+  process owns it since when (docs/scaling.md).
 * ``GET /``: the status page (daemon/status_page.py).
 * ``POST /refresh``: ``{"manager": "...", "targets": ["vms:vm-1", ...]}`` (no
   targets: full; ``"confirm_deletions": true``: a full refresh that applies the
@@ -47,6 +48,7 @@ from daemon.batcher import Batcher
 from daemon.deletion_guard import held_deletions
 from daemon.health import PROBE_TIMEOUT, ManagerMemory, ManagerSeen
 from daemon.metrics import CatcherProbe, Metrics
+from daemon.ownership import Owner, Ownership
 from daemon.progress import ProgressBoard
 from daemon.targets import Ref, Target, Trigger
 
@@ -107,6 +109,8 @@ class HttpDeps:
     """Liveness problems (empty: healthy), ``daemon.health.Liveness.problems``."""
     memory: ManagerMemory
     """What this process saw of each manager's refreshes (for ``/managers`` without database)."""
+    ownership: Ownership
+    """Which managers this process owns (daemon/ownership.py)."""
     progress: ProgressBoard = field(default_factory=ProgressBoard)
     catchers: Sequence[CatcherProbe] = ()
     """Filled once the catchers are built (after the app: webhooks add routes to it)."""
@@ -140,28 +144,35 @@ def make_app(deps: HttpDeps) -> web.Application:
 
     last_rows: dict[str, Any] = {}
     last_held: dict[int, Any] = {}
+    last_owners: dict[str, Owner] = {}
 
     @routes.get("/managers")
     async def managers(_request: web.Request) -> web.Response:
         m = schema.managers
         source = "database"
         held: dict[int, Any] = {}
+        owners: dict[str, Owner] = {}
         try:
             async with asyncio.timeout(PROBE_TIMEOUT), deps.engine.connect() as conn:
                 rows = (await conn.execute(select(m))).mappings().all()
                 held = await held_deletions(conn)
+                owners = await deps.ownership.owners(conn)
             last_rows.clear()
             last_rows.update({r["name"]: dict(r) for r in rows})
             last_held.clear()
             last_held.update(held)
+            last_owners.clear()
+            last_owners.update(owners)
         except Exception as exc:  # noqa: BLE001 - any driver error or timeout: answer from memory
             log.warning("GET /managers: database unavailable (%s); answering from memory", exc)
             source = "memory"
             held = dict(last_held)
+            owners = dict(last_owners)
         out = []
         for name in sorted(deps.managers):
             row = _merged(last_rows.get(name), deps.memory.get(name))
             status = deps.batcher.manager_status(name)
+            owner = owners.get(name)
             out.append(
                 {
                     "name": name,
@@ -175,6 +186,9 @@ def make_app(deps: HttpDeps) -> web.Application:
                     "progress": deps.progress.current(name),
                     "deletions_held": held.get(row["id"]) if row.get("id") is not None else None,
                     "deletions_confirmed_at": _iso(row.get("deletions_confirmed_at")),
+                    "owner": owner.instance if owner else None,
+                    "owner_since": _iso(owner.since) if owner else None,
+                    "owned_here": deps.ownership.holding(name) is not None,
                 }
             )
         return web.json_response({"managers": out, "source": source})

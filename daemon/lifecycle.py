@@ -1,6 +1,6 @@
 """The daemon's lifecycle: one owner of every resource, opened in order, closed in reverse.
 
-Flow: **lifecycle** starts database -> provider connections -> batcher (refresher,
+Flow: **lifecycle** starts database -> provider connections -> ownership -> batcher (refresher,
 persister) -> HTTP endpoint -> catchers -> scheduler; READY=1; runs until a stop
 signal; then shuts down in the written order (docs/operations.md):
 
@@ -48,11 +48,19 @@ from daemon.catcher import (
 )
 from daemon.clock import LOOP_CLOCK, Clock
 from daemon.config import BatchingConfig, Config, LoadedConfig
-from daemon.db import create_engine
+from daemon.db import Dialect, create_engine, dialect_of, normalize_url
 from daemon.health import DatabaseWatch, Liveness, ManagerMemory
 from daemon.http import HttpDeps, Readiness, make_app, start_site
 from daemon.metrics import CatcherProbe, MeteredSink, Metrics, ProviderStats
 from daemon.migrate import upgrade
+from daemon.ownership import (
+    LocalOwnership,
+    OwnershipSettings,
+    PostgresOwnership,
+    default_instance_name,
+    fenced,
+    fenced_collect,
+)
 from daemon.persister import Persister
 from daemon.progress import ProgressBoard
 from daemon.provider import EventMapper, load_provider
@@ -167,6 +175,28 @@ class Daemon:
 
     # -- running --------------------------------------------------------------------
 
+    def _ownership(
+        self, engine: AsyncEngine, manager_ids: dict[str, int], batcher: Callable[[], Batcher]
+    ) -> LocalOwnership | PostgresOwnership:
+        """Who may refresh which manager: every one on SQLite, the owned ones on PostgreSQL."""
+        cfg = self.config
+        instance = cfg.instance_name or default_instance_name()
+        if dialect_of(engine) is Dialect.SQLITE:
+            return LocalOwnership(manager_ids, instance=instance)
+        return PostgresOwnership(
+            normalize_url(cfg.database_url),
+            managers=manager_ids,
+            instance=instance,
+            work=_LazyWork(batcher),
+            settings=OwnershipSettings(
+                keepalive=cfg.ownership.keepalive,
+                session_timeout=cfg.ownership.session_timeout,
+                release_after=cfg.ownership.release_after,
+                save_idle_timeout=cfg.ownership.save_idle_timeout,
+            ),
+            on_acquired=lambda _manager: batcher().wake(),
+        )
+
     async def run(self, stop: asyncio.Event) -> int:
         cfg = self.loaded.usable().config
         async with AsyncExitStack() as stack:
@@ -184,13 +214,14 @@ class Daemon:
                 ),
             )
             refreshable: dict[str, RefreshableManager] = {}
+            manager_ids: dict[str, int] = {}
             endpoints: dict[str, ManagerEndpoint] = {}
             for m in cfg.managers:
                 connection = load_provider(m.provider).connect(
                     m.name, self.loaded.provider_settings[m.name]
                 )
                 await stack.enter_async_context(connection)
-                await persister.ensure_manager(m.name, m.provider)
+                manager_ids[m.name] = await persister.ensure_manager(m.name, m.provider)
                 refreshable[m.name] = RefreshableManager(
                     m.name, m.provider, connection, m.allow_targeted_refresh
                 )
@@ -202,9 +233,11 @@ class Daemon:
 
             base = batching_settings(BatchingSettings(), cfg.batching)
             refresher = Refresher(persister, refreshable, progress=self.progress)
+            ownership = self._ownership(engine, manager_ids, lambda: batcher)
             batcher = Batcher(
-                refresher.refresh,
-                collect=refresher.collect,  # a manager's next batch collects while one persists
+                fenced(refresher.refresh, ownership, _manager_of),
+                # a manager's next batch collects while one persists
+                collect=fenced_collect(refresher.collect, ownership, _manager_of),
                 settings=base,
                 overrides={
                     # a manager without targeted refresh: every batch is full at dispatch
@@ -219,6 +252,7 @@ class Daemon:
                     on_success=self._on_success,
                     on_failure=self._on_failure,
                 ),
+                may_start=ownership.may_start,
             )
             self.batcher = batcher
             await seed_costs(engine, batcher)
@@ -238,6 +272,7 @@ class Daemon:
                 progress=self.progress,
                 catchers=self.catcher_probes,
                 confirm_deletions=persister.confirm_deletions,
+                ownership=ownership,
             )
             app = make_app(app_deps)
             add_status_page(
@@ -261,9 +296,12 @@ class Daemon:
                 self.metrics.manager_configured(
                     m.name, interval=m.refresh_interval, last_success=last_success.get(m.name, {})
                 )
+            self.metrics.register_ownership(ownership)
 
             host, port = cfg.http.host_port
             stack.push_async_callback(await start_site(app, host, port))
+            await ownership.start()
+            stack.push_async_callback(ownership.stop)  # after the batcher closed
             await stack.enter_async_context(_closing_batcher(batcher))
             for catcher in self.catchers:
                 await catcher.start()
@@ -274,6 +312,9 @@ class Daemon:
                 batcher,
                 intervals={m.name: m.refresh_interval for m in cfg.managers},
                 clock=self.clock,
+                ownership=ownership,
+                last_full=lambda name: _last_full_of(engine, name),
+                recheck=max(1.0, 5 * cfg.ownership.keepalive),
             )
             scheduler.plan(await _last_full(engine), now_wall=datetime.now(UTC))
             self.liveness.progressed()
@@ -482,6 +523,32 @@ async def seed_costs(engine: AsyncEngine, batcher: Batcher, runs_per_manager: in
     for row in reversed([row for kept in newest.values() for row in kept]):
         kind = RefreshKind.FULL if row.kind == RefreshKind.FULL.value else RefreshKind.TARGETED
         batcher.record_cost(row.name, kind, targets=row.targets, duration=row.duration)
+
+
+def _manager_of(collection: TargetCollection) -> str:
+    return collection.manager
+
+
+class _LazyWork:
+    """The batcher, as ownership sees it (built after ownership, which it needs)."""
+
+    def __init__(self, batcher: Callable[[], Batcher]) -> None:
+        self._batcher = batcher
+
+    def pending_count(self, manager: str | None = None) -> int:
+        return self._batcher().pending_count(manager)
+
+    def in_flight_managers(self) -> frozenset[str]:
+        return self._batcher().in_flight_managers()
+
+
+async def _last_full_of(engine: AsyncEngine, name: str) -> datetime | None:
+    m = schema.managers
+    async with engine.connect() as conn:
+        value: datetime | None = (
+            await conn.execute(select(m.c.last_full_refresh_at).where(m.c.name == name))
+        ).scalar()
+    return value
 
 
 async def _last_full(engine: AsyncEngine) -> dict[str, datetime | None]:

@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from daemon.acks import Ack, TargetSink
+from daemon.fencing import Holding
 from daemon.refresh_result import RefreshResult
 from daemon.targets import Target
 
@@ -203,6 +204,11 @@ class Metrics:
     ) -> None:
         self.registry.register(_PipelineCollector(batcher_stats, pending, catchers))
         self.registry.register(_ProviderCollector(dict(providers or {})))
+
+    def register_ownership(self, ownership: OwnershipView) -> None:
+        """``refreshd_manager_owned``, ``refreshd_manager_owned_since_seconds`` and
+        ``refreshd_ownership_changes`` for this process (docs/scaling.md)."""
+        self.registry.register(_OwnershipCollector(ownership))
 
 
 _go_float: Callable[[float], str] = floatToGoString
@@ -403,3 +409,44 @@ class _ProviderCollector(Collector):
             requests.add_metric([manager], float(s.get("requests", 0)))
             throttled.add_metric([manager], float(s.get("throttled", 0)))
         yield from (requests, throttled)
+
+
+class OwnershipView(Protocol):
+    instance: str
+
+    def holdings(self) -> Mapping[str, Holding]: ...
+
+    @property
+    def changes(self) -> Mapping[tuple[str, str], int]: ...
+
+
+class _OwnershipCollector(Collector):
+    def __init__(self, ownership: OwnershipView) -> None:
+        self._ownership = ownership
+
+    def collect(self) -> Iterable[Metric]:
+        o = self._ownership
+        holdings = o.holdings()
+        owned = GaugeMetricFamily(
+            "refreshd_manager_owned",
+            "1 while this process owns the manager (may refresh it), labelled with its instance",
+            labels=["manager", "owner"],
+        )
+        since = GaugeMetricFamily(
+            "refreshd_manager_owned_since_seconds",
+            "Unix time this process took the manager",
+            labels=["manager", "owner"],
+        )
+        for manager, h in sorted(holdings.items()):
+            owned.add_metric([manager, o.instance], 1.0)
+            since.add_metric([manager, o.instance], h.since.timestamp())
+        yield owned
+        yield since
+        changes = CounterMetricFamily(
+            "refreshd_ownership_changes",
+            "Managers taken (acquired), given back (released) or lost with the connection",
+            labels=["manager", "change"],
+        )
+        for (manager, change), n in sorted(o.changes.items()):
+            changes.add_metric([manager, change], float(n))
+        yield changes

@@ -6,8 +6,10 @@ Guarantees (DESIGN.md semantics 1-6 and 10):
 
 * A refresh is one transaction, serialized per manager (PostgreSQL
   transaction-level advisory lock across processes; on SQLite one writer per
-  process).  A full refresh streams: each page is staged and upserted as the
-  collector yields it; only the ids of seen rows accumulate, in the database.
+  process), and committed only if the process still owns the manager under
+  the epoch the refresh began with (daemon/ownership.py, ``verify_fence``).
+  A full refresh streams: each page is staged and upserted as the collector
+  yields it; only the ids of seen rows accumulate, in the database.
 * Scope FULL: every row of the manager is in scope; rows not seen are
   archived (top level) or deleted (children).  Scope TARGETED: a targeted
   top-level collection's scope is exactly the targeted refs, a child
@@ -38,6 +40,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from daemon import schema
@@ -45,6 +48,7 @@ from daemon.collections import Collection, CollectionRegistry, Reference, Retent
 from daemon.db import Dialect, dialect_of
 from daemon.deletion_guard import DeletionGuard, HeldDeletion, confirm_deletions, is_confirmed
 from daemon.diff_statements import diff_statements_for
+from daemon.fencing import verify_fence
 from daemon.inventory import COLLECTIONS, InventoryPage, Row
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
 from daemon.rejection import Rejection, RejectReason
@@ -124,9 +128,17 @@ class Persister:
     # -- managers ---------------------------------------------------------------
 
     async def ensure_manager(self, name: str, provider: str) -> int:
-        """The id of manager ``name``, creating its row on first use."""
+        """The id of manager ``name``, creating its row on first use (several processes
+        starting together may race to create it: the loser reads the winner's row)."""
         if name in self._manager_ids:
             return self._manager_ids[name]
+        try:
+            return await self._ensure_manager(name, provider)
+        except IntegrityError:
+            log.debug("manager %s: created by another process meanwhile", name)
+            return await self._ensure_manager(name, provider)
+
+    async def _ensure_manager(self, name: str, provider: str) -> int:
         m = schema.managers
         async with self._write() as conn:
             row = (await conn.execute(select(m.c.id, m.c.provider).where(m.c.name == name))).first()
@@ -364,6 +376,7 @@ class Persister:
         confirmed = False
         async with self._write() as conn:
             await self._lock(conn, manager_id)
+            await verify_fence(conn, manager, manager_id)
             now = self._now()
             params: dict[str, Any] = {"m": manager_id, "now": now}
             stager = Stager(conn, self._engine)

@@ -78,6 +78,10 @@ managers = Table(
     Column("last_refresh_error", Text),
     Column("last_refresh_error_at", Timestamp),
     Column("deletions_confirmed_at", Timestamp),
+    # the process that took the manager last (daemon/ownership.py), and the fencing epoch
+    Column("owner", String(255)),
+    Column("owner_since", Timestamp),
+    Column("owner_epoch", BigInteger, nullable=False, server_default="0"),
 )
 
 

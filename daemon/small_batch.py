@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from daemon import schema
 from daemon.collections import Collection, CollectionRegistry, Retention
 from daemon.db import Dialect, canonical_json, dialect_of
+from daemon.fencing import FENCE, OwnershipLostError
 from daemon.inventory import InventoryPage, Row
 from daemon.refresh_result import Counts, RefreshKind, RefreshResult
 from daemon.small_batch_pg import PgBatchStatement, pg_batch_statement, read_counts
@@ -174,8 +175,24 @@ class SmallBatchSaver:
         args = statement.arguments(manager_id, now, rows, scope_refs)
         async with self._engine.connect() as conn:
             driver = await _driver(conn)
+            holding = FENCE.get()
+            fenced = holding is not None and holding.epoch is not None
             try:
-                await driver.execute(_pg_begin(manager_id))
+                await driver.execute(_pg_begin(manager_id, fenced))
+                if fenced:
+                    # as daemon.fencing.verify_fence: commit only under the epoch the
+                    # refresh began with; the manager's row stays locked until COMMIT
+                    assert holding is not None
+                    epoch = await driver.fetchval(
+                        "SELECT owner_epoch FROM managers WHERE id = $1 FOR UPDATE", manager_id
+                    )
+                    if epoch != holding.epoch:
+                        await _pg_rollback(conn, driver)
+                        raise OwnershipLostError(
+                            manager,
+                            f"taken over by another process (epoch {epoch}, this refresh "
+                            f"began under {holding.epoch}); not committed",
+                        )
                 row = await driver.fetchrow(statement.sql, *args)
                 assert row is not None
                 for name, fields in read_counts(statement, tuple(row)).items():
@@ -190,6 +207,8 @@ class SmallBatchSaver:
             except asyncpg.DataError as exc:  # a value the driver cannot encode
                 await _pg_rollback(conn, driver)
                 raise SmallBatchRefusedError(manager, exc) from exc
+            except OwnershipLostError:
+                raise  # rolled back above; the connection is clean
             except BaseException:
                 # connection lost or cancelled mid-transaction: never reuse this connection
                 await conn.invalidate()
@@ -310,7 +329,7 @@ async def _sqlite_rollback(conn: AsyncConnection, driver: Any) -> None:
         raise
 
 
-def _pg_begin(manager_id: int) -> str:
+def _pg_begin(manager_id: int, fenced: bool = False) -> str:
     """``BEGIN``, the plan mode and the manager's lock: one round trip.
 
     The statement is prepared once per connection (asyncpg's statement cache);
@@ -318,9 +337,15 @@ def _pg_begin(manager_id: int) -> str:
     (0.5 ms), so the cached generic plan is always used.  Its joins and sweeps are
     by unique indexes whatever the arrays hold (bench/RESULTS.md: 100k/1k ratio).
     """
+    idle = ""
+    holding = FENCE.get() if fenced else None
+    if holding is not None and holding.save_idle_timeout:
+        milliseconds = max(1, int(holding.save_idle_timeout * 1000))
+        idle = f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds:d}; "
     return (
         "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; "
-        f"SELECT pg_advisory_xact_lock({ADVISORY_NAMESPACE:d}, {manager_id:d})"
+        + idle
+        + f"SELECT pg_advisory_xact_lock({ADVISORY_NAMESPACE:d}, {manager_id:d})"
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
-from daemon.config import load_config, parse_config
+from daemon.config import ConfigError, load_config, parse_config
 from daemon.migrate import head_revision
 from daemon.secrets import SecretUnavailableError
 from tests.daemon_process import write_config
@@ -232,8 +232,8 @@ def test_db_upgrade_is_idempotent(tmp_path: Path, capsys: pytest.CaptureFixture[
     config = str(embedded(tmp_path))
     assert main(["db", "upgrade", "--config", config]) == 0
     assert main(["db", "upgrade", "--config", config]) == 0
-    head = head_revision()
-    assert capsys.readouterr().out.count(f"database schema at revision {head}") == 2
+    out = capsys.readouterr().out
+    assert out.count(f"database schema at revision {head_revision()}") == 2
     tables = {
         r[0]
         for r in sqlite3.connect(tmp_path / "r.db").execute(

@@ -23,6 +23,7 @@ async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, str]]:
     loaded = parse_config(
         {
             "database_url": f"sqlite:///{tmp_path / 'r.db'}",
+            "instance_name": "test-instance",
             "batching": {"debounce": 0.01, "max_delay": 0.1},
             "http": {"listen": f"127.0.0.1:{port}", "token": {"value": TOKEN}},
             "managers": [
@@ -72,6 +73,8 @@ async def test_health_readiness_and_managers(daemon: tuple[Daemon, str]) -> None
     (m,) = body["managers"]
     assert m["name"] == "awesome" and m["provider"] == "awesome_cloud"
     assert m["pending_targets"] == 0 and m["last_refresh_error"] is None
+    # on SQLite the one process owns every manager, under its instance name
+    assert m["owner"] == "test-instance" and m["owned_here"] is True and m["owner_since"]
 
     # while stopping, readiness goes 503 with the reason
     d.readiness.reasons.add("stopping")

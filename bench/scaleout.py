@@ -1,0 +1,260 @@
+"""Scale-out: 1, 2 and 3 `refreshd run` processes on 4 managers, one database, one group.
+
+For each number of daemons N: four AwesomeCloud simulators (the managers)
+change themselves at --rate events/s in total; every event goes to one Kafka
+topic with 4 partitions keyed by manager; N daemons (real subprocesses, the
+same config) share one PostgreSQL database and one consumer group.
+
+Reported per N (the N=1 run is the baseline the others are compared with):
+
+* event-to-commit latency p50/p99 over --duration seconds of steady churn
+  (from the daemons' histograms, merged);
+* refreshes (targeted, full) recorded in ``refresh_runs`` -- full refreshes
+  must stay at one per manager (the start-up one) however many daemons run;
+* takeover (N >= 2): the owner of one manager is killed with SIGKILL during
+  the churn (and restarted); seconds from the kill until its ownership lock is
+  gone, and until the first commit of that manager by another process
+  (``refresh_runs``: started after the kill, end time).  Then the same with
+  SIGSTOP (a hung process, woken with SIGCONT afterwards): its lock goes when
+  the server ends the silent session (``[ownership] session_timeout``, 5 s in
+  this harness);
+* whether the database equals every cloud after the churn stops, and how long
+  that took.
+
+On 2 cores throughput does not scale with N; correctness and takeover are the
+figures.
+
+    .venv/bin/python bench/scaleout.py --rate 40 --duration 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pg import temp_database
+from pipeline import start_broker
+
+from tests.daemon_process import wait_for
+from tests.scaleout_cluster import Cluster, make_cluster
+
+MANAGERS = 4
+HISTOGRAM = "refreshd_event_commit_latency_seconds_bucket"
+
+
+async def create_topic(bootstrap: str, partitions: int) -> str:
+    topic = f"scaleout-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
+        )
+
+        async def visible() -> bool:
+            described = await admin.describe_topics([topic])
+            return bool(described) and len(described[0].get("partitions", [])) == partitions
+
+        await wait_for(visible, timeout=20, interval=0.2, what=f"topic {topic}")
+    finally:
+        await admin.close()
+    return topic
+
+
+async def latency_buckets(cluster: Cluster) -> dict[float, float]:
+    """The event-to-commit histogram of every live daemon, merged: le -> cumulative count."""
+    merged: dict[float, float] = {}
+    for d in cluster.daemons:
+        if not d.alive():
+            continue
+        _, text = await d.get("/metrics")
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == HISTOGRAM:
+                    le = float(s.labels["le"])
+                    merged[le] = merged.get(le, 0.0) + s.value
+    return merged
+
+
+def quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """q-quantile of the observations between two histogram scrapes (linear in a bucket)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    if total <= 0:
+        return math.nan
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, cumulative in zip(bounds, counts, strict=True):
+        if cumulative >= rank:
+            if math.isinf(bound):
+                return lower
+            share = (rank - below) / max(cumulative - below, 1e-9)
+            return lower + (bound - lower) * share
+        lower, below = bound, cumulative
+    return lower
+
+
+@dataclass(frozen=True)
+class Takeover:
+    freed: float = math.nan
+    """seconds from the signal until the holder's ownership lock was gone"""
+    committed: float = math.nan
+    """seconds from the signal until another process committed a refresh of the manager"""
+
+
+async def takeover(cluster: Cluster, n: int, signum: signal.Signals) -> Takeover:
+    """Send ``signum`` to the holder of a manager; measure the hand-over (SIGSTOP: a hung
+    process, woken up again with SIGCONT once another process committed)."""
+    owners = await wait_for(cluster.owners, timeout=30, what="an owned manager")
+    manager, holder = sorted(owners.items())[0]
+    index = int(holder.removeprefix("p"))
+    sent_wall, sent = datetime.now(UTC), time.monotonic()
+    os.kill(cluster.daemons[index].pid, signum)
+    freed: list[float] = []
+
+    async def committed_elsewhere() -> float | None:
+        if not freed and (await cluster.owners()).get(manager) != holder:
+            freed.append(time.monotonic() - sent)
+        for run in await cluster.runs(manager):
+            if run.error is None and run.started_at >= sent_wall:
+                return max(0.0, run.started_at.timestamp() + run.duration - sent_wall.timestamp())
+        return None
+
+    try:
+        committed = float(
+            await wait_for(committed_elsewhere, timeout=60, interval=0.02, what="takeover")
+        )
+    except AssertionError:  # stopped inside a save transaction: its row lock stays
+        committed = math.nan
+    result = Takeover(freed[0] if freed else math.nan, committed)
+    print(
+        f"  N={n}: {manager} held by {holder}, {signum.name}: lock free after "
+        f"{result.freed:.2f}s, first commit by another process after {committed:.2f}s"
+    )
+    if signum is signal.SIGSTOP:
+        os.kill(cluster.daemons[index].pid, signal.SIGCONT)
+    else:  # the killed process comes back, as systemd would restart it
+        cluster.daemons[index].start()
+        await cluster.daemons[index].wait_ready(timeout=60)
+    return result
+
+
+async def run_one(n: int, args: argparse.Namespace, bootstrap: str, work: Path) -> dict[str, Any]:
+    async with temp_database(f"refreshd_scaleout_{uuid.uuid4().hex[:8]}") as dsn:
+        topic = await create_topic(bootstrap, MANAGERS)
+        run_dir = work / f"n{n}"
+        run_dir.mkdir()
+        cluster = await make_cluster(
+            run_dir,
+            dsn,
+            processes=n,
+            managers=MANAGERS,
+            vms=args.vms,
+            kafka=(bootstrap, topic, f"scaleout-{n}-{uuid.uuid4().hex[:6]}"),
+        )
+        try:
+            await cluster.start()
+            for m in cluster.managers:
+                await wait_for(
+                    lambda m=m: cluster.full_refreshes(m), timeout=120, what=f"{m} start-up"
+                )
+            cluster.churn(per_second=args.rate / MANAGERS)
+            await asyncio.sleep(args.warmup)
+            before = await latency_buckets(cluster)
+            await asyncio.sleep(args.duration)
+            after = await latency_buckets(cluster)
+            p50, p99 = quantile(before, after, 0.5), quantile(before, after, 0.99)
+            events = after.get(math.inf, 0.0) - before.get(math.inf, 0.0)
+
+            kill = stop = Takeover()
+            if n >= 2:
+                kill = await takeover(cluster, n, signal.SIGKILL)
+                await asyncio.sleep(5)  # keep the churn going a little after the takeover
+                stop = await takeover(cluster, n, signal.SIGSTOP)
+                await asyncio.sleep(5)
+
+            for task in cluster.tasks[len(cluster.deliveries) :]:
+                task.cancel()
+            stopped = time.monotonic()
+            await cluster.delivered()
+            await wait_for(cluster.converged, timeout=120, interval=0.25, what="convergence")
+            converge = time.monotonic() - stopped
+            runs = [r for m in cluster.managers for r in await cluster.runs(m)]
+            targeted = sum(1 for r in runs if r.error is None and r.kind == "targeted")
+            full = sum(1 for r in runs if r.error is None and r.kind == "full")
+            failed = sum(1 for r in runs if r.error is not None)
+            return {
+                "n": n,
+                "events": events,
+                "p50": p50,
+                "p99": p99,
+                "targeted": targeted,
+                "full": full,
+                "failed": failed,
+                "kill": kill,
+                "stop": stop,
+                "converge": converge,
+                "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            }
+        finally:
+            await cluster.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=40.0, help="cloud changes/s, all managers")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per N")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--vms", type=int, default=500, help="vms per manager")
+    parser.add_argument("--daemons", default="1,2,3")
+    args = parser.parse_args()
+    print(f"load before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, nproc {os.cpu_count()}")
+    with tempfile.TemporaryDirectory(prefix="refreshd-scaleout-") as tmp:
+        work = Path(tmp)
+        broker, bootstrap = start_broker(work)
+        try:
+            results = []
+            for n in (int(x) for x in args.daemons.split(",")):
+                results.append(await run_one(n, args, bootstrap, work))
+        finally:
+            broker.terminate()
+            broker.wait(30)
+    base = results[0]
+    print(
+        f"\n{MANAGERS} managers x {args.vms} vms, {args.rate:g} changes/s, "
+        f"{args.duration:g}s measured per N (baseline: N={base['n']})"
+    )
+    print(
+        "  N  events  p50 ms (x base)  p99 ms (x base)  targeted  full  failed"
+        "  SIGKILL free/commit s  SIGSTOP free/commit s  converged s  loadavg"
+    )
+    for r in results:
+        k, st = r["kill"], r["stop"]
+        print(
+            f"  {r['n']}  {r['events']:6.0f}"
+            f"  {r['p50'] * 1000:6.0f} ({r['p50'] / base['p50']:4.2f})"
+            f"  {r['p99'] * 1000:8.0f} ({r['p99'] / base['p99']:4.2f})  {r['targeted']:8d}"
+            f"  {r['full']:4d}  {r['failed']:6d}"
+            f"  {k.freed:9.2f} / {k.committed:5.2f}  {st.freed:9.2f} / {st.committed:5.2f}"
+            f"  {r['converge']:11.2f}  {r['load']}"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
