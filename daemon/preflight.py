@@ -14,11 +14,15 @@ not restart a daemon that cannot start (``RestartPreventExitStatus=2``).
 
 from __future__ import annotations
 
+import difflib
+import re
+import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from daemon.batcher import Batcher
 from daemon.catcher import (
@@ -91,13 +95,49 @@ def _catcher_problems(loaded: LoadedConfig) -> Iterator[str]:
         options = c.options | ({"name": c.name} if c.name else {})
         yield from secret_problems(raw_secrets(c.options), key)
         try:
-            load_catcher(c.type)(options, context)
+            factory = load_catcher(c.type)
+        except UnknownPluginError as exc:
+            yield f"{key} ({c.type}): {exc}"
+            continue
+        models = _settings_models(factory)
+        try:
+            factory(options, context)
         except ValidationError as exc:
-            for line in format_validation_error("", exc, prefix=key).splitlines():
+            model = next((m for m in models if m.__name__ == exc.title), None)
+            text = format_validation_error("", exc, prefix=key, model=model, also_known=["type"])
+            for line in text.splitlines():
                 yield line.removeprefix(": ")
         except SecretUnavailableError as exc:
             yield f"{key} ({c.type}): {exc}"
         except ImportError as exc:
             yield f"{key} ({c.type}): {_missing(exc)}"
         except (ValueError, UnknownPluginError) as exc:
-            yield f"{key} ({c.type}): {exc}"
+            yield f"{key} ({c.type}): {_suggest(str(exc), models)}"
+
+
+def _settings_models(factory: Any) -> list[type[BaseModel]]:
+    """The pydantic models in a catcher's module: where its option names are declared."""
+    module = sys.modules.get(getattr(factory, "__module__", ""))
+    return (
+        [
+            value
+            for value in vars(module).values()
+            if isinstance(value, type) and issubclass(value, BaseModel) and value is not BaseModel
+        ]
+        if module is not None
+        else []
+    )
+
+
+_UNKNOWN_KEY = re.compile(r"([A-Za-z_][\w.]*): Extra inputs are not permitted")
+
+
+def _suggest(message: str, models: list[type[BaseModel]]) -> str:
+    """A catcher's own message, with the closest known option after each unknown one."""
+    known = sorted({"type", *(f for m in models for f in m.model_fields)})
+
+    def hint(match: re.Match[str]) -> str:
+        close = difflib.get_close_matches(match.group(1).rpartition(".")[2], known, n=1)
+        return match.group(0) + (f" (did you mean {close[0]!r}?)" if close else "")
+
+    return _UNKNOWN_KEY.sub(hint, message)

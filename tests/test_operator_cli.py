@@ -133,5 +133,5 @@ def test_the_demo_refuses_a_database_named_by_the_environment(
     assert not db.exists()  # nothing was written
     # asked explicitly: the demo refreshes into that database
     assert main(["refresh", "--manager", "awesome", "--demo-into-database", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["collections"]["vms"]["created"] == 1000
+    assert json.loads(capsys.readouterr().out)["collections"]["vms"]["created"] >= 1000
     assert db.exists()

@@ -114,6 +114,7 @@ def test_every_problem_is_listed_at_once(
         "catchers[0]",
         "catchers[1] (carrier-pigeon): unknown catcher type",
         "catchers[2] (inprocess): inprocess catcher: unknown manager 'nope'",
+        "max_wiat: Extra inputs are not permitted (did you mean 'max_wait'?)",
     ):
         assert expected in out, out
     assert len(out.strip().splitlines()) >= 4

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.config import parse_config
 from daemon.lifecycle import Daemon
+from daemon.metrics import CatcherProbe, Metrics
 from daemon.version import refreshd_version
 from providers.awesome_cloud.simulator import Cloud
 from providers.awesome_cloud.simulator_app import FaultPlan
@@ -170,3 +172,18 @@ async def test_throttled_cloud_answers_are_counted_per_manager(tmp_path: Path) -
         finally:
             stop.set()
             assert await asyncio.wait_for(task, 30) == 0
+
+
+def test_kafka_lag_names_topic_and_partition_apart() -> None:
+    """A Kafka catcher reports lag per "topic/partition"; the metric has both labels."""
+    metrics = Metrics()
+    stats = {"received": 3, "lag": {"cloud.events/3": 7, "other/topic/0": 1}}
+    metrics.register_pipeline(
+        batcher_stats=dict,
+        pending=dict,
+        catchers=[CatcherProbe("kafka-a", lambda: stats, lambda: False)],
+    )
+    text = generate_latest(metrics.registry).decode()
+    assert 'refreshd_consumer_lag{catcher="kafka-a",partition="3",topic="cloud.events"} 7.0' in text
+    assert 'refreshd_consumer_lag{catcher="kafka-a",partition="0",topic="other/topic"} 1.0' in text
+    assert 'refreshd_catcher_up{catcher="kafka-a"} 0.0' in text

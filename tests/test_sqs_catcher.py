@@ -26,7 +26,7 @@ from catchers.sqs_messages import decode_message
 from daemon.acks import Ack
 from daemon.batcher import Batcher, BatchingSettings
 from daemon.catcher import CatcherContext, ManagerEndpoint, load_catcher
-from daemon.metrics import Metrics
+from daemon.metrics import CatcherProbe, Metrics
 from daemon.targets import Target, TargetCollection
 from tests.daemon_process import wait_for
 from tests.fixtures.moto_server import AwsClients, MotoServer
@@ -381,7 +381,9 @@ async def test_poison_goes_to_the_dead_letter_queue_and_good_messages_around_it_
     )
     metrics = Metrics()
     metrics.register_pipeline(
-        batcher_stats=dict, pending=dict, catchers=[(h.catcher.name, h.catcher.stats)]
+        batcher_stats=dict,
+        pending=dict,
+        catchers=[CatcherProbe(h.catcher.name, h.catcher.stats, h.catcher.healthy)],
     )
     scraped = generate_latest(metrics.registry).decode()
     assert (
