@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
-from daemon.config import ConfigError, load_config, parse_config
+from daemon.config import load_config, parse_config
 from daemon.migrate import head_revision
 from daemon.secrets import SecretUnavailableError
 from tests.daemon_process import write_config
