@@ -259,29 +259,29 @@ class Persister:
         t0 = time.perf_counter()
         if self._small_batch.accepts(kind, targets) and self._rejects.known_clean(manager_id):
             assert targets is not None
-            batch = [page async for page in _each(pages)]  # a targeted refresh's are in memory
-            pages = batch
-            clean = self._clean_pages(batch)
-            if clean is not None:
-                try:
+            try:
+                batch = [page async for page in _each(pages)]  # a targeted refresh's: in memory
+                pages = batch
+                clean = self._clean_pages(batch)
+                if clean is not None:
                     return await self._small_batch.save(
                         manager, clean, manager_id=manager_id, targets=targets, now=started
                     )
-                except SmallBatchRefusedError as exc:
-                    log.info("manager %s: %s; saving through the staged path", manager, exc)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    await self.record_failure(
-                        manager,
-                        kind=kind,
-                        trigger=trigger,
-                        targets=len(targets),
-                        started_at=started,
-                        duration=time.perf_counter() - t0,
-                        error=exc,
-                    )
-                    raise
+            except SmallBatchRefusedError as exc:
+                log.info("manager %s: %s; saving through the staged path", manager, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self.record_failure(
+                    manager,
+                    kind=kind,
+                    trigger=trigger,
+                    targets=len(targets),
+                    started_at=started,
+                    duration=time.perf_counter() - t0,
+                    error=exc,
+                )
+                raise
         isolate = kind.full and manager in self._isolating
         try:
             try:
