@@ -20,7 +20,7 @@ cleared at commit).  Same guarantees, fewer round trips:
   go in one round trip (values are rendered as literals: integers,
   timestamps, an enum value and JSON of declared collection names only).
 
-Round trips on PostgreSQL: pool checkout (pre-ping), ``BEGIN`` + lock, the
+Round trips on PostgreSQL: pool checkout (one ``SELECT 1``, daemon/db.py), ``BEGIN`` + lock, the
 statement, record + ``COMMIT``.  A database error that a value caused (SQLSTATE
 classes 22 and 23, or a value the driver cannot encode) rolls back and raises
 :class:`SmallBatchRefusedError`; the persister then saves the same pages
