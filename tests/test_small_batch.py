@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-import sqlalchemy.exc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -180,12 +179,12 @@ async def test_small_batch_and_staged_paths_leave_identical_tables(
     assert await comparable(engine, ids["small"]) == await comparable(engine, ids["staged"])
 
 
-async def test_a_row_the_database_refuses_is_reported_as_by_the_staged_path(
+async def test_a_bad_row_in_a_small_batch_is_isolated_by_the_staged_path(
     persister: Persister, engine: AsyncEngine
 ) -> None:
-    """A row the database refuses (a disk without its device name) rolls the
-    small-batch transaction back; the staged path then saves the batch and raises
-    and records its own error, as for any batch: nothing of the batch is written."""
+    """A batch with an object no table can hold (a disk without its device name) is not
+    saved by the small-batch path: the staged path saves the rest, keeps the bad
+    object's row as it was and records it in ``rejected_objects`` (semantic 13)."""
     mid = await persister.ensure_manager("m1", "awesome_cloud")
     cloud = Cloud().flavor("f1").image("img1").vm("a", disks=("sda",))
     await persister.save("m1", pages(*cloud.full_pages()))
@@ -194,16 +193,17 @@ async def test_a_row_the_database_refuses_is_reported_as_by_the_staged_path(
     cloud.disks["a"]["sda"]["device_name"] = None
     targets = TargetCollection("m1", [Target.of("m1", "vms", "a")])
 
-    with pytest.raises(Exception, match=r"(?i)null") as raised:
-        await persister.save("m1", pages(cloud.targeted_page("a")), targets=targets)
+    result = await persister.save("m1", pages(cloud.targeted_page("a")), targets=targets)
 
-    # raised by the staged path, through SQLAlchemy, as for any batch
-    assert isinstance(raised.value, sqlalchemy.exc.IntegrityError)
-    assert await snapshot(engine, mid) == before
+    assert [(r.collection, r.reason.value) for r in result.rejected] == [
+        ("disks", "missing_key")
+    ]
+    after = await snapshot(engine, mid)
+    assert after["disks"] == before["disks"]  # the bad disk's siblings (and its row) stay
+    assert [v["name"] for v in after["vms"].values()] == ["renamed"]
     async with engine.connect() as conn:
-        t = schema.refresh_runs
-        last = (await conn.execute(select(t.c.error).order_by(t.c.id.desc()).limit(1))).one()
-    assert last.error is not None and "null" in last.error.lower()
+        listed = (await conn.execute(select(schema.rejected_objects))).mappings().all()
+    assert [(r["collection"], r["reason"]) for r in listed] == [("disks", "missing_key")]
 
 
 @pytest.mark.postgres
