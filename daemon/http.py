@@ -153,7 +153,7 @@ def make_app(deps: HttpDeps) -> web.Application:
                 raise ValueError("targets must be a list of COLLECTION:REF strings")
             targets = [parse_target_spec(manager, str(s)) for s in specs] or [Target.full(manager)]
             confirm = body.get("confirm_deletions", False)
-            if confirm not in (True, False):
+            if not isinstance(confirm, bool):
                 raise ValueError("confirm_deletions must be true or false")
             if confirm and specs:
                 raise ValueError("confirm_deletions applies to a full refresh: give no targets")
