@@ -209,7 +209,7 @@ def make_app(deps: HttpDeps) -> web.Application:
                 Target.full(manager, trigger=Trigger.MANUAL)
             ]
             confirm = body.get("confirm_deletions", False)
-            if confirm not in (True, False):
+            if not isinstance(confirm, bool):
                 raise ValueError("confirm_deletions must be true or false")
             if confirm and specs:
                 raise ValueError("confirm_deletions applies to a full refresh: give no targets")

@@ -9,7 +9,8 @@ Flow: persister (row check, database errors, parser rejections) -> **rejects** -
   inventory lacks.
 * :meth:`RejectLog.clear` removes the rows of objects this refresh saved (or,
   after a full refresh, every row it did not reject again: those objects saved
-  or are gone).  It costs a statement only while the manager has rejections.
+  or are gone).  A targeted refresh pays for it only while the manager has
+  rejections.
 * :func:`protect` marks the rows a full refresh must not sweep as seen.
 """
 
@@ -118,8 +119,10 @@ class RejectLog:
         saved: Mapping[str, Iterable[str]] | None,
     ) -> None:
         """Forget the rejections of objects saved now; ``saved`` None: of a full refresh
-        (every rejection not renewed by this refresh)."""
-        if not await self._may_have_rows(conn, manager_id):
+        (every rejection not renewed by this refresh).  A targeted refresh asks the
+        database only while this process knows of rejections for the manager; a full
+        refresh always does (another process may have recorded some)."""
+        if saved is not None and not await self._may_have_rows(conn, manager_id):
             return
         t = schema.rejected_objects
         base = delete(t).where(t.c.manager_id == manager_id, t.c.last_seen < now)
