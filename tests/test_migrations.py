@@ -11,6 +11,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -65,7 +66,23 @@ def _manager_id_foreign_keys(conn: Connection) -> dict[str, bool]:
 
 
 def _schema_differences(conn: Connection) -> list[object]:
-    return list(compare_metadata(MigrationContext.configure(conn), schema.metadata))
+    diffs = list(compare_metadata(MigrationContext.configure(conn), schema.metadata))
+    if conn.dialect.name == "sqlite":
+        # migration 0004 turns varchar(n) into text on PostgreSQL only: SQLite never
+        # enforced the lengths, and retyping a column there means rebuilding its table
+        diffs = [d for d in diffs if not _is_varchar_to_text(d)]
+    return diffs
+
+
+def _is_varchar_to_text(diff: object) -> bool:
+    if not isinstance(diff, list) or len(diff) != 1:
+        return False
+    change = diff[0]
+    return (
+        change[0] == "modify_type"
+        and isinstance(change[5], sa.String)
+        and isinstance(change[6], sa.Text)
+    )
 
 
 def _downgrade(conn: Connection, revision: str) -> None:
@@ -83,13 +100,19 @@ async def test_database_filled_under_0001_upgrades_with_data_intact(
     fresh_engine: AsyncEngine,
 ) -> None:
     engine = fresh_engine
-    assert await upgrade(engine, "0001") == "0001"
+    # the inventory is written by today's persister, then the schema is taken back to
+    # 0001 (the rows stay: test_head_downgrades_to_0001_with_data_intact); a database
+    # filled by 0001's own code is tests/test_migrations_reliability.py's
+    await upgrade(engine)
     persister = Persister(engine)
     await persister.ensure_manager(MANAGER, "awesome_cloud")
     cloud = inventory()
     await persister.save(MANAGER, pages(*cloud.full_pages()))
     cloud.remove_vm("b")
     await persister.save(MANAGER, pages(*cloud.full_pages()))  # b archived, its children gone
+    async with engine.begin() as conn:
+        await conn.run_sync(_downgrade, "0001")
+    assert await current_revision(engine) == "0001"
     before = await snapshot(engine)
     async with engine.connect() as conn:
         assert (await conn.run_sync(_manager_id_foreign_keys))["disks"]

@@ -26,7 +26,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("managers") as batch:
-        batch.drop_column("owner_epoch")
-        batch.drop_column("owner_since")
-        batch.drop_column("owner")
+    # plain ALTER TABLE ... DROP COLUMN (SQLite >= 3.35): a batch "move and copy" of
+    # managers would drop a table the inventory tables' foreign keys point at
+    op.drop_column("managers", "owner_epoch")
+    op.drop_column("managers", "owner_since")
+    op.drop_column("managers", "owner")
