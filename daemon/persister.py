@@ -265,7 +265,11 @@ class Persister:
                 clean = self._clean_pages(batch)
                 if clean is not None:
                     return await self._small_batch.save(
-                        manager, clean, manager_id=manager_id, targets=targets, now=started
+                        manager,
+                        clean,
+                        manager_id=manager_id,
+                        targets=_cleaned_targets(targets),
+                        now=started,
                     )
             except SmallBatchRefusedError as exc:
                 log.info("manager %s: %s; saving through the staged path", manager, exc)
@@ -836,6 +840,23 @@ def _without_children_of(
     if not gone:
         return rows
     return [row for row in rows if row.get(parent.attribute) not in gone]
+
+
+def _cleaned_targets(targets: TargetCollection) -> TargetCollection:
+    """``targets`` with their refs normalised as the rows' keys are (daemon.row_check)."""
+    return TargetCollection(
+        targets.manager,
+        [
+            Target(
+                t.manager,
+                t.association,
+                Ref({k: clean_ref(v) for k, v in t.manager_ref.items()}),
+                t.event_id,
+                t.trigger,
+            )
+            for t in targets
+        ],
+    )
 
 
 def _removed(collection: Collection, n: int) -> Counts:
