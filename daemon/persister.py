@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +38,7 @@ from daemon.collections import Collection, CollectionRegistry, Retention
 from daemon.db import Dialect, dialect_of
 from daemon.diff_statements import diff_statements_for
 from daemon.inventory import COLLECTIONS, InventoryPage
+from daemon.page_batches import coalesced
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
 from daemon.staging import TEMP_TABLES_READY, Stager
 from daemon.statements import Statements, statements_for
@@ -208,9 +210,12 @@ class Persister:
                 total_before = sum(active.values())
                 tracked = self._tracked(kind, targets, active)
                 analyzed: dict[str, int] = {}
-                async for page in pages:
-                    await self._save_page(conn, stager, page, params, tracked, counts)
-                    await self._analyze_grown(conn, counts, analyzed)
+                # a full refresh saves collector pages merged into larger batches
+                batches = coalesced(pages) if kind.full else _pages(pages)
+                async with aclosing(batches):
+                    async for page in batches:
+                        await self._save_page(conn, stager, page, params, tracked, counts)
+                        await self._analyze_grown(conn, counts, analyzed)
                 if kind.full:
                     await self._sweep_full(conn, manager, params, total_before, tracked, counts)
                 else:
@@ -519,3 +524,8 @@ def _removed(collection: Collection, n: int) -> Counts:
     if collection.retention is Retention.ARCHIVE:
         return Counts(archived=n)
     return Counts(deleted=n)
+
+
+async def _pages(pages: AsyncIterable[InventoryPage]) -> AsyncGenerator[InventoryPage, None]:
+    async for page in pages:
+        yield page
