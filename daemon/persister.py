@@ -38,7 +38,7 @@ from daemon.collections import Collection, CollectionRegistry, Retention
 from daemon.db import Dialect, dialect_of
 from daemon.diff_statements import diff_statements_for
 from daemon.inventory import COLLECTIONS, InventoryPage
-from daemon.page_batches import coalesced
+from daemon.page_batches import FULL_BATCH_ROWS, coalesced
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
 from daemon.staging import TEMP_TABLES_READY, Stager
 from daemon.statements import Statements, statements_for
@@ -79,8 +79,10 @@ class Persister:
         collections: CollectionRegistry = COLLECTIONS,
         settings: PersisterSettings | None = None,
         now: Callable[[], datetime] = utcnow,
+        full_batch_rows: int = FULL_BATCH_ROWS,
     ) -> None:
         self._engine = engine
+        self._full_batch_rows = full_batch_rows
         self._collections = collections
         self._settings = settings or PersisterSettings()
         self._now = now
@@ -211,7 +213,9 @@ class Persister:
                 tracked = self._tracked(kind, targets, active)
                 analyzed: dict[str, int] = {}
                 # a full refresh saves collector pages merged into larger batches
-                batches = coalesced(pages) if kind.full else _pages(pages)
+                batches = (
+                    coalesced(pages, min_rows=self._full_batch_rows) if kind.full else _pages(pages)
+                )
                 async with aclosing(batches):
                     async for page in batches:
                         await self._save_page(conn, stager, page, params, tracked, counts)
