@@ -238,7 +238,9 @@ class PageTiming:
     """Seconds the persister waited for the next page (collect not hidden by prefetch)."""
 
 
-async def timed_pages(pages: AsyncIterable[Any], timing: PageTiming) -> AsyncIterator[Any]:
+async def timed_pages(
+    pages: AsyncIterable[Any], timing: PageTiming, *, count_wait: bool = True
+) -> AsyncIterator[Any]:
     it = aiter(pages)
     try:
         while True:
@@ -246,9 +248,11 @@ async def timed_pages(pages: AsyncIterable[Any], timing: PageTiming) -> AsyncIte
             try:
                 page = await anext(it)
             except StopAsyncIteration:
-                timing.wait += time.perf_counter() - t0
+                if count_wait:
+                    timing.wait += time.perf_counter() - t0
                 return
-            timing.wait += time.perf_counter() - t0
+            if count_wait:
+                timing.wait += time.perf_counter() - t0
             timing.pages += 1
             for name, rows in page.rows.items():
                 timing.rows += len(rows)
@@ -265,14 +269,42 @@ def instrument_persister(persister: Any) -> Callable[[], PageTiming]:
     of the last call's :class:`PageTiming`."""
     original = persister.save
     last: list[PageTiming] = [PageTiming()]
+    # a persister that merges pages into save batches (daemon/page_batches.py) reads
+    # pages in a task of its own: then its wait is for batches, timed around them
+    from daemon import persister as persister_module
+
+    batches = getattr(persister_module, "coalesced", None)
+    if batches is not None and not getattr(batches, "_bench_timed", False):
+
+        def coalesced(pages: AsyncIterable[Any], **kw: Any) -> AsyncIterator[Any]:
+            return _timed_batches(batches(pages, **kw), last[0])
+
+        coalesced._bench_timed = True  # type: ignore[attr-defined]
+        persister_module.coalesced = coalesced  # type: ignore[attr-defined]
 
     async def save(manager: str, pages: AsyncIterable[Any], **kw: Any) -> Any:
         timing = PageTiming()
         last[0] = timing
-        return await original(manager, timed_pages(pages, timing), **kw)
+        return await original(manager, timed_pages(pages, timing, count_wait=batches is None), **kw)
 
     persister.save = save
     return lambda: last[0]
+
+
+async def _timed_batches(batches: Any, timing: PageTiming) -> AsyncIterator[Any]:
+    """The persister's wait for each save batch (its pages are counted by timed_pages)."""
+    try:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = await anext(batches)
+            except StopAsyncIteration:
+                timing.wait += time.perf_counter() - t0
+                return
+            timing.wait += time.perf_counter() - t0
+            yield batch
+    finally:
+        await batches.aclose()
 
 
 class StatementTimer:

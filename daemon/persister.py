@@ -34,7 +34,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -50,6 +51,7 @@ from daemon.deletion_guard import DeletionGuard, HeldDeletion, confirm_deletions
 from daemon.diff_statements import diff_statements_for
 from daemon.fencing import verify_fence
 from daemon.inventory import COLLECTIONS, InventoryPage, Row
+from daemon.page_batches import FULL_BATCH_ROWS, coalesced
 from daemon.refresh_result import Counts, PersisterSettings, RefreshKind, RefreshResult
 from daemon.rejection import Rejection, RejectReason
 from daemon.rejects import RejectLog, protect
@@ -100,8 +102,10 @@ class Persister:
         collections: CollectionRegistry = COLLECTIONS,
         settings: PersisterSettings | None = None,
         now: Callable[[], datetime] = utcnow,
+        full_batch_rows: int = FULL_BATCH_ROWS,
     ) -> None:
         self._engine = engine
+        self._full_batch_rows = full_batch_rows
         self._collections = collections
         self._settings = settings or PersisterSettings()
         self._now = now
@@ -390,16 +394,23 @@ class Persister:
             tracked = self._tracked(kind, targets, active)
             analyzed: dict[str, int] = {}
             saved_refs: dict[str, set[str]] = {}
-            async for page in _each(pages):
-                saved, rejected = await self._save_page(
-                    conn, stager, page, params, tracked, counts, isolate=isolate
-                )
-                scope.observe(saved, covers=page.covers, rejected=rejected)
-                if not kind.full:
-                    for name, rows in saved.items():
-                        ref_of = self._checkers[name].ref_of
-                        saved_refs.setdefault(name, set()).update(ref_of(r) for r in rows)
-                await self._analyze_grown(conn, counts, analyzed)
+            # a full refresh saves collector pages merged into larger batches
+            batches = (
+                coalesced(_each(pages), min_rows=self._full_batch_rows)
+                if kind.full
+                else _each(pages)
+            )
+            async with aclosing(batches):
+                async for page in batches:
+                    saved, rejected = await self._save_page(
+                        conn, stager, page, params, tracked, counts, isolate=isolate
+                    )
+                    scope.observe(saved, covers=page.covers, rejected=rejected)
+                    if not kind.full:
+                        for name, rows in saved.items():
+                            ref_of = self._checkers[name].ref_of
+                            saved_refs.setdefault(name, set()).update(ref_of(r) for r in rows)
+                    await self._analyze_grown(conn, counts, analyzed)
             if kind.full:
                 await protect(
                     conn,
@@ -823,7 +834,7 @@ class _WriteTransaction:
 
 async def _each(
     pages: AsyncIterable[InventoryPage] | Sequence[InventoryPage],
-) -> AsyncIterator[InventoryPage]:
+) -> AsyncGenerator[InventoryPage, None]:
     if isinstance(pages, Sequence):
         for page in pages:
             yield page

@@ -14,7 +14,15 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from daemon.persister import Persister
-from tests.inventory_builders import MANAGER, Cloud, fleet, normalize, pages, snapshot
+from tests.inventory_builders import (
+    MANAGER,
+    Cloud,
+    fleet,
+    manager_id,
+    normalize,
+    pages,
+    snapshot,
+)
 
 TABLES = ("flavors", "images", "vms", "disks", "network_ports", "vm_security_groups")
 
@@ -93,3 +101,36 @@ async def test_first_refresh_then_changes_keep_exact_counts(
         "vm_security_groups": {"deleted": 2},
     }
     assert normalize(await snapshot(engine)) == cloud.normalized()
+
+
+async def test_pages_saved_one_by_one_or_merged_into_batches_give_the_same_result(
+    engine: AsyncEngine,
+) -> None:
+    """A full refresh merges collector pages into save batches; saving every page on
+    its own (a batch budget of one row) must leave the same rows and counts, including
+    across pages: vms listed before their flavor, a vm listed twice, children whose vm
+    came in an earlier page."""
+    cloud = cloud_of(5).flavor("f-late", cpus=8)
+    cloud.vm("v2", flavor="f-late", disks=("sda",), sgs=("sg1",))
+    listing = cloud.full_pages(2)
+    vms_first = [*listing[1:], listing[0], listing[1]]  # flavors last, one vm page twice
+    results = {}
+    for name, budget in (("one by one", 1), ("merged", 10_000)):
+        persister = Persister(engine, full_batch_rows=budget)
+        await persister.ensure_manager(name, "awesome_cloud")
+        first = await persister.save(name, pages(*vms_first))
+        changed = cloud.copy().remove_vm("v4").vm("v0", disks=("sdz",), tags={"i": "x"})
+        second = await persister.save(name, pages(*changed.full_pages(2)))
+        mid = await manager_id(engine, name)
+        results[name] = (first.details(), second.details(), normalize(await snapshot(engine, mid)))
+
+    assert results["one by one"] == results["merged"]
+    first, second, rows = results["merged"]
+    assert first["flavors"] == {"created": 2}  # f1 and f-late, each once
+    assert second == {
+        "vms": {"updated": 1, "archived": 1},
+        "disks": {"created": 1, "deleted": 4},
+        "network_ports": {"deleted": 2},
+        "vm_security_groups": {"deleted": 2},
+    }
+    assert rows == changed.normalized()
