@@ -25,9 +25,10 @@ never before the manager's retry time, and how it is refreshed
 past ``full_refresh_threshold`` full only when the last full refresh of the
 manager was cheaper than the estimated targeted refresh (when no full refresh
 was measured yet, the threshold alone decides; when only the targeted cost is
-missing, a targeted refresh goes first and measures it), and never right after
-a full refresh, nor after a failed escalation until a full refresh succeeds
-(:class:`Escalation`), so a backlog cannot turn into a loop of full refreshes.
+missing, a targeted refresh goes first and measures it), and never after a full
+refresh until the manager caught up with what arrived since, nor after a failed
+escalation until a full refresh succeeds (:class:`Escalation`), so a backlog
+cannot turn into a loop of full refreshes.
 """
 
 from __future__ import annotations
@@ -202,8 +203,9 @@ class Escalation(enum.Enum):
 
     ALLOWED = "allowed"
     AFTER_FULL = "after full"
-    """No: a full refresh just covered everything pending before it started; what
-    arrived during it is refreshed targeted (then ALLOWED again)."""
+    """No: a full refresh covered everything pending before it started; what arrived
+    since is refreshed targeted until the manager has caught up (a batch below the
+    threshold is dispatched), then ALLOWED again."""
     REFUSED = "refused"
     """No: a full refresh chosen for size failed (the mass-deletion guard refused it,
     say); until a full refresh succeeds (the scheduled one) batches stay targeted."""
@@ -288,6 +290,11 @@ class ManagerState:
         """Move the pending batch in flight (a targeted one: its ``max_targets`` oldest
         targets, the rest stay pending and due); new targets start a fresh batch."""
         limit = self.settings.max_targets
+        if (
+            self.escalation is Escalation.AFTER_FULL
+            and len(self.pending) < self.settings.full_refresh_threshold
+        ):
+            self.escalation = Escalation.ALLOWED  # caught up since the full refresh
         if kind is RefreshKind.TARGETED and len(self.pending) > limit:
             batch = self.pending.take_oldest(limit)
         else:
@@ -318,8 +325,6 @@ class ManagerState:
         # targets that arrived during a full refresh stay targeted: no full-refresh loop
         if kind is RefreshKind.FULL:
             self.escalation = Escalation.AFTER_FULL
-        elif self.escalation is Escalation.AFTER_FULL:
-            self.escalation = Escalation.ALLOWED
         self.failures = 0
         self.next_retry_at = None
         self.last_success_at = now

@@ -215,14 +215,13 @@ async def test_a_backlog_does_not_turn_into_a_loop_of_full_refreshes(batcher, cl
     before = len(refresh.runs)
     # 1,000 ev/s for 4 s: every batch is past the threshold and costs more than a full one
     done = await stream(batcher, clock, every=0.001, count=4000)
-    await clock.advance(30.0)
+    await clock.advance(60.0)
 
     assert len(done) == 4000
     kinds = refresh.kinds()[before:]
-    assert "targeted" in kinds
-    assert all(not (a == b == "full") for a, b in itertools.pairwise(kinds)), (
-        f"two full refreshes in a row: {kinds}"
-    )
+    # one full refresh covers what was pending; what arrived since stays targeted until
+    # the manager caught up, however far behind it is
+    assert kinds.count("full") == 1 and kinds[0] == "full", kinds
 
 
 async def test_targets_pending_before_a_full_refresh_are_covered_by_it(batcher, clock, refresh):
@@ -266,14 +265,16 @@ async def test_a_refused_escalation_is_retried_targeted_and_not_tried_again_unti
     full = batcher.request_full("m1")  # the scheduled full refresh succeeds
     await clock.advance(5.0)
     assert full.done
-    for i in range(60):  # right after it: targeted; and then size may escalate again
+    for i in range(60):  # right after it: targeted, until caught up
         submit(batcher, clock, f"c{i}", done)
     await clock.advance(5.0)
-    for i in range(60):
+    submit(batcher, clock, "e", done)  # a batch below the threshold: caught up
+    await clock.advance(5.0)
+    for i in range(60):  # size may escalate again
         submit(batcher, clock, f"d{i}", done)
     await clock.advance(5.0)
-    assert len(done) == 240
-    assert refresh.kinds()[3:] == ["full", "targeted", "full"]
+    assert len(done) == 241
+    assert refresh.kinds()[3:] == ["full", "targeted", "targeted", "full"]
 
 
 # -- the cost model -------------------------------------------------------------
