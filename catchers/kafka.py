@@ -164,8 +164,9 @@ class KafkaCatcher:
         """Wait ``drain_timeout`` for in-flight acks, commit, leave the group (idempotent).
 
         Every step has a time limit (a broker that does not answer cannot hold the
-        daemon's shutdown): at most about ``drain_timeout + 3 * commit_timeout +
-        poll_timeout`` in all.
+        daemon's shutdown): at most about ``drain_timeout + 2 * commit_timeout +
+        2 * session_timeout`` in all.  Leaving the group gets ``session_timeout``:
+        past it the broker drops the member anyway.
         """
         if self._consumer is None or self._closed:
             return
@@ -185,12 +186,15 @@ class KafkaCatcher:
             await self._commits.commit()
         finally:
             await _bounded(
-                self._polling.close(), s.poll_timeout + 1.0, "ending the fetch loop", name
+                self._polling.close(),
+                s.poll_timeout + s.session_timeout,
+                "ending the fetch loop",
+                name,
             )
             await self._commits.stop()
             self._dead_letters.cancel()
             self._commits.forget_all()
-            await _bounded(self._close_clients(), s.commit_timeout, "disconnecting", name)
+            await _bounded(self._close_clients(), s.session_timeout, "leaving the group", name)
             log.info("kafka catcher %s: closed", name)
 
     async def __aenter__(self) -> Self:

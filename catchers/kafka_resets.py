@@ -8,7 +8,9 @@ The consumer is made with ``auto_offset_reset="none"`` so that aiokafka does not
 reset a position silently; this module does it instead:
 
 * a partition the group never committed (a new group) starts where
-  ``auto_offset_reset`` says.  Nothing was missed: nothing else happens.
+  ``auto_offset_reset`` says.  Nothing was missed: nothing else happens.  But
+  a partition that this process did commit and whose committed offset is now
+  unknown (the broker restarted without the group's data) is a reset, below.
 * a position the broker answers ``OffsetOutOfRange`` for (retention deleted
   records before it, the log was truncated), or a position beyond the
   partition's highwater (the topic was recreated under us: Tansu answers such
@@ -98,7 +100,12 @@ class OffsetResets:
         """Answer a fetch error that is about positions; False when ``exc`` is another one."""
         if isinstance(exc, NoOffsetForPartitionError):
             partitions = {p for p in exc.args if isinstance(p, TopicPartition)}
-            await self._seek(partitions)
+            # A partition this process committed before has lost its committed offset:
+            # the broker lost the group's data (restarted without it); records may be gone.
+            lost = {tp for tp in partitions if tp in self._counters.committed}
+            if lost:
+                await self.reset({tp: "the group's committed offset is gone" for tp in lost})
+            await self._seek(partitions - lost)
             return True
         if isinstance(exc, OffsetOutOfRangeError):
             found = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}

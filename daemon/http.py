@@ -170,7 +170,9 @@ def make_app(deps: HttpDeps) -> web.Application:
             owners = dict(last_owners)
         out = []
         for name in sorted(deps.managers):
-            row = _merged(last_rows.get(name), deps.memory.get(name))
+            row = last_rows.get(name) or {}
+            if source == "memory":
+                row = _merged(row, deps.memory.get(name))
             status = deps.batcher.manager_status(name)
             owner = owners.get(name)
             out.append(
@@ -244,21 +246,18 @@ def make_app(deps: HttpDeps) -> web.Application:
 
 
 def _merged(row: dict[str, Any] | None, seen: ManagerSeen) -> dict[str, Any]:
-    """A ``managers`` row with what this process saw later laid over it."""
+    """The last ``managers`` row read, with what this process saw since laid over it."""
     merged = dict(row or {})
-    for key in (
-        "last_refresh_at",
-        "last_full_refresh_at",
-        "last_refresh_error",
-        "last_refresh_error_at",
-    ):
+    for key in ("last_refresh_at", "last_full_refresh_at"):
         value = getattr(seen, key)
-        if key == "last_refresh_error":
-            continue  # goes with its time, below
         if value is not None and (merged.get(key) is None or _after(value, merged[key])):
             merged[key] = value
-            if key == "last_refresh_error_at":
-                merged["last_refresh_error"] = seen.last_refresh_error
+    at = seen.last_refresh_error_at
+    if at is not None and (
+        merged.get("last_refresh_error_at") is None or _after(at, merged["last_refresh_error_at"])
+    ):
+        merged["last_refresh_error_at"] = at
+        merged["last_refresh_error"] = seen.last_refresh_error
     return merged
 
 

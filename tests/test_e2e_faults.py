@@ -12,12 +12,15 @@ What is asserted is what an operator sees: ``/readyz``, ``/healthz``, ``/manager
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
 from collections.abc import Iterator
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 
 from daemon.lifecycle import SHUTDOWN_MARGIN
 from tests.daemon_process import wait_for
@@ -47,6 +50,18 @@ def kafka_own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Priva
 @pytest.fixture
 def kafka_bootstrap(kafka_own_broker: PrivateBroker) -> str:
     return kafka_own_broker.bootstrap
+
+
+async def recreate(bootstrap: str, topic: str) -> None:
+    """Create ``topic`` again (one partition) unless something already did."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        await admin.close()
 
 
 async def get_json(env_daemon: object, path: str) -> tuple[int, dict[str, object]]:
@@ -146,3 +161,43 @@ async def test_sigterm_exits_in_time_while_the_broker_does_not_answer(
         assert took <= limit, f"SIGTERM took {took:.1f}s (limit {limit:.0f}s)"
     finally:
         kafka_own_broker.resume()
+
+
+async def test_a_broker_restarted_without_its_topics_under_refreshd_run(
+    e2e: EnvFactory, kafka_own_broker: PrivateBroker
+) -> None:
+    shutdown_timeout = 5.0
+    env = await e2e(
+        vms=100,
+        top={"shutdown_timeout": f"{shutdown_timeout}s"},
+        catcher={"stall_timeout": "10s"},
+    )
+    await env.start_daemon()
+    await env.wait_full_refresh()
+    churn = await env.churn(per_second=40, seed=6)
+    await wait_for(
+        lambda: env.metric("refreshd_events_received_total"), timeout=30, what="events flowing"
+    )
+    churn.cancel()
+    await env.delivered()  # in the topic; not all of them consumed yet
+    # memory engine: the topic, its unconsumed records and the group's offsets are gone
+    kafka_own_broker.restart()
+    await recreate(kafka_own_broker.bootstrap, env.topic)  # as an operator would
+
+    async def refreshed_in_full() -> bool:
+        return len([r for r in await env.full_refreshes() if r.error is None]) >= 2
+
+    await wait_for(refreshed_in_full, timeout=90, what="a full refresh asked after the restart")
+    assert await env.metric("refreshd_kafka_offset_resets_total") >= 1
+    # events after the restart go through the new log
+    churn = await env.churn(per_second=40, seed=7)
+    await asyncio.sleep(3)  # the test's input: three seconds of cloud changes
+    churn.cancel()
+    await env.delivered()
+    await env.wait_converged("after a broker restart without its topics")
+    await wait_for(lambda: env.daemon.get("/healthz"), timeout=30, what="/healthz answering")
+    assert (await env.daemon.get("/healthz"))[0] == 200
+    started = time.monotonic()
+    assert await env.terminate(timeout=shutdown_timeout + SHUTDOWN_MARGIN + 30) == 0
+    took = time.monotonic() - started
+    assert took <= shutdown_timeout + SHUTDOWN_MARGIN + 3, f"SIGTERM took {took:.1f}s"
