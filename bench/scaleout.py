@@ -199,6 +199,8 @@ async def run_one(n: int, args: argparse.Namespace, bootstrap: str, work: Path) 
             targeted = sum(1 for r in runs if r.error is None and r.kind == "targeted")
             full = sum(1 for r in runs if r.error is None and r.kind == "full")
             failed = sum(1 for r in runs if r.error is not None)
+            for error in sorted({r.error[:160] for r in runs if r.error is not None}):
+                print(f"  N={n}: failed refresh: {error}")
             return {
                 "n": n,
                 "events": events,
@@ -223,10 +225,12 @@ async def main() -> None:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--vms", type=int, default=500, help="vms per manager")
     parser.add_argument("--daemons", default="1,2,3")
+    parser.add_argument("--keep-logs", help="directory for the daemons' logs (kept)")
     args = parser.parse_args()
     print(f"load before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, nproc {os.cpu_count()}")
     with tempfile.TemporaryDirectory(prefix="refreshd-scaleout-") as tmp:
-        work = Path(tmp)
+        work = Path(args.keep_logs or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         broker, bootstrap = start_broker(work)
         try:
             results = []

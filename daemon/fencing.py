@@ -50,9 +50,9 @@ class Holding:
     epoch: int | None
     """``managers.owner_epoch`` when it was taken; None: no fencing (SQLite)."""
     save_idle_timeout: float | None = None
-    """Seconds a save transaction may wait idle (for the collector's next page)
-    before the server ends it: bounds how long a hung process holds the
-    manager's row and the rows it wrote; None: no limit."""
+    """Seconds a save transaction may wait idle (for the collector's next page), and
+    one of its statements may run, before the server ends it: bounds how long a hung
+    process holds the manager's row and the rows it wrote; None: no limit."""
 
 
 FENCE: ContextVar[Holding | None] = ContextVar("refreshd_ownership_fence", default=None)
@@ -77,5 +77,8 @@ async def verify_fence(conn: AsyncConnection, manager: str, manager_id: int) -> 
             f"{holding.epoch}); not committed",
         )
     if holding.save_idle_timeout:
+        # idle: waiting for the collector's next page; statement: a COPY whose client
+        # stopped sending is "active", not idle, and would hold its locks for ever
         milliseconds = max(1, int(holding.save_idle_timeout * 1000))
         await conn.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds}"))
+        await conn.execute(text(f"SET LOCAL statement_timeout = {milliseconds}"))
