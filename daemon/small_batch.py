@@ -341,7 +341,10 @@ def _pg_begin(manager_id: int, fenced: bool = False) -> str:
     holding = FENCE.get() if fenced else None
     if holding is not None and holding.save_idle_timeout:
         milliseconds = max(1, int(holding.save_idle_timeout * 1000))
-        idle = f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds:d}; "
+        idle = (
+            f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds:d}; "
+            f"SET LOCAL statement_timeout = {milliseconds:d}; "
+        )
     return (
         "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; "
         + idle
