@@ -8,8 +8,10 @@ Guarantees (DESIGN.md semantics 1-6 and 10):
   transaction-level advisory lock across processes; on SQLite one writer per
   process), and committed only if the process still owns the manager under
   the epoch the refresh began with (daemon/ownership.py, ``verify_fence``).
-  A full refresh streams: each page is staged and upserted as the collector
-  yields it; only the ids of seen rows accumulate, in the database.
+  A full refresh streams: the collector's pages, merged into save batches
+  (daemon.page_batches), are staged and saved as they arrive; only the ids of
+  seen rows accumulate, in the database.  Only new and changed rows are written
+  (daemon.diff_statements).
 * Scope FULL: every row of the manager is in scope; rows not seen are
   archived (top level) or deleted (children).  Scope TARGETED: a targeted
   top-level collection's scope is exactly the targeted refs, a child

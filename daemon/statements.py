@@ -19,6 +19,11 @@ Every statement is set-based and works on PostgreSQL and SQLite alike:
 * ``sweep`` archives (top level) or deletes (children) the rows in scope that
   were not seen, limited to the targeted refs in a targeted refresh.
 
+The persister's page loop now writes through :mod:`daemon.diff_statements`
+(compare before writing); from here it uses the stage and seen tables,
+``skeletal``, ``mark_seen``, the sweeps and the counts.  ``upsert``,
+``count_new`` and ``pg_upsert*`` are no longer used by it.
+
 Identifiers come from the declarations, never from input.
 """
 
