@@ -105,7 +105,7 @@ class Scheduler:
                     )
                     return remaining
                 trigger = Trigger.STARTUP if manager in self._startup else Trigger.SCHEDULED
-                log.info("manager %s: %s full refresh", manager, trigger.value)
+                log.info("manager %s: scheduled full refresh (%s)", manager, trigger.value)
                 self._batcher.request_full(manager, trigger=trigger)
                 self._startup.discard(manager)
                 return interval
