@@ -20,7 +20,7 @@ dependency order and one per key (the last wins), exactly as consecutive pages.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 
 from daemon.inventory import InventoryPage
 
@@ -35,30 +35,49 @@ def _merge(into: InventoryPage, page: InventoryPage) -> None:
     into.rejected.extend(page.rejected)
 
 
-async def coalesced(
+async def _merged(
+    pages: AsyncIterable[InventoryPage], min_rows: int
+) -> AsyncGenerator[InventoryPage, None]:
+    batch = InventoryPage()
+    try:
+        async for page in pages:
+            _merge(batch, page)
+            if len(batch) >= min_rows:
+                yield batch
+                batch = InventoryPage()
+        if len(batch) or batch.expanded or batch.rejected:
+            yield batch
+    finally:
+        aclose = getattr(pages, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def coalesced(
     pages: AsyncIterable[InventoryPage], *, min_rows: int = FULL_BATCH_ROWS
 ) -> AsyncGenerator[InventoryPage, None]:
     """Yield ``pages`` merged into batches of at least ``min_rows`` rows (the last may
     hold fewer), assembling the next batch in a task while the current is consumed."""
-    queue: asyncio.Queue[InventoryPage | BaseException | None] = asyncio.Queue(maxsize=1)
+    return prefetched(_merged(pages, min_rows), depth=1)
 
-    async def assemble() -> None:
+
+async def prefetched(
+    pages: AsyncIterator[InventoryPage], depth: int = 1
+) -> AsyncGenerator[InventoryPage, None]:
+    """Yield ``pages`` while fetching up to ``depth`` pages ahead in a task."""
+    queue: asyncio.Queue[InventoryPage | BaseException | None] = asyncio.Queue(maxsize=depth)
+
+    async def pump() -> None:
         try:
-            batch = InventoryPage()
             async for page in pages:
-                _merge(batch, page)
-                if len(batch) >= min_rows:
-                    await queue.put(batch)
-                    batch = InventoryPage()
-            if len(batch) or batch.expanded or batch.rejected:
-                await queue.put(batch)
+                await queue.put(page)
             await queue.put(None)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
             await queue.put(exc)
 
-    task = asyncio.create_task(assemble(), name="refreshd-save-batches")
+    task = asyncio.create_task(pump(), name="refreshd-prefetch")
     try:
         while True:
             item = await queue.get()

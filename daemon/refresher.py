@@ -23,11 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from daemon.inventory import InventoryPage
+from daemon.page_batches import prefetched
 from daemon.persister import Persister, utcnow
 from daemon.progress import ProgressBoard, counted
 from daemon.provider import ManagerConnection
@@ -165,36 +165,3 @@ class Refresher:
             return result
 
         return persist
-
-
-async def prefetched(
-    pages: AsyncIterator[InventoryPage], depth: int = 1
-) -> AsyncGenerator[InventoryPage, None]:
-    """Yield ``pages`` while fetching up to ``depth`` pages ahead in a task."""
-    queue: asyncio.Queue[InventoryPage | BaseException | None] = asyncio.Queue(maxsize=depth)
-
-    async def pump() -> None:
-        try:
-            async for page in pages:
-                await queue.put(page)
-            await queue.put(None)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
-            await queue.put(exc)
-
-    task = asyncio.create_task(pump(), name="refreshd-prefetch")
-    try:
-        while True:
-            item = await queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        task.cancel()
-        await asyncio.wait([task])  # unlike `await task`, never swallows our own cancellation
-        aclose = getattr(pages, "aclose", None)
-        if aclose is not None:
-            await aclose()
