@@ -43,7 +43,9 @@ async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, str, SimulatorSe
         port = free_port()
         config = {
             "database_url": f"sqlite:///{tmp_path / 'r.db'}",
-            "batching": {"debounce": 0.01, "max_delay": 0.1, "retry_initial": 30},
+            # the unreachable manager's retry falls after the shutdown deadline: stopping
+            # does not wait for it
+            "batching": {"debounce": 0.01, "max_delay": 0.1, "retry_initial": 300},
             "http": {"listen": f"127.0.0.1:{port}"},
             "managers": [
                 {
