@@ -443,13 +443,14 @@ class Soak:
             all_delivered = await until(delivered, deadline - time.monotonic())
             cloud = await ApiCloud.read(self.sim_url)
             expected = cloud_state(cloud)
-            end = await topic_end(self.broker.bootstrap, TOPIC)
+            bootstrap = self.broker.bootstrap
+            end = await topic_end(bootstrap, TOPIC)
             offsets = {"committed": 0}
             lines: list[str] = []
             tolerated = {"n": 0}
 
             async def converged() -> bool:
-                offsets["committed"] = await committed(self.broker.bootstrap, TOPIC, GROUP)
+                offsets["committed"] = await committed(bootstrap, TOPIC, GROUP)
                 stored = await database_state(engine, MANAGER)
                 tolerated["n"] = 0
                 for collection, refs in skeletal_refs(stored).items():
@@ -499,6 +500,13 @@ class Soak:
         )
         for line in lines[:60]:
             print("  " + line)
+        exits = [f for f in self.faults if f.kind == "daemon_exit"]
+        stuck = [f for f in self.faults if f.kind in KINDS and f.recovered_after is None]
+        if exits or stuck:  # not losses, but bugs worth a look in the daemon's log
+            print(
+                f"anomalies: the daemon exited by itself {len(exits)} time(s); "
+                f"{len(stuck)} fault(s) not recovered from within {self.args.recover_timeout:.0f}s"
+            )
         return 0 if equal else 1
 
 
