@@ -313,12 +313,24 @@ class Soak:
     def stop_all(self) -> None:
         """Every child, each wait bounded; the private cluster's data is removed, logs kept."""
         if self.daemon is not None and self.daemon.alive():
+            started = time.monotonic()
             self.daemon.signal(signal.SIGTERM)
             try:
-                self.daemon.wait(30)
+                code = self.daemon.wait(30)
+                print(
+                    f"daemon stopped on SIGTERM in {time.monotonic() - started:.1f}s "
+                    f"(exit status {code})"
+                )
             except subprocess.TimeoutExpired:
+                print("daemon did not stop within 30s of SIGTERM: killed")
                 self.daemon.signal(signal.SIGKILL)
                 self.daemon.wait(10)
+        if self.daemon is not None:
+            log = self.daemon.log()
+            print(
+                f"daemon log: {log.count(' ERROR ')} ERROR lines, "
+                f"{log.count('Traceback')} logged tracebacks ({self.daemon.log_path})"
+            )
         if self.simulator is not None and self.simulator.poll() is None:
             self.simulator.terminate()
             try:
