@@ -351,3 +351,36 @@ async def test_fault_admin_api(server: SimulatorServer, http: aiohttp.ClientSess
         assert resp.status == 200
     _, stats = await call(http, "GET", f"{server.url}/admin/v1/stats")
     assert stats["requests"]["flavors"]["list"] == 4
+
+
+async def test_churn_admin_api_starts_stops_and_reports(http: aiohttp.ClientSession) -> None:
+    import asyncio
+
+    from providers.awesome_cloud.simulator_server import churn_controlled
+
+    cloud = make_cloud(30)
+    async with SimulatorServer(cloud) as server:
+        task = asyncio.create_task(churn_controlled(cloud, server.churn, seed=5))
+        churn = f"{server.url}/admin/v1/churn"
+        try:
+            assert (await call(http, "POST", churn, {"per_second": -1}))[0] == 400
+            assert (await call(http, "POST", churn, {"rate": 1}))[0] == 400
+            status, state = await call(http, "GET", churn)
+            assert status == 200
+            assert state == {"per_second": 0, "mutations": 0, "last_sequence": 0, "delivered": []}
+            status, state = await call(http, "POST", churn, {"per_second": 200})
+            assert status == 200 and state["per_second"] == 200
+            for _ in range(200):  # a condition with a bound, not a fixed delay
+                if cloud.last_sequence >= 20:
+                    break
+                await asyncio.sleep(0.02)
+            assert cloud.last_sequence >= 20
+            _, state = await call(http, "POST", churn, {"per_second": 0})
+            stopped_at = state["last_sequence"]
+            assert state["mutations"] == stopped_at  # one event per mutation
+            await asyncio.sleep(0.2)  # four ticks at the old rate: nothing may happen
+            _, state = await call(http, "GET", churn)
+            assert state["last_sequence"] == stopped_at == cloud.last_sequence
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

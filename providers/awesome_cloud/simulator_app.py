@@ -110,7 +110,34 @@ class RequestStats:
         self._counts.clear()
 
 
+class ChurnPlan(BaseModel):
+    """The churn rate, as posted to ``/admin/v1/churn``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_second: float = Field(ge=0, description="Random mutations a second; 0 stops churn.")
+
+
+class ChurnControl:
+    """The churn rate the running churn task follows, and what delivery has sent.
+
+    ``delivered`` returns the event cursor of each delivery (the sequence number
+    of the last event it sent); :func:`simulator_server.serve` sets it.
+    """
+
+    def __init__(self, per_second: float = 0.0) -> None:
+        self.per_second = per_second
+        self.mutations = 0
+        self.changed = asyncio.Event()
+        self.delivered: Callable[[], list[int]] = list
+
+    def set(self, per_second: float) -> None:
+        self.per_second = per_second
+        self.changed.set()
+
+
 CLOUD = web.AppKey("cloud", Cloud)
+CHURN = web.AppKey("churn", ChurnControl)
 FAULTS = web.AppKey("faults", Faults)
 STATS = web.AppKey("stats", RequestStats)
 TOKEN = web.AppKey("token", str)
@@ -255,6 +282,29 @@ async def _reset_stats(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def _churn_state(request: web.Request) -> dict[str, Any]:
+    control, cloud = request.app[CHURN], request.app[CLOUD]
+    return {
+        "per_second": control.per_second,
+        "mutations": control.mutations,
+        "last_sequence": cloud.last_sequence,
+        "delivered": control.delivered(),
+    }
+
+
+async def _get_churn(request: web.Request) -> web.Response:
+    return _json(_churn_state(request))
+
+
+async def _set_churn(request: web.Request) -> web.Response:
+    try:
+        plan = ChurnPlan.model_validate(await _body(request))
+    except PydanticValidationError as exc:
+        raise BadRequestError(f"bad churn plan: {exc.errors(include_url=False)}") from None
+    request.app[CHURN].set(plan.per_second)
+    return _json(_churn_state(request))
+
+
 async def _health(request: web.Request) -> web.Response:
     return _json({"status": "ok", "name": request.app[CLOUD].name})
 
@@ -267,6 +317,7 @@ def create_app(
     app[CLOUD] = cloud
     app[FAULTS] = Faults(fault_rng)
     app[STATS] = RequestStats()
+    app[CHURN] = ChurnControl()
     app[TOKEN] = token or ""
     r = app.router
     r.add_get("/healthz", _health)
@@ -277,6 +328,8 @@ def create_app(
     r.add_delete("/admin/v1/faults", _clear_faults)
     r.add_get("/admin/v1/stats", _get_stats)
     r.add_delete("/admin/v1/stats", _reset_stats)
+    r.add_get("/admin/v1/churn", _get_churn)
+    r.add_post("/admin/v1/churn", _set_churn)
     r.add_post("/admin/v1/{collection}", _create)
     r.add_patch("/admin/v1/{collection}/{id}", _update)
     r.add_delete("/admin/v1/{collection}/{id}", _delete)

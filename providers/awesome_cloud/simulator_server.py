@@ -24,7 +24,15 @@ from typing import Self
 from aiohttp import web
 
 from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_app import FAULTS, STATS, Faults, RequestStats, create_app
+from providers.awesome_cloud.simulator_app import (
+    CHURN,
+    FAULTS,
+    STATS,
+    ChurnControl,
+    Faults,
+    RequestStats,
+    create_app,
+)
 from providers.awesome_cloud.simulator_delivery import (
     Delivery,
     deliveries_from_args,
@@ -60,6 +68,10 @@ class SimulatorServer:
     @property
     def stats(self) -> RequestStats:
         return self.app[STATS]
+
+    @property
+    def churn(self) -> ChurnControl:
+        return self.app[CHURN]
 
     async def start(self) -> None:
         if self._runner is not None:
@@ -113,16 +125,17 @@ async def serve(
     """Build a cloud and serve it until ``stop`` is set (or the task is cancelled).
 
     With ``churn_per_second > 0`` the cloud applies that many random mutations a
-    second (a live demo of the event stream).
+    second (a live demo of the event stream); ``POST /admin/v1/churn`` changes
+    the rate while it runs (0 stops it).
     """
     cloud = await asyncio.to_thread(Cloud.generate, vms=vms, seed=seed, name=name)
     stop = stop or asyncio.Event()
     async with SimulatorServer(cloud, host=host, port=port, token=token) as server:
-        tasks = [asyncio.create_task(d.run()) for d in (deliveries(cloud) if deliveries else [])]
-        if churn_per_second > 0:
-            tasks.append(
-                asyncio.create_task(churn_forever(cloud, per_second=churn_per_second, seed=seed))
-            )
+        sending = deliveries(cloud) if deliveries else []
+        server.churn.delivered = lambda: [d.stats.cursor for d in sending]
+        server.churn.set(churn_per_second)
+        tasks = [asyncio.create_task(d.run()) for d in sending]
+        tasks.append(asyncio.create_task(churn_controlled(cloud, server.churn, seed=seed)))
         if on_ready is not None:
             on_ready(server)
         try:
@@ -140,16 +153,32 @@ async def churn_forever(cloud: Cloud, *, per_second: float, seed: int) -> None:
     Mutations are applied in small bursts (at most 20 a second of wake-ups), so
     high rates do not cost one timer each.
     """
+    await churn_controlled(cloud, ChurnControl(per_second), seed=seed)
+
+
+async def churn_controlled(cloud: Cloud, control: ChurnControl, *, seed: int) -> None:
+    """Churn ``cloud`` at ``control.per_second`` until cancelled, following rate changes.
+
+    At rate 0 nothing is applied until the rate changes; a change takes effect at
+    once (no burst makes up for the time spent at another rate).
+    """
     rng = Random(seed + 1)
     loop = asyncio.get_running_loop()
-    tick = max(1.0 / per_second, 0.05)
-    started, done = loop.time(), 0
     while True:
-        due = int((loop.time() - started) * per_second) - done
-        if due > 0:
-            cloud.churn(rng, due)
-            done += due
-        await asyncio.sleep(tick)
+        control.changed.clear()
+        per_second = control.per_second
+        if per_second <= 0:
+            await control.changed.wait()
+            continue
+        tick = max(1.0 / per_second, 0.05)
+        started, done = loop.time(), 0
+        while not control.changed.is_set():
+            due = int((loop.time() - started) * per_second) - done
+            if due > 0:
+                cloud.churn(rng, due)
+                done += due
+                control.mutations += due
+            await asyncio.sleep(tick)
 
 
 def _parser() -> argparse.ArgumentParser:
