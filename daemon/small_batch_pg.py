@@ -39,6 +39,7 @@ from sqlalchemy.dialects import postgresql
 from daemon.collections import Collection, CollectionRegistry, Retention
 from daemon.db import canonical_json
 from daemon.inventory import Row
+from daemon.statements import conflict_action
 
 M = "$1::int8"
 NOW = "$2::timestamptz"
@@ -201,18 +202,7 @@ class _Builder:
             values.append(exprs.get(attr, _cast(c, attr)))
         cols += ["created_at", "updated_at"]
         values += [NOW, NOW]
-        updatable = c.updatable_columns
-        archive = c.retention is Retention.ARCHIVE
-        if updatable or archive:
-            sets = [f"{col} = excluded.{col}" for col in updatable]
-            sets.append("updated_at = excluded.updated_at")
-            changed = [f"{table}.{col} IS DISTINCT FROM excluded.{col}" for col in updatable]
-            if archive:
-                sets.append("archived_at = NULL")
-                changed.append(f"{table}.archived_at IS NOT NULL")
-            action = f"DO UPDATE SET {', '.join(sets)} WHERE {' OR '.join(changed)}"
-        else:
-            action = "DO NOTHING"
+        action = conflict_action(c)
         ems_ref = f", {table}.ems_ref" if c.name in self.referrers else ""
         self.ctes.append(
             f"up_{c.name} AS (INSERT INTO {table} ({', '.join(cols)}) "

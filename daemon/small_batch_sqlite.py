@@ -31,6 +31,7 @@ from sqlalchemy import JSON
 from daemon.collections import Collection, CollectionRegistry, Retention
 from daemon.db import canonical_json
 from daemon.inventory import Row
+from daemon.statements import conflict_action
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,18 +108,7 @@ def _upsert(c: Collection) -> str:
         values.append(exprs.get(attr, f"s.{attr}"))
     cols += ["created_at", "updated_at"]
     values += [":now", ":now"]
-    updatable = c.updatable_columns
-    archive = c.retention is Retention.ARCHIVE
-    if updatable or archive:
-        sets = [f"{col} = excluded.{col}" for col in updatable]
-        sets.append("updated_at = excluded.updated_at")
-        changed = [f"{table}.{col} IS DISTINCT FROM excluded.{col}" for col in updatable]
-        if archive:
-            sets.append("archived_at = NULL")
-            changed.append(f"{table}.archived_at IS NOT NULL")
-        action = f"DO UPDATE SET {', '.join(sets)} WHERE {' OR '.join(changed)}"
-    else:
-        action = "DO NOTHING"
+    action = conflict_action(c)
     return (
         f"{_input(c)}INSERT INTO {table} ({', '.join(cols)}) "
         f"SELECT {', '.join(values)} FROM s {' '.join(joins)} WHERE true "

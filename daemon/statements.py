@@ -133,11 +133,26 @@ def _upsert(collection: Collection, stage: str) -> TextClause:
     return _binds(text(f"{_insert_sql(collection, stage)} RETURNING {table}.created_at = :now"))
 
 
+def conflict_action(collection: Collection) -> str:
+    """The ``ON CONFLICT`` action of an upsert into ``collection``'s table: update only
+    rows whose values differ (or that were archived and reappear), else nothing."""
+    table = collection.table.name
+    updatable = collection.updatable_columns
+    archive = collection.retention is Retention.ARCHIVE
+    if not (updatable or archive):
+        return "DO NOTHING"
+    sets = [f"{c} = excluded.{c}" for c in updatable] + ["updated_at = excluded.updated_at"]
+    changed = [f"{table}.{c} IS DISTINCT FROM excluded.{c}" for c in updatable]
+    if archive:
+        sets.append("archived_at = NULL")
+        changed.append(f"{table}.archived_at IS NOT NULL")
+    return f"DO UPDATE SET {', '.join(sets)} WHERE {' OR '.join(changed)}"
+
+
 def _insert_sql(collection: Collection, stage: str) -> str:
     """``INSERT ... SELECT`` from the stage ``ON CONFLICT ...``, without RETURNING."""
     table = collection.table.name
     joins, exprs = _joins(collection)
-    archive = collection.retention is Retention.ARCHIVE
     insert_cols: list[str] = []
     select_exprs: list[str] = []
     if collection.parent is None:
@@ -154,16 +169,7 @@ def _insert_sql(collection: Collection, stage: str) -> str:
     insert_cols += ["created_at", "updated_at"]
     select_exprs += [":now", ":now"]
 
-    updatable = collection.updatable_columns
-    if updatable or archive:
-        sets = [f"{c} = excluded.{c}" for c in updatable] + ["updated_at = excluded.updated_at"]
-        changed = [f"{table}.{c} IS DISTINCT FROM excluded.{c}" for c in updatable]
-        if archive:
-            sets.append("archived_at = NULL")
-            changed.append(f"{table}.archived_at IS NOT NULL")
-        action = f"DO UPDATE SET {', '.join(sets)} WHERE {' OR '.join(changed)}"
-    else:
-        action = "DO NOTHING"
+    action = conflict_action(collection)
     return (
         f"INSERT INTO {table} ({', '.join(insert_cols)}) "
         f"SELECT {', '.join(select_exprs)} FROM {stage} s {' '.join(joins)} WHERE true "
