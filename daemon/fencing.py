@@ -59,6 +59,36 @@ FENCE: ContextVar[Holding | None] = ContextVar("refreshd_ownership_fence", defau
 """The holding a refresh started under; the persister checks it before committing."""
 
 
+def check_epoch(manager: str, holding: Holding, epoch: object) -> None:
+    """Raise :class:`OwnershipLostError` unless ``epoch`` (``managers.owner_epoch`` read
+    ``FOR UPDATE`` in the save transaction) is the one the refresh began under."""
+    if epoch != holding.epoch:
+        raise OwnershipLostError(
+            manager,
+            f"taken over by another process (epoch {epoch}, this refresh began under "
+            f"{holding.epoch}); not committed",
+        )
+
+
+def save_limits_sql(holding: Holding) -> list[str]:
+    """``SET LOCAL`` statements bounding a save transaction under ``holding``.
+
+    idle: waiting for the collector's next page; statement: a COPY whose client
+    stopped sending is "active", not idle, and would hold its locks for ever.
+    """
+    if not holding.save_idle_timeout:
+        return []
+    milliseconds = max(1, int(holding.save_idle_timeout * 1000))
+    return [
+        f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds:d}",
+        f"SET LOCAL statement_timeout = {milliseconds:d}",
+    ]
+
+
+EPOCH_FOR_UPDATE = "SELECT owner_epoch FROM managers WHERE id = $1 FOR UPDATE"
+"""The fence's read of the manager's epoch (asyncpg placeholder); locks its row until commit."""
+
+
 async def verify_fence(conn: AsyncConnection, manager: str, manager_id: int) -> None:
     """Inside a save transaction: refuse to go on if ``manager`` changed hands since the
     refresh began; otherwise lock the manager's row until commit (a takeover waits)."""
@@ -70,15 +100,6 @@ async def verify_fence(conn: AsyncConnection, manager: str, manager_id: int) -> 
             text("SELECT owner_epoch FROM managers WHERE id = :id FOR UPDATE"), {"id": manager_id}
         )
     ).scalar()
-    if epoch != holding.epoch:
-        raise OwnershipLostError(
-            manager,
-            f"taken over by another process (epoch {epoch}, this refresh began under "
-            f"{holding.epoch}); not committed",
-        )
-    if holding.save_idle_timeout:
-        # idle: waiting for the collector's next page; statement: a COPY whose client
-        # stopped sending is "active", not idle, and would hold its locks for ever
-        milliseconds = max(1, int(holding.save_idle_timeout * 1000))
-        await conn.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds}"))
-        await conn.execute(text(f"SET LOCAL statement_timeout = {milliseconds}"))
+    check_epoch(manager, holding, epoch)
+    for statement in save_limits_sql(holding):
+        await conn.execute(text(statement))

@@ -43,7 +43,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from daemon import schema
 from daemon.collections import Collection, CollectionRegistry, Retention
 from daemon.db import Dialect, canonical_json, dialect_of
-from daemon.fencing import FENCE, OwnershipLostError
+from daemon.fencing import (
+    EPOCH_FOR_UPDATE,
+    FENCE,
+    Holding,
+    OwnershipLostError,
+    check_epoch,
+    save_limits_sql,
+)
 from daemon.inventory import InventoryPage, Row
 from daemon.refresh_result import Counts, RefreshKind, RefreshResult
 from daemon.small_batch_pg import PgBatchStatement, pg_batch_statement, read_counts
@@ -178,21 +185,15 @@ class SmallBatchSaver:
             holding = FENCE.get()
             fenced = holding is not None and holding.epoch is not None
             try:
-                await driver.execute(_pg_begin(manager_id, fenced))
+                await driver.execute(_pg_begin(manager_id, holding if fenced else None))
                 if fenced:
                     # as daemon.fencing.verify_fence: commit only under the epoch the
                     # refresh began with; the manager's row stays locked until COMMIT
                     assert holding is not None
-                    epoch = await driver.fetchval(
-                        "SELECT owner_epoch FROM managers WHERE id = $1 FOR UPDATE", manager_id
-                    )
+                    epoch = await driver.fetchval(EPOCH_FOR_UPDATE, manager_id)
                     if epoch != holding.epoch:
                         await _pg_rollback(conn, driver)
-                        raise OwnershipLostError(
-                            manager,
-                            f"taken over by another process (epoch {epoch}, this refresh "
-                            f"began under {holding.epoch}); not committed",
-                        )
+                    check_epoch(manager, holding, epoch)
                 row = await driver.fetchrow(statement.sql, *args)
                 assert row is not None
                 for name, fields in read_counts(statement, tuple(row)).items():
@@ -329,26 +330,23 @@ async def _sqlite_rollback(conn: AsyncConnection, driver: Any) -> None:
         raise
 
 
-def _pg_begin(manager_id: int, fenced: bool = False) -> str:
-    """``BEGIN``, the plan mode and the manager's lock: one round trip.
+def _pg_begin(manager_id: int, holding: Holding | None = None) -> str:
+    """``BEGIN``, the plan mode, a fenced save's time limits and the manager's lock: one
+    round trip.
 
     The statement is prepared once per connection (asyncpg's statement cache);
     planning its ~25 CTEs takes longer (1.5 ms) than running it for a few vms
     (0.5 ms), so the cached generic plan is always used.  Its joins and sweeps are
     by unique indexes whatever the arrays hold (bench/RESULTS.md: 100k/1k ratio).
     """
-    idle = ""
-    holding = FENCE.get() if fenced else None
-    if holding is not None and holding.save_idle_timeout:
-        milliseconds = max(1, int(holding.save_idle_timeout * 1000))
-        idle = (
-            f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds:d}; "
-            f"SET LOCAL statement_timeout = {milliseconds:d}; "
-        )
-    return (
-        "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; "
-        + idle
-        + f"SELECT pg_advisory_xact_lock({ADVISORY_NAMESPACE:d}, {manager_id:d})"
+    limits = save_limits_sql(holding) if holding is not None else []
+    return "; ".join(
+        [
+            "BEGIN",
+            "SET LOCAL plan_cache_mode = force_generic_plan",
+            *limits,
+            f"SELECT pg_advisory_xact_lock({ADVISORY_NAMESPACE:d}, {manager_id:d})",
+        ]
     )
 
 
