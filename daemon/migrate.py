@@ -5,7 +5,7 @@ Flow: start-up -> **migrate** -> persister.
 ``upgrade`` applies the Alembic migrations shipped in ``daemon/migrations``
 (serialized across processes on PostgreSQL by an advisory lock, so several
 daemons starting together do not race); ``current_revision`` and
-``is_current`` let readiness checks and the CLI tell whether the schema is
+``head_revision`` let readiness checks and the CLI tell whether the schema is
 up to date.
 """
 
@@ -57,7 +57,3 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> str | None:
 async def current_revision(engine: AsyncEngine) -> str | None:
     async with engine.connect() as conn:
         return await conn.run_sync(_current)
-
-
-async def is_current(engine: AsyncEngine) -> bool:
-    return await current_revision(engine) == head_revision()

@@ -88,14 +88,8 @@ class Scheduler:
         interval = self._intervals[manager]
         try:
             async with self._ownership.hold(manager) as owned:
-                if not owned:
-                    log.debug(
-                        "manager %s: full refresh due; another process owns it "
-                        "(looking again in %.0fs)",
-                        manager,
-                        min(self._recheck, interval),
-                    )
-                    return min(self._recheck, interval)
+                # "not due any more" needs no ownership: only queuing does (two processes
+                # refused together would otherwise meet again at every recheck)
                 remaining = _remaining(await self._last_full(manager), interval, datetime.now(UTC))
                 if remaining > min(1.0, interval * 0.1):
                     log.info(
@@ -104,6 +98,14 @@ class Scheduler:
                         remaining,
                     )
                     return remaining
+                if not owned:
+                    log.debug(
+                        "manager %s: full refresh due; another process owns it "
+                        "(looking again in %.0fs)",
+                        manager,
+                        min(self._recheck, interval),
+                    )
+                    return min(self._recheck, interval)
                 trigger = Trigger.STARTUP if manager in self._startup else Trigger.SCHEDULED
                 log.info("manager %s: scheduled full refresh (%s)", manager, trigger.value)
                 self._batcher.request_full(manager, trigger=trigger)
@@ -123,11 +125,3 @@ def _remaining(last: datetime | None, interval: float, now_wall: datetime) -> fl
     if last.tzinfo is None:
         last = last.replace(tzinfo=UTC)
     return max(0.0, interval - (now_wall - last).total_seconds())
-
-
-async def run_forever(scheduler: Scheduler) -> None:
-    try:
-        await scheduler.run()
-    except asyncio.CancelledError:
-        log.debug("scheduler stopped")
-        raise
