@@ -41,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import VENV_BIN, free_port, machine_info, print_machine
 from pg import temp_database
 
-from daemon.db import create_engine
-from daemon.migrate import upgrade
-from daemon.persister import Persister
-from daemon.refresher import RefreshableManager, Refresher
-from daemon.targets import Target, TargetCollection
+from daemon.model.targets import Target, TargetCollection
+from daemon.persistence.db import create_engine
+from daemon.persistence.migrate import upgrade
+from daemon.persistence.persister import Persister
+from daemon.pipeline.refresher import RefreshableManager, Refresher
 from providers.aws import AwsConnection, AwsSettings
 
 MANAGER = "bench-aws"

@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pg import temp_database
 from sqlalchemy.exc import DBAPIError
 
-from daemon.db import create_engine
-from daemon.inventory import COLLECTIONS, InventoryPage, Row
-from daemon.migrate import upgrade
-from daemon.persister import Persister
-from daemon.row_check import RowChecker
-from daemon.targets import Target, TargetCollection
+from daemon.model.inventory import COLLECTIONS, InventoryPage, Row
+from daemon.model.targets import Target, TargetCollection
+from daemon.persistence.db import create_engine
+from daemon.persistence.migrate import upgrade
+from daemon.persistence.persister import Persister
+from daemon.persistence.row_check import RowChecker
 
 MANAGER = "bench"
 

@@ -269,9 +269,9 @@ def instrument_persister(persister: Any) -> Callable[[], PageTiming]:
     of the last call's :class:`PageTiming`."""
     original = persister.save
     last: list[PageTiming] = [PageTiming()]
-    # a persister that merges pages into save batches (daemon/page_batches.py) reads
+    # a persister that merges pages into save batches (daemon/pipeline/page_batches.py) reads
     # pages in a task of its own: then its wait is for batches, timed around them
-    from daemon import persister as persister_module
+    from daemon.persistence import persister as persister_module
 
     batches = getattr(persister_module, "coalesced", None)
     if batches is not None and not getattr(batches, "_bench_timed", False):
@@ -346,7 +346,7 @@ class StatementTimer:
         if StatementTimer._load_wrapped:
             return
         StatementTimer._load_wrapped = True
-        from daemon import staging
+        from daemon.persistence import staging
 
         original = staging.Stager.load
 
@@ -406,11 +406,11 @@ def statement_kind(sql: str) -> str:
         if up.startswith("INSERT INTO REFRESH_RUNS"):
             return "insert refresh_runs"
         return f"upsert {table}"
-    if up.startswith("WITH SRC AS ("):  # daemon.diff_statements, PostgreSQL
+    if up.startswith("WITH SRC AS ("):  # daemon.persistence.diff_statements, PostgreSQL
         table = s.split(" ins AS (INSERT INTO ", 1)[1].split(" ", 1)[0]
         return f"diff save {table}" + (" +seen" if " marked AS (" in s else "")
     if up.startswith("UPDATE") and " FROM (SELECT " in up and "RETURNING" in up:
-        return f"diff update {words[1]}"  # daemon.diff_statements, SQLite
+        return f"diff update {words[1]}"  # daemon.persistence.diff_statements, SQLite
     if up.startswith("SELECT COUNT(*) FROM STAGE_"):
         return f"count_new {words[3]}"
     if up.startswith("SELECT COUNT(*) FROM"):
@@ -533,7 +533,7 @@ class PhaseTimer:
         if PhaseTimer._wrapped:
             return
         PhaseTimer._wrapped = True
-        from daemon import persister, staging
+        from daemon.persistence import persister, staging
 
         P = persister.Persister
         W = getattr(persister, "_WriteTransaction", None)

@@ -55,11 +55,11 @@ from common import (
 )
 from pg import temp_database
 
-from daemon.db import create_engine
-from daemon.migrate import upgrade
-from daemon.persister import Persister
-from daemon.refresher import RefreshableManager, Refresher
-from daemon.targets import Target, TargetCollection
+from daemon.model.targets import Target, TargetCollection
+from daemon.persistence.db import create_engine
+from daemon.persistence.migrate import upgrade
+from daemon.persistence.persister import Persister
+from daemon.pipeline.refresher import RefreshableManager, Refresher
 from providers.awesome_cloud.collector import AwesomeConnection
 from providers.awesome_cloud.settings import AwesomeCloudSettings
 

@@ -18,7 +18,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from daemon.db import canonical_json
+from daemon.persistence.db import canonical_json
 
 PG_VMS = """
 INSERT INTO vms (manager_id, ems_ref, name, state, flavor_id, image_id, tags, extra,

@@ -59,8 +59,8 @@ from sqlalchemy.exc import SQLAlchemyError
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from daemon import schema  # noqa: E402
-from daemon.db import create_engine  # noqa: E402
+from daemon.persistence import schema  # noqa: E402
+from daemon.persistence.db import create_engine  # noqa: E402
 from tests.cloud_state import (  # noqa: E402
     cloud_state,
     database_state,

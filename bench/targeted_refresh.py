@@ -60,13 +60,13 @@ from common import (
 from pg import temp_database
 from raw_targeted import pg_raw_refresh, sqlite_raw_refresh
 
-from daemon import schema
-from daemon.db import create_engine
-from daemon.migrate import upgrade
-from daemon.persister import Persister
-from daemon.refresh_result import PersisterSettings
-from daemon.refresher import RefreshableManager, Refresher
-from daemon.targets import Target, TargetCollection
+from daemon.model.targets import Target, TargetCollection
+from daemon.persistence import schema
+from daemon.persistence.db import create_engine
+from daemon.persistence.migrate import upgrade
+from daemon.persistence.persister import Persister
+from daemon.persistence.refresh_result import PersisterSettings
+from daemon.pipeline.refresher import RefreshableManager, Refresher
 from providers.awesome_cloud.collector import AwesomeConnection
 from providers.awesome_cloud.parser import parse_vms
 from providers.awesome_cloud.settings import AwesomeCloudSettings
@@ -207,7 +207,7 @@ async def open_inventory(
         raw = await aiosqlite.connect(url.removeprefix("sqlite:///"), isolation_level=None)
         stack.push_async_callback(raw.close)
         await raw.execute("PRAGMA busy_timeout=30000")
-        await raw.execute("PRAGMA synchronous=NORMAL")  # as the daemon (daemon/db.py)
+        await raw.execute("PRAGMA synchronous=NORMAL")  # as the daemon (daemon/persistence/db.py)
         ts = schema.Timestamp.dialect_impl(engine.dialect)
         sqlite_now = ts.bind_processor(engine.dialect)
     inv = Inventory(

@@ -37,12 +37,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from daemon.acks import Ack, QueueFullError, TargetSink
-from daemon.batcher import BatcherStoppedError
-from daemon.catcher import CatcherContext
-from daemon.config import Duration
-from daemon.provider import EventMapper
-from daemon.targets import Target
+from daemon.model.acks import Ack, QueueFullError, TargetSink
+from daemon.model.catcher import CatcherContext
+from daemon.model.provider import EventMapper
+from daemon.model.targets import Target
+from daemon.pipeline.batcher import BatcherStoppedError
+from daemon.service.config import Duration
 
 log = logging.getLogger(__name__)
 

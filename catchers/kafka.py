@@ -16,7 +16,7 @@ Guarantees (each kept by the module named):
   sink is full, and polled all the same (:mod:`catchers.kafka_polling`).
 
 This module assembles those parts and owns their lifecycle.  Shutdown is
-two-phase (``daemon.catcher.Catcher``): :meth:`KafkaCatcher.stop` takes no
+two-phase (``daemon.model.catcher.Catcher``): :meth:`KafkaCatcher.stop` takes no
 more records in but keeps the member in its group, paused and polling; after
 the batcher has drained, :meth:`KafkaCatcher.close` waits at most
 ``drain_timeout`` for in-flight acks, commits, and closes the consumer and
@@ -49,8 +49,8 @@ from catchers.kafka_settings import (
     milliseconds,
 )
 from catchers.routing import ROUTING_OPTIONS, DeadLetterReason, Route, route_from_options
-from daemon.acks import TargetSink
-from daemon.catcher import CatcherContext
+from daemon.model.acks import TargetSink
+from daemon.model.catcher import CatcherContext
 
 __all__ = [
     "ERROR_HEADER",

@@ -41,9 +41,9 @@ from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRa
 
 from catchers.kafka_commits import OffsetCommitter, label
 from catchers.kafka_settings import KafkaCatcherStats, KafkaSettings
-from daemon.acks import Ack, QueueFullError, TargetSink
-from daemon.catcher import ManagerEndpoint
-from daemon.targets import Target
+from daemon.model.acks import Ack, QueueFullError, TargetSink
+from daemon.model.catcher import ManagerEndpoint
+from daemon.model.targets import Target
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Flow: ``[[catchers]] type = "kafka"`` -> **KafkaSettings** -> catchers.kafka.Kaf
 -> **KafkaCatcherStats** -> daemon metrics.
 
 Durations are seconds or strings with a unit (``"500ms"``, ``"5s"``, ``"1m"``),
-like every duration of the daemon's config (``daemon.config.Duration``).
+like every duration of the daemon's config (``daemon.service.config.Duration``).
 Unknown keys and incoherent timeouts are errors that name the key.
 """
 
@@ -18,8 +18,8 @@ from aiokafka.helpers import create_ssl_context
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from catchers.routing import DeadLetterReason
-from daemon.config import Duration
-from daemon.secrets import Secret
+from daemon.service.config import Duration
+from daemon.service.secrets import Secret
 
 
 class KafkaSettings(BaseModel):

@@ -21,8 +21,8 @@ from typing import Any
 
 from catchers.aws import account_region
 from catchers.cloudevents import CloudEvent
-from daemon.catcher import ManagerEndpoint
-from daemon.provider import EventMapper
+from daemon.model.catcher import ManagerEndpoint
+from daemon.model.provider import EventMapper
 
 _CONTEXT_ATTRIBUTES = frozenset({"id", "source", "type", "subject", "dataschema"})
 

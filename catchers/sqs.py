@@ -20,7 +20,7 @@ Guarantees (each kept by the module named):
 * bodies: structured CloudEvents, plain JSON (EventBridge events), either in
   an SNS envelope (:mod:`catchers.sqs_messages`).
 
-Shutdown is two-phase (``daemon.catcher.Catcher``): :meth:`SqsCatcher.stop`
+Shutdown is two-phase (``daemon.model.catcher.Catcher``): :meth:`SqsCatcher.stop`
 ends the long polls (pending messages stay pending, their visibility still
 renewed); :meth:`SqsCatcher.close` deletes the messages whose Acks are done,
 stops renewing, makes the others visible again (they are received again:
@@ -44,8 +44,8 @@ from catchers.sqs_client import SqsQueueError, classify, explain, open_client, r
 from catchers.sqs_leases import LeaseKeeper
 from catchers.sqs_receiving import Receiver
 from catchers.sqs_settings import SqsCatcherStats, SqsSettings
-from daemon.acks import TargetSink
-from daemon.catcher import CatcherContext
+from daemon.model.acks import TargetSink
+from daemon.model.catcher import CatcherContext
 
 __all__ = ["SqsCatcher", "SqsCatcherStats", "SqsQueueError", "SqsSettings", "create"]
 

@@ -4,7 +4,7 @@ Flow: ``[[catchers]] type = "sqs"`` -> **SqsSettings** -> catchers.sqs.SqsCatche
 -> **SqsCatcherStats** -> daemon metrics.
 
 Durations are seconds or strings with a unit (``"500ms"``, ``"20s"``, ``"1m"``),
-like every duration of the daemon's config (``daemon.config.Duration``); the
+like every duration of the daemon's config (``daemon.service.config.Duration``); the
 two that SQS itself takes (``wait_time``, ``visibility_timeout``) must be whole
 seconds.  Unknown keys are errors that name the key: in particular there is no
 key for AWS credentials, which come from the standard AWS chain (environment,
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from catchers.routing import DeadLetterReason
-from daemon.config import Duration
+from daemon.service.config import Duration
 
 _REGION_LABEL = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d+")
 

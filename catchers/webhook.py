@@ -25,7 +25,7 @@ Answers, and what the sender should do:
   is harmless), and when the catcher closes while the request waits.
 * **500** when the mapper fails with anything but ``ValueError`` (a bug).
 
-Shutdown is two-phase (``daemon.catcher.Catcher``): after :meth:`stop` new
+Shutdown is two-phase (``daemon.model.catcher.Catcher``): after :meth:`stop` new
 requests get 503 while requests already waiting keep waiting for their
 commit; :meth:`close` answers every request still waiting with 503, so its
 sender delivers the events again (at-least-once).
@@ -54,12 +54,12 @@ from catchers.cloudevents import (
     decode_structured,
 )
 from catchers.routing import DeadLetterReason, Route, first_route, route_by_attribute
-from daemon.acks import Ack, QueueFullError, TargetSink
-from daemon.catcher import CatcherContext, ManagerEndpoint
-from daemon.config import Duration, Secret
-from daemon.http import bearer_ok, unauthorized
-from daemon.provider import EventMapper
-from daemon.targets import Target
+from daemon.model.acks import Ack, QueueFullError, TargetSink
+from daemon.model.catcher import CatcherContext, ManagerEndpoint
+from daemon.model.provider import EventMapper
+from daemon.model.targets import Target
+from daemon.service.config import Duration, Secret
+from daemon.service.http import bearer_ok, unauthorized
 
 log = logging.getLogger(__name__)
 

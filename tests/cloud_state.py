@@ -18,7 +18,7 @@ Used by the convergence tests and the end-to-end tests (DESIGN.md semantics 11:
   ``is_skeletal`` / ``skeletal_refs`` recognize skeletal rows (ref only).
 
 A *state* is ``{collection: {key: values}}`` for the seven collections of
-``daemon.inventory``.  Keys are the cloud's identifiers:
+``daemon.model.inventory``.  Keys are the cloud's identifiers:
 
 =====================  =================================  ===============================
 collection             key                                values
@@ -52,7 +52,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon import schema
+from daemon.persistence import schema
 
 State = dict[str, dict[Any, dict[str, Any]]]
 """``{collection: {key: {field: value}}}``."""

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon import schema
-from daemon.inventory import InventoryPage, Row
-from daemon.targets import Target, TargetCollection
+from daemon.model.inventory import InventoryPage, Row
+from daemon.model.targets import Target, TargetCollection
+from daemon.persistence import schema
 
 MANAGER = "m1"
 TOP_LEVEL = ("flavors", "images", "security_groups", "vms")

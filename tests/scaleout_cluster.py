@@ -23,8 +23,8 @@ import aiohttp
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon import schema
-from daemon.db import create_engine
+from daemon.persistence import schema
+from daemon.persistence.db import create_engine
 from providers.awesome_cloud.simulator import Cloud
 from providers.awesome_cloud.simulator_delivery import Delivery, KafkaTransport
 from providers.awesome_cloud.simulator_server import SimulatorServer, churn_forever

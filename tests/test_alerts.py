@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from daemon.config import parse_config
-from daemon.lifecycle import Daemon
+from daemon.service.config import parse_config
+from daemon.service.lifecycle import Daemon
 from tests.daemon_process import free_port, wait_for
 from tests.test_operator_metrics import daemon_config
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from daemon.provider import ProviderAuthError, ProviderError
+from daemon.model.provider import ProviderAuthError, ProviderError
 from providers.awesome_cloud.client import AwesomeClient
 from providers.awesome_cloud.settings import AwesomeCloudSettings
 from providers.awesome_cloud.simulator import Cloud

@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemon.inventory import COLLECTIONS, InventoryPage
-from daemon.provider import ManagerConnection, ProviderAuthError, load_provider
-from daemon.targets import Target, TargetCollection
+from daemon.model.inventory import COLLECTIONS, InventoryPage
+from daemon.model.provider import ManagerConnection, ProviderAuthError, load_provider
+from daemon.model.targets import Target, TargetCollection
 from providers.awesome_cloud import AwesomeCloudSettings, AwesomeConnection, provider
 from providers.awesome_cloud.parser import parse_page, parse_vms
 from providers.awesome_cloud.simulator import Cloud

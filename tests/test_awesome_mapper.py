@@ -19,7 +19,7 @@ import pytest
 
 from catchers.awesome_cloud import map_event
 from catchers.cloudevents import decode_structured
-from daemon.targets import Target
+from daemon.model.targets import Target
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events" / "awesome_cloud"
 

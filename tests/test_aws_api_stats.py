@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from daemon.provider import ProviderError
+from daemon.model.provider import ProviderError
 from providers.aws import AwsConnection, AwsSettings
 
 THROTTLED = (

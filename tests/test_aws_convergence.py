@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catchers.aws import map_event
-from daemon.persister import Persister
-from daemon.refresh_result import PersisterSettings
-from daemon.refresher import RefreshableManager, Refresher
-from daemon.targets import Target, TargetCollection
+from daemon.model.targets import Target, TargetCollection
+from daemon.persistence.persister import Persister
+from daemon.persistence.refresh_result import PersisterSettings
+from daemon.pipeline.refresher import RefreshableManager, Refresher
 from providers.aws import AwsConnection, AwsSettings
 from tests.aws_cloud import AMI, OTHER_AMI
 from tests.cloud_state import State, database_state

@@ -14,12 +14,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon import schema
-from daemon.persister import Persister
-from daemon.provider import ProviderAuthError, ProviderError
-from daemon.refresh_result import RefreshResult
-from daemon.refresher import RefreshableManager, Refresher
-from daemon.targets import Target, TargetCollection
+from daemon.model.provider import ProviderAuthError, ProviderError
+from daemon.model.targets import Target, TargetCollection
+from daemon.persistence import schema
+from daemon.persistence.persister import Persister
+from daemon.persistence.refresh_result import RefreshResult
+from daemon.pipeline.refresher import RefreshableManager, Refresher
 from providers.aws import AwsConnection, AwsSettings
 from tests.aws_cloud import (
     AMI,

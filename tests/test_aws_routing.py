@@ -28,8 +28,8 @@ from catchers.routing import (
     route_by_account,
     route_from_options,
 )
-from daemon.catcher import CatcherContext, ManagerEndpoint
-from daemon.targets import Target
+from daemon.model.catcher import CatcherContext, ManagerEndpoint
+from daemon.model.targets import Target
 
 FIXTURES = Path(__file__).parent / "fixtures" / "aws_events"
 EAST = ("123456789012", "us-east-1")

@@ -13,10 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, text
 
-from daemon import schema
-from daemon.config import parse_config
-from daemon.db import create_engine
-from daemon.lifecycle import Daemon
+from daemon.persistence import schema
+from daemon.persistence.db import create_engine
+from daemon.service.config import parse_config
+from daemon.service.lifecycle import Daemon
 from providers.awesome_cloud.simulator import Cloud
 from providers.awesome_cloud.simulator_server import SimulatorServer
 from tests.daemon_process import free_port, wait_for

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.acks import Ack
-from daemon.batcher import Batcher, BatchingSettings
-from daemon.clock import FakeClock
-from daemon.targets import Target, TargetCollection
+from daemon.model.acks import Ack
+from daemon.model.targets import Target, TargetCollection
+from daemon.pipeline.batcher import Batcher, BatchingSettings
+from daemon.pipeline.clock import FakeClock
 
 
 @dataclass

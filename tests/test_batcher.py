@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client import Counter as Counter_
 
-from daemon.acks import Ack, QueueFullError
-from daemon.backoff import Backoff
-from daemon.batcher import (
+from daemon.model.acks import Ack, QueueFullError
+from daemon.model.targets import Target, TargetCollection
+from daemon.pipeline.backoff import Backoff
+from daemon.pipeline.batcher import (
     NO_HOOKS,
     Batcher,
     BatcherStoppedError,
@@ -32,9 +33,8 @@ from daemon.batcher import (
     RefreshHooks,
     RefreshKind,
 )
-from daemon.clock import LOOP_CLOCK, FakeClock
-from daemon.metrics import LATENCY_BUCKETS, EventLatencies, MeteredSink, Metrics
-from daemon.targets import Target, TargetCollection
+from daemon.pipeline.clock import LOOP_CLOCK, FakeClock
+from daemon.service.metrics import LATENCY_BUCKETS, EventLatencies, MeteredSink, Metrics
 
 
 def vm(ref: str, manager: str = "m1") -> Target:

@@ -21,13 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import insert, select
 
-from daemon import schema
-from daemon.acks import Ack
-from daemon.batcher import Batcher, BatchingSettings
-from daemon.clock import FakeClock
-from daemon.lifecycle import seed_costs
-from daemon.refresh_costs import ManagerCosts
-from daemon.targets import Target, TargetCollection
+from daemon.model.acks import Ack
+from daemon.model.targets import Target, TargetCollection
+from daemon.persistence import schema
+from daemon.pipeline.batcher import Batcher, BatchingSettings
+from daemon.pipeline.clock import FakeClock
+from daemon.pipeline.refresh_costs import ManagerCosts
+from daemon.service.lifecycle import seed_costs
 
 
 @dataclass

@@ -14,8 +14,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.canonical_json import canonical_json
-from daemon.persister import Persister
+from daemon.persistence.canonical_json import canonical_json
+from daemon.persistence.persister import Persister
 from tests.inventory_builders import MANAGER, Cloud, pages
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
-from daemon.config import load_config, parse_config
-from daemon.migrate import head_revision
-from daemon.secrets import SecretUnavailableError
+from daemon.persistence.migrate import head_revision
+from daemon.service.cli import main
+from daemon.service.config import load_config, parse_config
+from daemon.service.secrets import SecretUnavailableError
 from tests.daemon_process import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,7 +271,7 @@ def test_refresh_against_a_cloud_that_is_down(
 def test_a_plugin_whose_extra_is_missing_names_the_extra() -> None:
     from importlib.metadata import EntryPoint
 
-    from daemon.provider import PluginUnavailableError, load_entry_point
+    from daemon.model.provider import PluginUnavailableError, load_entry_point
 
     entry = EntryPoint("sqs", "aiobotocore.not_installed_here:create", "refreshd.catchers")
     with pytest.raises(PluginUnavailableError, match=r"pip install 'refreshd\[aws\]'"):

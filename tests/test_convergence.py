@@ -3,8 +3,8 @@
 Random changes are made to an AwesomeCloud simulator through its API
 (``Cloud.create`` / ``update`` / ``delete`` and ``churn``); the events they emit
 are mapped to targets by the real event mapper (``catchers.awesome_cloud``) and
-refreshed by the real :class:`daemon.refresher.Refresher` and
-:class:`daemon.persister.Persister`, collecting over HTTP from the embedded
+refreshed by the real :class:`daemon.pipeline.refresher.Refresher` and
+:class:`daemon.persistence.persister.Persister`, collecting over HTTP from the embedded
 simulator.  Then:
 
 1. every event delivered: after each change the database equals the cloud;
@@ -45,13 +45,13 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catchers.awesome_cloud import map_event
-from daemon import schema
-from daemon.db import create_engine
-from daemon.migrate import upgrade
-from daemon.persister import Persister
-from daemon.refresh_result import PersisterSettings, RefreshResult
-from daemon.refresher import RefreshableManager, Refresher
-from daemon.targets import Target, TargetCollection
+from daemon.model.targets import Target, TargetCollection
+from daemon.persistence import schema
+from daemon.persistence.db import create_engine
+from daemon.persistence.migrate import upgrade
+from daemon.persistence.persister import Persister
+from daemon.persistence.refresh_result import PersisterSettings, RefreshResult
+from daemon.pipeline.refresher import RefreshableManager, Refresher
 from providers.awesome_cloud import AwesomeCloudSettings, AwesomeConnection
 from providers.awesome_cloud.simulator import Cloud, CloudEvent
 from providers.awesome_cloud.simulator_model import DISK_SIZES, OPERATING_SYSTEMS, VM_STATES

@@ -18,11 +18,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon.config import parse_config
-from daemon.db import create_engine
-from daemon.inventory import InventoryPage
-from daemon.lifecycle import Daemon
-from daemon.persister import Persister
+from daemon.model.inventory import InventoryPage
+from daemon.persistence.db import create_engine
+from daemon.persistence.persister import Persister
+from daemon.service.config import parse_config
+from daemon.service.lifecycle import Daemon
 from providers.awesome_cloud.simulator import Cloud as SimulatedCloud
 from providers.awesome_cloud.simulator_server import SimulatorServer
 from tests.daemon_process import free_port, wait_for

@@ -29,8 +29,8 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon import schema
-from daemon.db import create_engine
+from daemon.persistence import schema
+from daemon.persistence.db import create_engine
 from tests.aws_cloud import FaultyFront, launch
 from tests.daemon_process import DaemonProcess, free_port, wait_for, write_config
 from tests.fixtures.moto_server import AwsClients, MotoServer

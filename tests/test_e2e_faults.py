@@ -22,7 +22,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from daemon.lifecycle import SHUTDOWN_MARGIN
+from daemon.service.lifecycle import SHUTDOWN_MARGIN
 from tests.daemon_process import wait_for
 from tests.fixtures.kafka_broker import PrivateBroker, private_broker
 from tests.fixtures.private_postgres import PrivateCluster

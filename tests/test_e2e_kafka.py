@@ -32,8 +32,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon import schema
-from daemon.db import create_engine
+from daemon.persistence import schema
+from daemon.persistence.db import create_engine
 from providers.awesome_cloud.simulator import Cloud
 from providers.awesome_cloud.simulator_app import FaultPlan
 from providers.awesome_cloud.simulator_delivery import Delivery, KafkaTransport, Mode

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon.persister import Persister
+from daemon.persistence.persister import Persister
 from tests.inventory_builders import (
     MANAGER,
     Cloud,

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.config import parse_config
-from daemon.lifecycle import Daemon
+from daemon.service.config import parse_config
+from daemon.service.lifecycle import Daemon
 from tests.daemon_process import free_port, wait_for
 
 TOKEN = "t0ken"

@@ -16,9 +16,9 @@ import pytest
 
 from catchers.awesome_cloud import map_event
 from catchers.inprocess import InProcessCatcher, create
-from daemon.batcher import Batcher, BatchingSettings
-from daemon.catcher import CatcherContext, ManagerEndpoint
-from daemon.targets import TargetCollection
+from daemon.model.catcher import CatcherContext, ManagerEndpoint
+from daemon.model.targets import TargetCollection
+from daemon.pipeline.batcher import Batcher, BatchingSettings
 from providers.awesome_cloud import AwesomeCloudSettings, provider
 from providers.awesome_cloud.simulator import Cloud
 

@@ -23,10 +23,10 @@ from catchers.cloudevents import CloudEvent
 from catchers.kafka import KafkaCatcher, kafka_catcher
 from catchers.kafka_records import Rejection, map_record
 from catchers.kafka_settings import DeadLetterReason, KafkaSettings
-from daemon.acks import Ack, QueueFullError
-from daemon.catcher import CatcherContext, ManagerEndpoint
-from daemon.provider import EventMapper
-from daemon.targets import Target
+from daemon.model.acks import Ack, QueueFullError
+from daemon.model.catcher import CatcherContext, ManagerEndpoint
+from daemon.model.provider import EventMapper
+from daemon.model.targets import Target
 
 kafka = pytest.mark.kafka
 

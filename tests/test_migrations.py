@@ -18,10 +18,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon import schema
-from daemon.db import create_engine
-from daemon.migrate import alembic_config, current_revision, head_revision, upgrade
-from daemon.persister import Persister
+from daemon.persistence import schema
+from daemon.persistence.db import create_engine
+from daemon.persistence.migrate import alembic_config, current_revision, head_revision, upgrade
+from daemon.persistence.persister import Persister
 from tests.fixtures.postgres import ADMIN_DSN, PG_HOST, PG_PORT, PG_USER, missing_server
 from tests.inventory_builders import MANAGER, Cloud, normalize, pages, snapshot
 
@@ -123,7 +123,7 @@ async def test_database_filled_under_0001_upgrades_with_data_intact(
     async with engine.connect() as conn:
         fks = await conn.run_sync(_manager_id_foreign_keys)
         assert fks == {t: t not in CHILDREN for t in fks}
-        # the migrations build exactly the tables daemon.schema declares
+        # the migrations build exactly the tables daemon.persistence.schema declares
         assert await conn.run_sync(_schema_differences) == []
     # the upgraded database keeps working: nothing changed is nothing written
     cloud.vm("b", disks=("sda",))

@@ -17,10 +17,10 @@ from alembic import command
 from sqlalchemy import Connection, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon import schema
-from daemon.db import create_engine
-from daemon.migrate import alembic_config, current_revision, head_revision, upgrade
-from daemon.persister import Persister
+from daemon.persistence import schema
+from daemon.persistence.db import create_engine
+from daemon.persistence.migrate import alembic_config, current_revision, head_revision, upgrade
+from daemon.persistence.persister import Persister
 from tests.fixtures.postgres import PG_HOST, PG_PORT, PG_USER, _admin, missing_server
 from tests.inventory_builders import MANAGER, Cloud, pages, snapshot
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
-from daemon.logging_setup import LogFormat, configure_logging
-from daemon.version import refreshd_version
+from daemon.service.cli import main
+from daemon.service.logging_setup import LogFormat, configure_logging
+from daemon.service.version import refreshd_version
 from tests.daemon_process import REFRESHD
 from tests.test_config_cli import embedded
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
+from daemon.service.cli import main
 from providers.awesome_cloud.simulator import Cloud
 from providers.awesome_cloud.simulator_server import SimulatorServer
 from tests.daemon_process import REFRESHD
@@ -135,7 +135,7 @@ def test_a_missing_driver_names_the_extra(tmp_path: Path) -> None:
     config.write_text('database_url = "postgresql://u@db/refreshd"\n')
     script = (
         "import sys; sys.modules['asyncpg'] = None\n"  # as if the extra were not installed
-        "from daemon.cli import main\n"
+        "from daemon.service.cli import main\n"
         f"sys.exit(main(['check-config', '--config', {str(config)!r}]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "REFRESHD_DATABASE_URL"}

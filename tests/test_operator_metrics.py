@@ -12,10 +12,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.config import parse_config
-from daemon.lifecycle import Daemon
-from daemon.metrics import CatcherProbe, Metrics
-from daemon.version import refreshd_version
+from daemon.service.config import parse_config
+from daemon.service.lifecycle import Daemon
+from daemon.service.metrics import CatcherProbe, Metrics
+from daemon.service.version import refreshd_version
 from providers.awesome_cloud.simulator import Cloud
 from providers.awesome_cloud.simulator_app import FaultPlan
 from providers.awesome_cloud.simulator_server import SimulatorServer

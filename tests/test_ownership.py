@@ -17,17 +17,17 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon.db import create_engine, normalize_url
-from daemon.fencing import FENCE, OwnershipLostError
-from daemon.inventory import InventoryPage
-from daemon.migrate import upgrade
-from daemon.ownership import (
+from daemon.model.inventory import InventoryPage
+from daemon.model.targets import Target, TargetCollection
+from daemon.persistence.db import create_engine, normalize_url
+from daemon.persistence.fencing import FENCE, OwnershipLostError
+from daemon.persistence.migrate import upgrade
+from daemon.persistence.persister import Persister
+from daemon.pipeline.ownership import (
     OwnershipSettings,
     PostgresOwnership,
     current_owners,
 )
-from daemon.persister import Persister
-from daemon.targets import Target, TargetCollection
 from tests.daemon_process import wait_for
 from tests.inventory_builders import pages, snapshot
 

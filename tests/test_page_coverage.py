@@ -14,10 +14,10 @@ from typing import Self
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon.inventory import InventoryPage
-from daemon.persister import Persister
-from daemon.refresher import RefreshableManager, Refresher
-from daemon.targets import Target, TargetCollection
+from daemon.model.inventory import InventoryPage
+from daemon.model.targets import Target, TargetCollection
+from daemon.persistence.persister import Persister
+from daemon.pipeline.refresher import RefreshableManager, Refresher
 from tests.inventory_builders import MANAGER, Cloud, fleet, of_vms, snapshot, vm_targets
 
 

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon.db import create_engine
-from daemon.inventory import InventoryPage
-from daemon.migrate import upgrade
-from daemon.persister import ADVISORY_NAMESPACE, Persister
-from daemon.refresh_result import PersisterSettings, RefreshResult, vars_of
-from daemon.targets import Ref, Target, TargetCollection
+from daemon.model.inventory import InventoryPage
+from daemon.model.targets import Ref, Target, TargetCollection
+from daemon.persistence.db import create_engine
+from daemon.persistence.migrate import upgrade
+from daemon.persistence.persister import ADVISORY_NAMESPACE, Persister
+from daemon.persistence.refresh_result import PersisterSettings, RefreshResult, vars_of
 from tests.inventory_builders import (
     CHILDREN,
     MANAGER,

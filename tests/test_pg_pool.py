@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from daemon.db import create_engine
-from daemon.migrate import upgrade
-from daemon.persister import Persister
+from daemon.persistence.db import create_engine
+from daemon.persistence.migrate import upgrade
+from daemon.persistence.persister import Persister
 from tests.inventory_builders import Cloud, pages, snapshot, until, vm_targets
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.rejection import RejectReason
+from daemon.model.rejection import RejectReason
 from providers.awesome_cloud.parser import parse_page, parse_vms
 from providers.aws.parser import parse_instances
 

@@ -9,17 +9,17 @@ from pathlib import Path
 import aiohttp
 from sqlalchemy import insert, select
 
-from daemon import schema
-from daemon.acks import Ack
-from daemon.batcher import Batcher, BatchingSettings
-from daemon.clock import FakeClock
-from daemon.config import parse_config
-from daemon.db import create_engine
-from daemon.lifecycle import Daemon
-from daemon.migrate import upgrade
-from daemon.ownership import LocalOwnership
-from daemon.scheduler import Scheduler
-from daemon.targets import Target, TargetCollection, Trigger
+from daemon.model.acks import Ack
+from daemon.model.targets import Target, TargetCollection, Trigger
+from daemon.persistence import schema
+from daemon.persistence.db import create_engine
+from daemon.persistence.migrate import upgrade
+from daemon.pipeline.batcher import Batcher, BatchingSettings
+from daemon.pipeline.clock import FakeClock
+from daemon.pipeline.ownership import LocalOwnership
+from daemon.pipeline.scheduler import Scheduler
+from daemon.service.config import parse_config
+from daemon.service.lifecycle import Daemon
 from tests.daemon_process import free_port, wait_for
 
 
@@ -151,6 +151,7 @@ async def test_scheduler_and_batcher_name_the_trigger() -> None:
         clock=clock,
     )
     batcher.start()
+
     async def never_refreshed(_manager: str) -> datetime | None:
         return None  # the database's managers.last_full_refresh_at, as the scheduler reads it
 

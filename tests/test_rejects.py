@@ -20,13 +20,13 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon import schema
-from daemon.db import Dialect, dialect_of
-from daemon.inventory import InventoryPage
-from daemon.metrics import Metrics
-from daemon.persister import Persister
-from daemon.refresh_result import RefreshResult
-from daemon.rejection import Rejection, RejectReason
+from daemon.model.inventory import InventoryPage
+from daemon.model.rejection import Rejection, RejectReason
+from daemon.persistence import schema
+from daemon.persistence.db import Dialect, dialect_of
+from daemon.persistence.persister import Persister
+from daemon.persistence.refresh_result import RefreshResult
+from daemon.service.metrics import Metrics
 from tests.inventory_builders import (
     MANAGER,
     Cloud,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from daemon.backoff import Backoff
+from daemon.pipeline.backoff import Backoff
 from providers.awesome_cloud.simulator_app import FaultPlan
 from providers.awesome_cloud.simulator_server import SimulatorServer
 from tests.test_awesome_client import RecordingSleep, client_for, server

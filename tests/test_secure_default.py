@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from daemon.cli import main
+from daemon.service.cli import main
 from tests.daemon_process import REFRESHD, free_port, write_config
 
 

@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon import schema
-from daemon.inventory import InventoryPage
-from daemon.persister import Persister
-from daemon.refresh_result import PersisterSettings, RefreshResult
-from daemon.targets import Target, TargetCollection
+from daemon.model.inventory import InventoryPage
+from daemon.model.targets import Target, TargetCollection
+from daemon.persistence import schema
+from daemon.persistence.persister import Persister
+from daemon.persistence.refresh_result import PersisterSettings, RefreshResult
 from tests.inventory_builders import CHILDREN, TOP_LEVEL, Cloud, pages, scenarios, snapshot
 
 _managers = itertools.count()
@@ -195,9 +195,7 @@ async def test_a_bad_row_in_a_small_batch_is_isolated_by_the_staged_path(
 
     result = await persister.save("m1", pages(cloud.targeted_page("a")), targets=targets)
 
-    assert [(r.collection, r.reason.value) for r in result.rejected] == [
-        ("disks", "missing_key")
-    ]
+    assert [(r.collection, r.reason.value) for r in result.rejected] == [("disks", "missing_key")]
     after = await snapshot(engine, mid)
     assert after["disks"] == before["disks"]  # the bad disk's siblings (and its row) stay
     assert [v["name"] for v in after["vms"].values()] == ["renamed"]
@@ -212,9 +210,9 @@ async def test_small_batch_save_waits_for_the_managers_lock(pg_url: str) -> None
     staged path and other processes take) before it writes anything."""
     import asyncpg
 
-    from daemon.db import create_engine
-    from daemon.migrate import upgrade
-    from daemon.persister import ADVISORY_NAMESPACE
+    from daemon.persistence.db import create_engine
+    from daemon.persistence.migrate import upgrade
+    from daemon.persistence.persister import ADVISORY_NAMESPACE
     from tests.inventory_builders import until, vm_targets
 
     engine = create_engine(pg_url)

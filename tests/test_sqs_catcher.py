@@ -23,11 +23,11 @@ from catchers.awesome_cloud import map_event
 from catchers.cloudevents import DecodeError, EventMode
 from catchers.sqs import SqsCatcher, SqsQueueError, create
 from catchers.sqs_messages import decode_message
-from daemon.acks import Ack
-from daemon.batcher import Batcher, BatchingSettings
-from daemon.catcher import CatcherContext, ManagerEndpoint, load_catcher
-from daemon.metrics import CatcherProbe, Metrics
-from daemon.targets import Target, TargetCollection
+from daemon.model.acks import Ack
+from daemon.model.catcher import CatcherContext, ManagerEndpoint, load_catcher
+from daemon.model.targets import Target, TargetCollection
+from daemon.pipeline.batcher import Batcher, BatchingSettings
+from daemon.service.metrics import CatcherProbe, Metrics
 from tests.daemon_process import wait_for
 from tests.fixtures.moto_server import AwsClients, MotoServer
 

@@ -20,11 +20,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemon.config import parse_config
-from daemon.lifecycle import Daemon
-from daemon.progress import ProgressBoard
-from daemon.refresh_result import RefreshKind
-from daemon.targets import Trigger
+from daemon.model.targets import Trigger
+from daemon.persistence.refresh_result import RefreshKind
+from daemon.pipeline.progress import ProgressBoard
+from daemon.service.config import parse_config
+from daemon.service.lifecycle import Daemon
 from providers.awesome_cloud.simulator import Cloud
 from providers.awesome_cloud.simulator_app import FaultPlan
 from providers.awesome_cloud.simulator_server import SimulatorServer
@@ -198,7 +198,7 @@ def test_a_long_refresh_logs_its_progress_every_few_seconds(
     now = [100.0]
     board = ProgressBoard(clock=lambda: now[0], log_every=5.0)
     progress = board.start("big", kind=RefreshKind.FULL, trigger=Trigger.SCHEDULED, targets=1)
-    with caplog.at_level(logging.INFO, logger="daemon.progress"):
+    with caplog.at_level(logging.INFO, logger="daemon.pipeline.progress"):
         for _ in range(12):  # a page of 1000 rows every second
             now[0] += 1.0
             board.page(progress, 1000)

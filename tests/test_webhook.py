@@ -21,9 +21,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from catchers.awesome_cloud import map_event
 from catchers.webhook import WebhookCatcher, create
-from daemon.batcher import Batcher, BatchingSettings
-from daemon.catcher import CatcherContext, ManagerEndpoint
-from daemon.targets import TargetCollection
+from daemon.model.catcher import CatcherContext, ManagerEndpoint
+from daemon.model.targets import TargetCollection
+from daemon.pipeline.batcher import Batcher, BatchingSettings
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

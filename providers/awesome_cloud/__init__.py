@@ -12,7 +12,7 @@ point ``awesome_cloud`` and never imports this package directly.  Modules:
 - ``simulator``, ``simulator_model``, ``simulator_app``  the simulated cloud,
   its object model, and its HTTP app (also run standalone or embedded)
 
-Beyond the :class:`daemon.provider.Provider` protocol this provider offers
+Beyond the :class:`daemon.model.provider.Provider` protocol this provider offers
 :meth:`AwesomeCloudProvider.simulator_main`, which the CLI calls for
 ``refreshd simulator ...`` (the daemon must not import provider modules).
 """
@@ -67,6 +67,6 @@ class AwesomeCloudProvider:
 provider: Final = AwesomeCloudProvider()
 
 if TYPE_CHECKING:  # mypy checks that the entry point object fits the daemon's protocol
-    from daemon.provider import Provider
+    from daemon.model.provider import Provider
 
     _conforms: Provider = provider

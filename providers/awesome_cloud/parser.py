@@ -3,7 +3,7 @@
 Flow: collector -> client -> **parser** -> InventoryPage -> persister.
 
 Pure functions, used alike by full and targeted refreshes, producing rows in
-exactly the shapes of ``daemon.inventory``:
+exactly the shapes of ``daemon.model.inventory``:
 
 =====================  ==========================================================
 flavors                ems_ref, name, cpus, memory_mb, extra
@@ -33,8 +33,8 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from daemon.inventory import InventoryPage, Row
-from daemon.rejection import Rejection, RejectReason
+from daemon.model.inventory import InventoryPage, Row
+from daemon.model.rejection import Rejection, RejectReason
 
 log = logging.getLogger(__name__)
 

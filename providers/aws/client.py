@@ -41,7 +41,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore import exceptions as boto
 
-from daemon.provider import ProviderAuthError, ProviderError
+from daemon.model.provider import ProviderAuthError, ProviderError
 from providers.aws.settings import AwsSettings
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class ThrottledError(ProviderError):
 
     retryable = True
     retry_after: float = THROTTLED_RETRY_AFTER
-    """Read by the batcher's backoff (``daemon.backoff.retry_after``)."""
+    """Read by the batcher's backoff (``daemon.pipeline.backoff.retry_after``)."""
 
 
 class Ec2Api:

@@ -6,7 +6,7 @@ Flow: refresher -> **collector** -> client (EC2 API) -> parser -> InventoryPage 
 opens the EC2 and STS clients and, unless ``account_id`` is set, asks STS for
 the account id (events are routed by account and region); a failure there is
 only logged, so a manager whose credentials are refused does not stop the
-daemon: its refreshes fail with :class:`~daemon.provider.ProviderAuthError`
+daemon: its refreshes fail with :class:`~daemon.model.provider.ProviderAuthError`
 and are retried slowly.
 
 Full refresh (streamed, memory flat whatever the account's size):
@@ -41,9 +41,9 @@ from collections.abc import AsyncGenerator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final, Self
 
-from daemon.inventory import InventoryPage
-from daemon.provider import ProviderAuthError, ProviderError
-from daemon.targets import Target, TargetCollection
+from daemon.model.inventory import InventoryPage
+from daemon.model.provider import ProviderAuthError, ProviderError
+from daemon.model.targets import Target, TargetCollection
 from providers.aws.client import Ec2Api
 from providers.aws.parser import (
     flavor_rows,

@@ -3,7 +3,7 @@
 Flow: collector -> client -> **parser** -> InventoryPage -> persister.
 
 Pure functions, shared by full and targeted refreshes, producing rows in the
-shapes of ``daemon.inventory``:
+shapes of ``daemon.model.inventory``:
 
 =====================  ================================================================
 vms                    instance: ems_ref = InstanceId, name = the Name tag (else the id),
@@ -34,8 +34,8 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from daemon.inventory import InventoryPage, Row
-from daemon.rejection import Rejection, RejectReason
+from daemon.model.inventory import InventoryPage, Row
+from daemon.model.rejection import Rejection, RejectReason
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,116 @@
+"""What a catcher is to the daemon, and how the daemon finds catchers and event mappers.
+
+Flow: event stream -> **catcher** -> (event mapper) -> Target(s) + Ack -> batcher.
+
+Catchers and event mappers are found by name through entry points (groups
+``refreshd.catchers`` and ``refreshd.event_mappers``), so ``daemon`` never
+imports a catcher module.  The daemon builds each catcher from its
+``[[catchers]]`` options and a :class:`CatcherContext` (the sink, the managers
+it may route to, the HTTP app for catchers that receive over HTTP, the
+clock).  Shutdown is two-phase so that nothing is acknowledged early:
+``stop()`` stops taking events in; the batcher then flushes and drains; only
+then ``close()`` acknowledges what was committed and releases connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from daemon.model.acks import TargetSink
+from daemon.model.provider import (
+    EventMapper,
+    ManagerConnection,
+    PluginUnavailableError,
+    load_entry_point,
+)
+
+CATCHER_GROUP = "refreshd.catchers"
+MAPPER_GROUP = "refreshd.event_mappers"
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerEndpoint:
+    """What a catcher may know about a manager: its name, provider and event mapper."""
+
+    name: str
+    provider: str
+    mapper: EventMapper
+    connection: ManagerConnection | None = None
+    """The open provider connection (in-process event sources read from it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CatcherContext:
+    sink: TargetSink
+    managers: Mapping[str, ManagerEndpoint]
+    clock: Callable[[], float]
+    """Loop time, for Ack.received_at."""
+    http_app: web.Application | None = None
+    """The daemon's HTTP app before it starts: catchers receiving over HTTP add routes."""
+    token: str | None = None
+    """Bearer token for catchers that authenticate senders (the [http] token)."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Catcher(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Start taking events in (returns once running)."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop taking events in; already-submitted events stay pending."""
+        ...
+
+    async def close(self) -> None:
+        """Acknowledge what was committed, then release connections."""
+        ...
+
+    def healthy(self) -> bool:
+        """False when the catcher's loop died or lost its stream."""
+        ...
+
+    def stats(self) -> Mapping[str, Any]:
+        """Counters for metrics and the status line (see daemon/service/metrics.py for names)."""
+        ...
+
+
+CatcherFactory = Callable[[Mapping[str, Any], CatcherContext], Catcher]
+"""``(options from [[catchers]], context) -> Catcher``; raises ValueError on bad options."""
+
+
+class UnknownPluginError(LookupError):
+    pass
+
+
+@cache
+def _plugins(group: str) -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def _load(group: str, name: str, what: str) -> Any:
+    plugins = _plugins(group)
+    if name not in plugins:
+        known = ", ".join(sorted(plugins)) or "none"
+        raise UnknownPluginError(f"unknown {what} {name!r}; installed: {known}")
+    try:
+        return load_entry_point(plugins[name], what)
+    except PluginUnavailableError as exc:
+        raise UnknownPluginError(str(exc)) from exc
+
+
+def load_catcher(kind: str) -> CatcherFactory:
+    factory: CatcherFactory = _load(CATCHER_GROUP, kind, "catcher type")
+    return factory
+
+
+def load_event_mapper(provider: str) -> EventMapper:
+    mapper: EventMapper = _load(MAPPER_GROUP, provider, "event mapper for provider")
+    return mapper

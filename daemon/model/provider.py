@@ -1,0 +1,124 @@
+"""What a provider offers the daemon, and how the daemon finds providers.
+
+Flow: batch -> refresher -> **provider (collector + parser)** -> persister.
+
+A provider is a pip-installable object registered under the entry point group
+``refreshd.providers``; the daemon looks it up by name and never imports a
+provider module directly.  For each configured manager the daemon validates
+the provider-specific settings with ``settings_model`` and opens one
+:class:`ManagerConnection` for the life of the process.  A connection
+collects *parsed* inventory: full (streamed page by page, references and
+parents before the rows that use them) or targeted (only the targeted
+objects, their children and the objects they refer to).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+from daemon.model.inventory import InventoryPage
+from daemon.model.targets import Target, TargetCollection
+
+PROVIDER_GROUP = "refreshd.providers"
+
+
+class ProviderError(Exception):
+    """A provider could not collect; ``retryable`` says whether trying again may help."""
+
+    retryable: bool = True
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class ProviderAuthError(ProviderError):
+    """Credentials were refused: retrying will not help until an operator acts."""
+
+    retryable = False
+
+
+@runtime_checkable
+class ManagerConnection(AbstractAsyncContextManager["ManagerConnection"], Protocol):
+    """An open connection to one manager's cloud (``async with`` opens and closes it)."""
+
+    def collect_full(self) -> AsyncGenerator[InventoryPage, None]:
+        """Every object of the manager, page by page, in dependency order."""
+        ...
+
+    def collect_targeted(self, targets: TargetCollection) -> AsyncGenerator[InventoryPage, None]:
+        """The targeted objects, with their children and the objects they refer to.
+
+        A targeted ref the cloud no longer has is simply absent from the pages.
+        """
+        ...
+
+
+EventMapper = Callable[[str, dict[str, Any]], Sequence[Target]]
+"""``(manager, decoded event) -> targets``: a pure function, see ``catchers/``."""
+
+
+class Provider(Protocol):
+    """The entry point object of a provider package."""
+
+    name: str
+    settings_model: type[BaseModel]
+
+    def connect(self, manager: str, settings: BaseModel) -> ManagerConnection:
+        """A connection for ``manager`` (does no I/O until entered)."""
+        ...
+
+
+class UnknownProviderError(LookupError):
+    pass
+
+
+EXTRA_OF_MODULE = {"aiobotocore": "aws", "botocore": "aws", "asyncpg": "postgres"}
+"""The optional dependencies of plugins, and the ``refreshd[...]`` extra that installs each."""
+
+
+def load_entry_point(entry: EntryPoint, what: str) -> Any:
+    """Load a plugin; a plugin whose optional dependencies are missing says which extra.
+
+    Raises :class:`PluginUnavailableError` instead of the bare ImportError, so
+    a daemon that does not use that plugin is not bothered by it.
+    """
+    try:
+        return entry.load()
+    except ImportError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        extra = EXTRA_OF_MODULE.get(missing)
+        hint = f": pip install 'refreshd[{extra}]'" if extra else ""
+        raise PluginUnavailableError(
+            f"{what} {entry.name!r} cannot be loaded ({exc}); install what it needs{hint}"
+        ) from exc
+
+
+class PluginUnavailableError(LookupError):
+    """A plugin is registered but its optional dependencies are not installed."""
+
+
+@cache
+def _provider_entries() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=PROVIDER_GROUP)}
+
+
+@cache
+def load_provider(name: str) -> Provider:
+    """The provider ``name``; UnknownProviderError (a LookupError) says why not."""
+    entries = _provider_entries()
+    if name not in entries:
+        known = ", ".join(sorted(entries)) or "none (is refreshd installed?)"
+        raise UnknownProviderError(f"unknown provider {name!r}; installed: {known}")
+    try:
+        provider: Provider = load_entry_point(entries[name], "provider")
+    except PluginUnavailableError as exc:
+        raise UnknownProviderError(str(exc)) from exc
+    return provider

@@ -1,0 +1,328 @@
+"""The SQL a collection's save runs, derived from its declaration.
+
+Flow: parser -> persister -> **statements** -> tables.
+
+Every statement is set-based and works on PostgreSQL and SQLite alike:
+
+* rows are first loaded into a per-connection temporary *stage* table
+  (``stage_<collection>``; references still as ems_refs);
+* ``skeletal`` inserts a bare row (ems_ref only) for each referenced object
+  that is in neither the database nor the batch, so no foreign key dangles;
+* ``upsert`` is ``INSERT ... SELECT`` from the stage, joined to the referenced
+  tables to resolve foreign keys, ``ON CONFLICT DO UPDATE ... WHERE`` some
+  column ``IS DISTINCT FROM`` the new value: unchanged rows are not written.
+  on SQLite ``count_new``, run just before it, counts the rows it will insert (created);
+  ``RETURNING created_at = :now`` is false for the rows that existed before
+  this refresh (updated).  A row created earlier in the same refresh (a skeletal
+  row filled in by a later page) is neither: it was already counted created;
+* ``mark_seen`` records the ids of every staged row in ``seen_<collection>``;
+* ``sweep`` archives (top level) or deletes (children) the rows in scope that
+  were not seen, limited to the targeted refs in a targeted refresh.
+
+The persister's page loop now writes through :mod:`daemon.persistence.diff_statements`
+(compare before writing); from here it uses the stage and seen tables,
+``skeletal``, ``mark_seen``, the sweeps and the counts.  ``upsert``,
+``count_new`` and ``pg_upsert*`` are no longer used by it.
+
+Identifiers come from the declarations, never from input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    BindParameter,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TextClause,
+    bindparam,
+    text,
+)
+from sqlalchemy.types import TypeEngine
+
+from daemon.model.declarations import Collection, Retention
+from daemon.persistence.schema import Id, Timestamp
+
+temp_metadata = MetaData()
+
+
+def _binds(clause: TextClause, *, refs: bool = False) -> TextClause:
+    params: list[BindParameter[Any]] = [
+        bindparam("m", type_=Integer),
+        bindparam("now", type_=Timestamp),
+    ]
+    if refs:
+        params.append(bindparam("refs", expanding=True, type_=String))
+    return clause.bindparams(*(p for p in params if f":{p.key}" in clause.text))
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """Prepared statements and temp tables for one collection."""
+
+    collection: Collection
+    stage: Table
+    seen: Table
+    skeletal: tuple[tuple[str, TextClause], ...]  # (referenced collection, statement)
+    upsert: TextClause
+    count_new: TextClause
+    pg_upsert: TextClause
+    pg_upsert_seen: TextClause
+    mark_seen: TextClause
+    sweep_full: TextClause
+    sweep_targeted: TextClause
+    count_full: TextClause
+    count_active: TextClause
+
+
+def _stage_type(collection: Collection, attribute: str) -> TypeEngine[Any]:
+    if any(r.attribute == attribute for r in collection.all_references):
+        return Text()  # an ems_ref: cloud ids have no length limit
+    return collection.table.c[attribute].type
+
+
+def _stage_table(collection: Collection) -> Table:
+    return Table(
+        f"stage_{collection.name}",
+        temp_metadata,
+        *(Column(a, _stage_type(collection, a)) for a in collection.staged_attributes),
+        prefixes=["TEMPORARY"],
+        postgresql_on_commit="DELETE ROWS",
+    )
+
+
+def _seen_table(collection: Collection) -> Table:
+    return Table(
+        f"seen_{collection.name}",
+        temp_metadata,
+        Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+        prefixes=["TEMPORARY"],
+        postgresql_on_commit="DELETE ROWS",
+    )
+
+
+def _joins(collection: Collection) -> tuple[list[str], dict[str, str]]:
+    """FROM-clause joins resolving references, and attribute -> SQL expression."""
+    joins: list[str] = []
+    exprs: dict[str, str] = {}
+    if collection.parent is not None:
+        p = collection.parent
+        joins.append(f"JOIN {p.collection} p ON p.manager_id = :m AND p.ems_ref = s.{p.attribute}")
+        exprs[p.attribute] = "p.id"
+    for r in collection.references:
+        alias = f"r_{r.attribute}"
+        kind = "JOIN" if r.attribute in collection.key else "LEFT JOIN"
+        joins.append(
+            f"{kind} {r.collection} {alias} "
+            f"ON {alias}.manager_id = :m AND {alias}.ems_ref = s.{r.attribute}"
+        )
+        exprs[r.attribute] = f"{alias}.id"
+    return joins, exprs
+
+
+def _upsert(collection: Collection, stage: str) -> TextClause:
+    table = collection.table.name
+    return _binds(text(f"{_insert_sql(collection, stage)} RETURNING {table}.created_at = :now"))
+
+
+def conflict_action(collection: Collection) -> str:
+    """The ``ON CONFLICT`` action of an upsert into ``collection``'s table: update only
+    rows whose values differ (or that were archived and reappear), else nothing."""
+    table = collection.table.name
+    updatable = collection.updatable_columns
+    archive = collection.retention is Retention.ARCHIVE
+    if not (updatable or archive):
+        return "DO NOTHING"
+    sets = [f"{c} = excluded.{c}" for c in updatable] + ["updated_at = excluded.updated_at"]
+    changed = [f"{table}.{c} IS DISTINCT FROM excluded.{c}" for c in updatable]
+    if archive:
+        sets.append("archived_at = NULL")
+        changed.append(f"{table}.archived_at IS NOT NULL")
+    return f"DO UPDATE SET {', '.join(sets)} WHERE {' OR '.join(changed)}"
+
+
+def _insert_sql(collection: Collection, stage: str) -> str:
+    """``INSERT ... SELECT`` from the stage ``ON CONFLICT ...``, without RETURNING."""
+    table = collection.table.name
+    joins, exprs = _joins(collection)
+    insert_cols: list[str] = []
+    select_exprs: list[str] = []
+    if collection.parent is None:
+        insert_cols.append("manager_id")
+        select_exprs.append(":m")
+    else:
+        insert_cols += ["manager_id", collection.parent.column]
+        select_exprs += [":m", exprs[collection.parent.attribute]]
+    for attr in collection.staged_attributes:
+        if collection.parent is not None and attr == collection.parent.attribute:
+            continue
+        insert_cols.append(collection.column_of(attr))
+        select_exprs.append(exprs.get(attr, f"s.{attr}"))
+    insert_cols += ["created_at", "updated_at"]
+    select_exprs += [":now", ":now"]
+
+    action = conflict_action(collection)
+    return (
+        f"INSERT INTO {table} ({', '.join(insert_cols)}) "
+        f"SELECT {', '.join(select_exprs)} FROM {stage} s {' '.join(joins)} WHERE true "
+        f"ON CONFLICT ({', '.join(collection.conflict_columns)}) {action}"
+    )
+
+
+def _pg_upsert(collection: Collection, stage: str, seen: str | None) -> TextClause:
+    """PostgreSQL: the upsert, its counts and (with ``seen``) mark_seen in one statement.
+
+    ``inserted`` (``xmax = 0``) counts created rows; ``fresh`` (``created_at = :now``) is
+    false exactly for rows that existed before this refresh (updated).  The seen ids are
+    the upsert's own (new or changed rows, invisible to the statement's snapshot) plus
+    the existing rows the stage matches (unchanged ones are not returned by the upsert).
+    """
+    table = collection.table.name
+    returning = (
+        f"RETURNING {table}.id AS id, ({table}.xmax = 0) AS inserted, "
+        f"({table}.created_at = :now) AS fresh"
+    )
+    up = f"WITH up AS ({_insert_sql(collection, stage)} {returning})"
+    if seen is None:
+        return _binds(text(f"{up} SELECT inserted, fresh FROM up"))
+    joins, exprs = _joins(collection)
+    mark = (
+        f"marked AS (INSERT INTO {seen} (id) SELECT id FROM up UNION "
+        f"SELECT t.id FROM {stage} s {' '.join(joins)} "
+        f"JOIN {table} t ON {_key_match(collection, exprs)} ON CONFLICT (id) DO NOTHING)"
+    )
+    return _binds(text(f"{up}, {mark} SELECT inserted, fresh FROM up"))
+
+
+def _skeletal(collection: Collection, stage: str) -> tuple[tuple[str, TextClause], ...]:
+    """Bare rows for the distinct referenced refs not stored yet.
+
+    Each distinct ref is one probe of the ``(manager_id, ems_ref)`` index: a scalar
+    subquery with ``LIMIT 1`` is never turned into a join, which PostgreSQL, short of
+    statistics on the stage, planned as every staged row against every row of the
+    referenced collection.
+    """
+    out = []
+    for r in collection.references:
+        sql = (
+            f"INSERT INTO {r.collection} (manager_id, ems_ref, created_at, updated_at) "
+            f"SELECT :m, d.ref, :now, :now FROM (SELECT DISTINCT s.{r.attribute} AS ref "
+            f"FROM {stage} s WHERE s.{r.attribute} IS NOT NULL) d "
+            f"WHERE (SELECT x.id FROM {r.collection} x WHERE x.manager_id = :m "
+            f"AND x.ems_ref = d.ref LIMIT 1) IS NULL "
+            f"ON CONFLICT (manager_id, ems_ref) DO NOTHING RETURNING id"
+        )
+        out.append((r.collection, _binds(text(sql))))
+    return tuple(out)
+
+
+def _key_match(collection: Collection, exprs: dict[str, str], alias: str = "t") -> str:
+    """Row ``alias`` of the table has the conflict key of staged row ``s`` (joined)."""
+    t = alias
+    conds = []
+    if collection.parent is None:
+        conds.append(f"{t}.manager_id = :m")
+    else:
+        conds.append(f"{t}.{collection.parent.column} = p.id")
+    conds += [f"{t}.{collection.column_of(a)} = {exprs.get(a, f's.{a}')}" for a in collection.key]
+    return " AND ".join(conds)
+
+
+def _count_new(collection: Collection, stage: str) -> TextClause:
+    """How many staged rows the upsert will insert (same joins, no existing row)."""
+    joins, exprs = _joins(collection)
+    sql = (
+        f"SELECT count(*) FROM {stage} s {' '.join(joins)} WHERE NOT EXISTS "
+        f"(SELECT 1 FROM {collection.table.name} t WHERE {_key_match(collection, exprs)})"
+    )
+    return _binds(text(sql))
+
+
+def _mark_seen(collection: Collection, stage: str, seen: str) -> TextClause:
+    table = collection.table.name
+    joins, exprs = _joins(collection)
+    conds = _key_match(collection, exprs)
+    sql = (
+        f"INSERT INTO {seen} (id) SELECT t.id FROM {stage} s {' '.join(joins)} "
+        f"JOIN {table} t ON {conds} WHERE true ON CONFLICT (id) DO NOTHING"
+    )
+    return _binds(text(sql))
+
+
+def _scope(collection: Collection, *, targeted: bool) -> str:
+    """WHERE conditions selecting the rows of the manager in scope."""
+    conds = ["t.manager_id = :m"]
+    if collection.retention is Retention.ARCHIVE:
+        conds.append("t.archived_at IS NULL")
+    if targeted:
+        if collection.parent is None:
+            conds.append("t.ems_ref IN :refs")
+        else:
+            # The children of the targeted parents: the parents' subquery already keeps the
+            # scope within the manager.  Repeating "t.manager_id = :m" made SQLite scan every
+            # child of the manager through ix_<child>_manager_id instead of searching the
+            # (parent, key) index: 32 ms instead of 0.02 ms a statement at 100k vms.
+            p = collection.parent
+            conds.remove("t.manager_id = :m")
+            conds.append(
+                f"t.{p.column} IN (SELECT id FROM {p.collection} "
+                f"WHERE manager_id = :m AND ems_ref IN :refs)"
+            )
+    return " AND ".join(conds)
+
+
+def _sweep(collection: Collection, seen: str, *, targeted: bool) -> TextClause:
+    table = collection.table.name
+    unseen = f"NOT EXISTS (SELECT 1 FROM {seen} x WHERE x.id = t.id)"
+    where = f"{_scope(collection, targeted=targeted)} AND {unseen}"
+    if collection.retention is Retention.ARCHIVE:
+        # SQLite has no UPDATE ... AS alias; the subquery keeps one WHERE for both.
+        sql = (
+            f"UPDATE {table} SET archived_at = :now, updated_at = :now WHERE id IN "
+            f"(SELECT t.id FROM {table} t WHERE {where})"
+        )
+    else:
+        sql = f"DELETE FROM {table} WHERE id IN (SELECT t.id FROM {table} t WHERE {where})"
+    return _binds(text(sql), refs=targeted)
+
+
+@cache
+def statements_for(collection: Collection) -> Statements:
+    stage = _stage_table(collection)
+    seen = _seen_table(collection)
+    table = collection.table.name
+    scope_full = _scope(collection, targeted=False)
+    unseen = f"NOT EXISTS (SELECT 1 FROM {seen.name} x WHERE x.id = t.id)"
+    return Statements(
+        collection=collection,
+        stage=stage,
+        seen=seen,
+        skeletal=_skeletal(collection, stage.name),
+        upsert=_upsert(collection, stage.name),
+        count_new=_count_new(collection, stage.name),
+        pg_upsert=_pg_upsert(collection, stage.name, None),
+        pg_upsert_seen=_pg_upsert(collection, stage.name, seen.name),
+        mark_seen=_mark_seen(collection, stage.name, seen.name),
+        sweep_full=_sweep(collection, seen.name, targeted=False),
+        sweep_targeted=_sweep(collection, seen.name, targeted=True),
+        # rows created by this very refresh (skeletal rows of objects that appeared after
+        # their listing was read) are swept too, but do not count against the guard
+        count_full=_binds(
+            text(
+                f"SELECT count(*) FROM {table} t WHERE {scope_full} AND {unseen} "
+                "AND t.created_at <> :now"
+            )
+        ),
+        count_active=_binds(text(f"SELECT count(*) FROM {table} t WHERE {scope_full}")),
+    )
+
+
+__all__ = ["Id", "Statements", "statements_for"]

@@ -1,0 +1,76 @@
+"""Commit order: a manager's refreshes overlap, but commit in the order they collected.
+
+Flow: batch -> **refresh (collect | wait for the previous commit | persist)** -> ack.
+
+With a collect function (:data:`CollectFn`) the batcher runs a targeted
+refresh in two phases: it collects (cloud API calls, no transaction), then
+persists (one transaction).  Once a manager's newest refresh has collected,
+the manager's next targeted batch may start collecting while it persists.
+This module holds the bookkeeping that keeps that safe, in process, per manager:
+
+* at most two refreshes of a manager run at once: one persisting (or waiting
+  to), one collecting; a full refresh (it collects while it persists) never
+  overlaps another refresh of its manager;
+* each refresh waits, before it persists, until the refresh dispatched before
+  it has ended (committed or failed): commits follow collects in order, so an
+  older collect never overwrites a newer commit (DESIGN.md 6);
+* a target that arrives while a refresh runs is in the pending batch, whose
+  collect starts after it arrived: it is refreshed after it (DESIGN.md 9).
+
+Ownership of a manager across processes (several daemons) is a separate
+concern; this ordering is in-process only and composes with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from daemon.model.targets import TargetCollection
+from daemon.persistence.refresh_result import RefreshKind
+
+PersistFn = Callable[[], Awaitable[object]]
+"""Persists what a collect gathered (one transaction); returns a result for the hooks."""
+
+CollectFn = Callable[[TargetCollection], Awaitable[PersistFn | None]]
+"""Collects a targeted batch (no transaction) and returns how to persist it; None when
+the batch cannot be collected ahead of the previous commit (it reads what that commit
+writes): the batcher then runs the whole refresh in its turn, without overlap."""
+
+MAX_OVERLAP = 2
+"""Refreshes of one manager at once: one persisting, one collecting."""
+
+
+class RunningRefresh:
+    """One dispatched refresh of a manager, from dispatch to its end."""
+
+    __slots__ = ("_ended", "_previous", "batch_size", "collected", "kind", "task")
+
+    def __init__(self, kind: RefreshKind, *, batch_size: int, previous: RunningRefresh | None):
+        self.kind = kind
+        self.batch_size = batch_size
+        self.collected = False
+        """Its collect is over: the manager's next targeted batch may start collecting."""
+        self.task: asyncio.Task[None] | None = None
+        self._previous = previous
+        self._ended = asyncio.Event()
+
+    async def wait_turn(self) -> None:
+        """Return once the refresh dispatched before this one has ended."""
+        previous = self._previous
+        if previous is not None:
+            await previous._ended.wait()
+            self._previous = None  # let it be collected
+
+    def end(self) -> None:
+        self._ended.set()
+        self._previous = None
+
+
+def may_start_another(running: list[RunningRefresh], next_kind: RefreshKind) -> bool:
+    """Whether a batch of ``next_kind`` may be dispatched while ``running`` run."""
+    if not running:
+        return True
+    if next_kind is RefreshKind.FULL or len(running) >= MAX_OVERLAP:
+        return False
+    return all(r.kind is RefreshKind.TARGETED and r.collected for r in running)
