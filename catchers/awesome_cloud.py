@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from daemon.model.targets import Target
+from daemon.api import Target
 
 TYPE_PREFIX: Final = "com.awesomecloud."
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
-from daemon.model.targets import Target
+from daemon.api import Target
 
 STATE_CHANGE: Final = "EC2 Instance State-change Notification"
 CLOUDTRAIL: Final = "AWS API Call via CloudTrail"

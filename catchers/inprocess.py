@@ -37,12 +37,16 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from daemon.model.acks import Ack, QueueFullError, TargetSink
-from daemon.model.catcher import CatcherContext
-from daemon.model.provider import EventMapper
-from daemon.model.targets import Target
-from daemon.pipeline.batcher import BatcherStoppedError
-from daemon.service.config import Duration
+from daemon.api import (
+    Ack,
+    BatcherStoppedError,
+    CatcherContext,
+    Duration,
+    EventMapper,
+    QueueFullError,
+    Target,
+    TargetSink,
+)
 
 log = logging.getLogger(__name__)
 

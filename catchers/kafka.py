@@ -49,8 +49,7 @@ from catchers.kafka_settings import (
     milliseconds,
 )
 from catchers.routing import ROUTING_OPTIONS, DeadLetterReason, Route, route_from_options
-from daemon.model.acks import TargetSink
-from daemon.model.catcher import CatcherContext
+from daemon.api import CatcherContext, TargetSink
 
 __all__ = [
     "ERROR_HEADER",

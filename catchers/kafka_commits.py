@@ -42,7 +42,7 @@ from aiokafka.errors import KafkaError
 
 from catchers.kafka_settings import KafkaCatcherStats, KafkaSettings
 from catchers.offsets import OffsetTracker
-from daemon.model.acks import Ack
+from daemon.api import Ack
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from catchers.kafka_commits import OffsetCommitter
 from catchers.kafka_records import RecordIntake
 from catchers.kafka_resets import OffsetResets
 from catchers.kafka_settings import KafkaCatcherStats, KafkaSettings, milliseconds
-from daemon.model.acks import TargetSink
+from daemon.api import TargetSink
 
 log = logging.getLogger(__name__)
 

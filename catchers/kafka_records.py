@@ -35,8 +35,7 @@ from catchers.kafka_commits import OffsetCommitter, RecordAck
 from catchers.kafka_dead_letters import DeadLetterProducer
 from catchers.kafka_settings import KafkaCatcherStats
 from catchers.routing import DeadLetterReason, Route
-from daemon.model.acks import Ack, TargetSink
-from daemon.model.targets import Target
+from daemon.api import Ack, Target, TargetSink
 
 Mapped = tuple[list[Target], float | None]
 """A record's targets and its earliest event time (epoch seconds), if any."""

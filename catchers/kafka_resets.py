@@ -41,9 +41,7 @@ from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRa
 
 from catchers.kafka_commits import OffsetCommitter, label
 from catchers.kafka_settings import KafkaCatcherStats, KafkaSettings
-from daemon.model.acks import Ack, QueueFullError, TargetSink
-from daemon.model.catcher import ManagerEndpoint
-from daemon.model.targets import Target
+from daemon.api import Ack, ManagerEndpoint, QueueFullError, Target, TargetSink
 
 log = logging.getLogger(__name__)
 

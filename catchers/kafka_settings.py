@@ -18,8 +18,7 @@ from aiokafka.helpers import create_ssl_context
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from catchers.routing import DeadLetterReason
-from daemon.service.config import Duration
-from daemon.service.secrets import Secret
+from daemon.api import Duration, Secret
 
 
 class KafkaSettings(BaseModel):

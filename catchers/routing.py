@@ -21,8 +21,7 @@ from typing import Any
 
 from catchers.aws import account_region
 from catchers.cloudevents import CloudEvent
-from daemon.model.catcher import ManagerEndpoint
-from daemon.model.provider import EventMapper
+from daemon.api import EventMapper, ManagerEndpoint
 
 _CONTEXT_ATTRIBUTES = frozenset({"id", "source", "type", "subject", "dataschema"})
 

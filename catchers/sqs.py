@@ -44,8 +44,7 @@ from catchers.sqs_client import SqsQueueError, classify, explain, open_client, r
 from catchers.sqs_leases import LeaseKeeper
 from catchers.sqs_receiving import Receiver
 from catchers.sqs_settings import SqsCatcherStats, SqsSettings
-from daemon.model.acks import TargetSink
-from daemon.model.catcher import CatcherContext
+from daemon.api import CatcherContext, TargetSink
 
 __all__ = ["SqsCatcher", "SqsCatcherStats", "SqsQueueError", "SqsSettings", "create"]
 

@@ -43,7 +43,7 @@ from typing import Any
 
 from catchers.sqs_client import PARALLEL_CALLS, classify
 from catchers.sqs_settings import SqsCatcherStats, SqsSettings
-from daemon.model.acks import Ack
+from daemon.api import Ack
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from catchers.cloudevents import CloudEvent, DecodeError, decode_plain, decode_structured
 from catchers.routing import DeadLetterReason, Route
-from daemon.model.targets import Target
+from daemon.api import Target
 
 
 @dataclass(frozen=True, slots=True)

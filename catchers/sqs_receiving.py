@@ -35,8 +35,7 @@ from catchers.sqs_client import AwsFailure, QueueInfo, classify, explain
 from catchers.sqs_leases import Lease, LeaseKeeper, MessageAck
 from catchers.sqs_messages import Rejection, map_message
 from catchers.sqs_settings import SqsCatcherStats, SqsSettings
-from daemon.model.acks import TargetSink
-from daemon.model.targets import Target
+from daemon.api import Target, TargetSink
 
 log = logging.getLogger(__name__)
 

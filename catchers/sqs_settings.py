@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from catchers.routing import DeadLetterReason
-from daemon.service.config import Duration
+from daemon.api import Duration
 
 _REGION_LABEL = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d+")
 

@@ -54,12 +54,19 @@ from catchers.cloudevents import (
     decode_structured,
 )
 from catchers.routing import DeadLetterReason, Route, first_route, route_by_attribute
-from daemon.model.acks import Ack, QueueFullError, TargetSink
-from daemon.model.catcher import CatcherContext, ManagerEndpoint
-from daemon.model.provider import EventMapper
-from daemon.model.targets import Target
-from daemon.service.config import Duration, Secret
-from daemon.service.http import bearer_ok, unauthorized
+from daemon.api import (
+    Ack,
+    CatcherContext,
+    Duration,
+    EventMapper,
+    ManagerEndpoint,
+    QueueFullError,
+    Secret,
+    Target,
+    TargetSink,
+    bearer_ok,
+    unauthorized,
+)
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from daemon.model.provider import ProviderAuthError, ProviderError
+from daemon.api import ProviderAuthError, ProviderError
 from providers.awesome_cloud.settings import AwesomeCloudSettings
 
 log = logging.getLogger(__name__)

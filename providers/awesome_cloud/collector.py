@@ -29,8 +29,7 @@ from contextlib import AsyncExitStack, aclosing
 from types import TracebackType
 from typing import Final, Self, TypeVar
 
-from daemon.model.inventory import InventoryPage
-from daemon.model.targets import TargetCollection
+from daemon.api import InventoryPage, TargetCollection
 from providers.awesome_cloud.client import AwesomeClient, Sleep
 from providers.awesome_cloud.parser import parse_page, parse_vms
 from providers.awesome_cloud.settings import AwesomeCloudSettings

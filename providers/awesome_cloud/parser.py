@@ -33,8 +33,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from daemon.model.inventory import InventoryPage, Row
-from daemon.model.rejection import Rejection, RejectReason
+from daemon.api import InventoryPage, Rejection, RejectReason, Row
 
 log = logging.getLogger(__name__)
 

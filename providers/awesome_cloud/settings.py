@@ -15,8 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from daemon.service.config import Duration
-from daemon.service.secrets import Secret
+from daemon.api import Duration, Secret
 
 EMBEDDED = "embedded"
 """The endpoint value that starts an in-process simulator instead of calling a remote one."""

@@ -45,6 +45,6 @@ class AwsProvider:
 provider: Final = AwsProvider()
 
 if TYPE_CHECKING:  # mypy checks that the entry point object fits the daemon's protocol
-    from daemon.model.provider import Provider
+    from daemon.api import Provider
 
     _conforms: Provider = provider

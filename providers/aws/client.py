@@ -41,7 +41,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore import exceptions as boto
 
-from daemon.model.provider import ProviderAuthError, ProviderError
+from daemon.api import ProviderAuthError, ProviderError
 from providers.aws.settings import AwsSettings
 
 log = logging.getLogger(__name__)

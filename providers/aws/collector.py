@@ -41,9 +41,7 @@ from collections.abc import AsyncGenerator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final, Self
 
-from daemon.model.inventory import InventoryPage
-from daemon.model.provider import ProviderAuthError, ProviderError
-from daemon.model.targets import Target, TargetCollection
+from daemon.api import InventoryPage, ProviderAuthError, ProviderError, Target, TargetCollection
 from providers.aws.client import Ec2Api
 from providers.aws.parser import (
     flavor_rows,

@@ -34,8 +34,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from daemon.model.inventory import InventoryPage, Row
-from daemon.model.rejection import Rejection, RejectReason
+from daemon.api import InventoryPage, Rejection, RejectReason, Row
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from daemon.service.config import Duration
+from daemon.api import Duration
 
 MAX_FILTER_VALUES = 200
 """EC2 accepts at most 200 values in one filter (ManageIQ's max_filter_size)."""
