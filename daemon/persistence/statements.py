@@ -11,7 +11,6 @@ Every statement is set-based and works on PostgreSQL and SQLite alike:
 * ``upsert`` is ``INSERT ... SELECT`` from the stage, joined to the referenced
   tables to resolve foreign keys, ``ON CONFLICT DO UPDATE ... WHERE`` some
   column ``IS DISTINCT FROM`` the new value: unchanged rows are not written.
-  on SQLite ``count_new``, run just before it, counts the rows it will insert (created);
   ``RETURNING created_at = :now`` is false for the rows that existed before
   this refresh (updated).  A row created earlier in the same refresh (a skeletal
   row filled in by a later page) is neither: it was already counted created;
@@ -19,10 +18,10 @@ Every statement is set-based and works on PostgreSQL and SQLite alike:
 * ``sweep`` archives (top level) or deletes (children) the rows in scope that
   were not seen, limited to the targeted refs in a targeted refresh.
 
-The persister's page loop now writes through :mod:`daemon.persistence.diff_statements`
-(compare before writing); from here it uses the stage and seen tables,
-``skeletal``, ``mark_seen``, the sweeps and the counts.  ``upsert``,
-``count_new`` and ``pg_upsert*`` are no longer used by it.
+The persister's staged page loop writes through
+:mod:`daemon.persistence.diff_statements` (compare before writing); from here it
+uses the stage and seen tables, ``skeletal``, ``mark_seen``, the sweeps and the
+counts.  ``upsert`` serves the small-batch path on SQLite.
 
 Identifiers come from the declarations, never from input.
 """
@@ -73,9 +72,6 @@ class Statements:
     seen: Table
     skeletal: tuple[tuple[str, TextClause], ...]  # (referenced collection, statement)
     upsert: TextClause
-    count_new: TextClause
-    pg_upsert: TextClause
-    pg_upsert_seen: TextClause
     mark_seen: TextClause
     sweep_full: TextClause
     sweep_targeted: TextClause
@@ -177,31 +173,6 @@ def _insert_sql(collection: Collection, stage: str) -> str:
     )
 
 
-def _pg_upsert(collection: Collection, stage: str, seen: str | None) -> TextClause:
-    """PostgreSQL: the upsert, its counts and (with ``seen``) mark_seen in one statement.
-
-    ``inserted`` (``xmax = 0``) counts created rows; ``fresh`` (``created_at = :now``) is
-    false exactly for rows that existed before this refresh (updated).  The seen ids are
-    the upsert's own (new or changed rows, invisible to the statement's snapshot) plus
-    the existing rows the stage matches (unchanged ones are not returned by the upsert).
-    """
-    table = collection.table.name
-    returning = (
-        f"RETURNING {table}.id AS id, ({table}.xmax = 0) AS inserted, "
-        f"({table}.created_at = :now) AS fresh"
-    )
-    up = f"WITH up AS ({_insert_sql(collection, stage)} {returning})"
-    if seen is None:
-        return _binds(text(f"{up} SELECT inserted, fresh FROM up"))
-    joins, exprs = _joins(collection)
-    mark = (
-        f"marked AS (INSERT INTO {seen} (id) SELECT id FROM up UNION "
-        f"SELECT t.id FROM {stage} s {' '.join(joins)} "
-        f"JOIN {table} t ON {_key_match(collection, exprs)} ON CONFLICT (id) DO NOTHING)"
-    )
-    return _binds(text(f"{up}, {mark} SELECT inserted, fresh FROM up"))
-
-
 def _skeletal(collection: Collection, stage: str) -> tuple[tuple[str, TextClause], ...]:
     """Bare rows for the distinct referenced refs not stored yet.
 
@@ -234,16 +205,6 @@ def _key_match(collection: Collection, exprs: dict[str, str], alias: str = "t") 
         conds.append(f"{t}.{collection.parent.column} = p.id")
     conds += [f"{t}.{collection.column_of(a)} = {exprs.get(a, f's.{a}')}" for a in collection.key]
     return " AND ".join(conds)
-
-
-def _count_new(collection: Collection, stage: str) -> TextClause:
-    """How many staged rows the upsert will insert (same joins, no existing row)."""
-    joins, exprs = _joins(collection)
-    sql = (
-        f"SELECT count(*) FROM {stage} s {' '.join(joins)} WHERE NOT EXISTS "
-        f"(SELECT 1 FROM {collection.table.name} t WHERE {_key_match(collection, exprs)})"
-    )
-    return _binds(text(sql))
 
 
 def _mark_seen(collection: Collection, stage: str, seen: str) -> TextClause:
@@ -307,9 +268,6 @@ def statements_for(collection: Collection) -> Statements:
         seen=seen,
         skeletal=_skeletal(collection, stage.name),
         upsert=_upsert(collection, stage.name),
-        count_new=_count_new(collection, stage.name),
-        pg_upsert=_pg_upsert(collection, stage.name, None),
-        pg_upsert_seen=_pg_upsert(collection, stage.name, seen.name),
         mark_seen=_mark_seen(collection, stage.name, seen.name),
         sweep_full=_sweep(collection, seen.name, targeted=False),
         sweep_targeted=_sweep(collection, seen.name, targeted=True),
