@@ -1,9 +1,10 @@
 """Print the module map of docs/design.md: one line per module, from its docstring.
 
-Usage: ``python scripts/module_map.py`` prints the Markdown table that
-docs/design.md's "The map" section holds (paste it there after moving or adding
-a module); tests/test_design_map.py checks that the page names every module and
-no module that is gone.
+Usage: ``python scripts/module_map.py`` prints the Markdown table of docs/design.md's
+"The map" section; ``--write`` puts it in the page, between the ``<!-- map -->``
+markers (run it after moving, adding or re-describing a module).
+tests/test_design_map.py checks that the page names every module and no module
+that is gone.
 """
 
 from __future__ import annotations
@@ -44,5 +45,20 @@ def table(root: Path = ROOT) -> str:
     return "\n".join(lines)
 
 
+def write(page: Path = ROOT / "docs" / "design.md") -> None:
+    """Replace the table between the page's ``<!-- map -->`` and ``<!-- /map -->``."""
+    text = page.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    if BEGIN not in text or END not in rest:
+        raise SystemExit(f"{page}: no {BEGIN} ... {END} markers")
+    page.write_text(f"{head}{BEGIN}\n{table()}\n{END}{tail}")
+
+
+BEGIN, END = "<!-- map -->", "<!-- /map -->"
+
 if __name__ == "__main__":
-    sys.stdout.write(table() + "\n")
+    if sys.argv[1:] == ["--write"]:
+        write()
+    else:
+        sys.stdout.write(table() + "\n")
