@@ -20,9 +20,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from catchers.cloudevents import CloudEvent
-from catchers.kafka import KafkaCatcher, kafka_catcher
-from catchers.kafka_records import Rejection, map_record
-from catchers.kafka_settings import DeadLetterReason, KafkaSettings
+from catchers.kafka.catcher import KafkaCatcher, create
+from catchers.kafka.records import Rejection, map_record
+from catchers.kafka.settings import DeadLetterReason, KafkaSettings
 from daemon.model.acks import Ack, QueueFullError
 from daemon.model.catcher import CatcherContext, ManagerEndpoint
 from daemon.model.provider import EventMapper
@@ -577,15 +577,15 @@ async def test_factory_builds_a_catcher_from_options() -> None:
     sink = FakeSink()
     endpoint = ManagerEndpoint("m1", "awesome_cloud", vm_mapper)
     context = CatcherContext(sink=sink, managers={"m1": endpoint}, clock=lambda: 0.0)
-    catcher = kafka_catcher(
+    catcher = create(
         {"bootstrap_servers": "a:9092,b:9092", "topics": ["t"], "group_id": "g", "manager": "m1"},
         context,
     )
     assert catcher.name == "kafka" and not catcher.healthy()
     with pytest.raises(ValueError, match="unknown manager 'nope'"):
-        kafka_catcher({"topics": "t", "group_id": "g", "manager": "nope"}, context)
+        create({"topics": "t", "group_id": "g", "manager": "nope"}, context)
     with pytest.raises(ValueError, match="give exactly one of"):
-        kafka_catcher({"bootstrap_servers": "a", "topics": "t", "group_id": "g"}, context)
+        create({"bootstrap_servers": "a", "topics": "t", "group_id": "g"}, context)
     with pytest.raises(ValueError, match="commit_timeout"):
         KafkaSettings(
             bootstrap_servers=("a",),

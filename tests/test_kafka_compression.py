@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from catchers.kafka import KafkaCatcher
+from catchers.kafka.catcher import KafkaCatcher
 from tests.test_kafka_catcher import FakeSink, committed, route, settings, wait_until
 
 CODECS = ("gzip", "snappy", "lz4", "zstd")

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from catchers.kafka import KafkaCatcher
-from catchers.kafka_settings import KafkaSettings
+from catchers.kafka.catcher import KafkaCatcher
+from catchers.kafka.settings import KafkaSettings
 from tests.fixtures.kafka_broker import PrivateBroker, private_broker
 from tests.fixtures.moto_server import AwsClients, MotoServer
 from tests.test_kafka_catcher import FakeSink, ids, plain, produce, route, settings, wait_until

@@ -21,8 +21,8 @@ from prometheus_client import generate_latest
 
 from catchers.awesome_cloud import map_event
 from catchers.cloudevents import DecodeError, EventMode
-from catchers.sqs import SqsCatcher, SqsQueueError, create
-from catchers.sqs_messages import decode_message
+from catchers.sqs.catcher import SqsCatcher, SqsQueueError, create
+from catchers.sqs.messages import decode_message
 from daemon.model.acks import Ack
 from daemon.model.catcher import CatcherContext, ManagerEndpoint, load_catcher
 from daemon.model.targets import Target, TargetCollection
@@ -409,7 +409,7 @@ async def test_delete_poison_logs_and_deletes_poison(
 ) -> None:
     url, _ = await queues.create("no-redrive", max_receive_count=None)
     h = await make(url, {"delete_poison": True})
-    caplog.set_level(logging.WARNING, logger="catchers.sqs_receiving")
+    caplog.set_level(logging.WARNING, logger="catchers.sqs.receiving")
 
     await queues.send(url, "{broken json", cloud_event("vm-1"))
 

@@ -6,7 +6,7 @@ Flow: **Kafka record -> CloudEvent(s) -> route -> EventMapper -> Target(s) + Rec
 Guarantees:
 
 * the records of a partition are handed on in offset order, each with its own
-  :class:`~catchers.kafka_commits.RecordAck` and its offset tracked before it
+  :class:`~catchers.kafka.commits.RecordAck` and its offset tracked before it
   is handed on; the good records of a fetched batch go to the sink in one
   ``submit_many`` call (one room check and one clock reading per batch, not
   per record);
@@ -31,9 +31,9 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from catchers.cloudevents import CloudEvent, DecodeError, decode_kafka_record
-from catchers.kafka_commits import OffsetCommitter, RecordAck
-from catchers.kafka_dead_letters import DeadLetterProducer
-from catchers.kafka_settings import KafkaCatcherStats
+from catchers.kafka.commits import OffsetCommitter, RecordAck
+from catchers.kafka.dead_letters import DeadLetterProducer
+from catchers.kafka.settings import KafkaCatcherStats
 from catchers.routing import DeadLetterReason, Route
 from daemon.api import Ack, Target, TargetSink
 

@@ -39,8 +39,8 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
-from catchers.kafka_commits import OffsetCommitter, label
-from catchers.kafka_settings import KafkaCatcherStats, KafkaSettings
+from catchers.kafka.commits import OffsetCommitter, label
+from catchers.kafka.settings import KafkaCatcherStats, KafkaSettings
 from daemon.api import Ack, ManagerEndpoint, QueueFullError, Target, TargetSink
 
 log = logging.getLogger(__name__)

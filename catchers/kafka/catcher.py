@@ -7,20 +7,20 @@ Guarantees (each kept by the module named):
 
 * at-least-once: a partition's committed offset never passes a record whose
   Ack is not done; after a crash or a rebalance the partition is re-read from
-  there.  Auto-commit is off; commits are periodic (:mod:`catchers.kafka_commits`).
+  there.  Auto-commit is off; commits are periodic (:mod:`catchers.kafka.commits`).
 * bad input never stops the stream: a record that does not decode, that no
   manager claims, or whose mapper raises is copied to the dead-letter topic,
-  and only then counts as acknowledged (:mod:`catchers.kafka_records`,
-  :mod:`catchers.kafka_dead_letters`).
+  and only then counts as acknowledged (:mod:`catchers.kafka.records`,
+  :mod:`catchers.kafka.dead_letters`).
 * backpressure without leaving the group: partitions are paused while the
-  sink is full, and polled all the same (:mod:`catchers.kafka_polling`).
+  sink is full, and polled all the same (:mod:`catchers.kafka.polling`).
 
 This module assembles those parts and owns their lifecycle.  Shutdown is
 two-phase (``daemon.model.catcher.Catcher``): :meth:`KafkaCatcher.stop` takes no
 more records in but keeps the member in its group, paused and polling; after
 the batcher has drained, :meth:`KafkaCatcher.close` waits at most
 ``drain_timeout`` for in-flight acks, commits, and closes the consumer and
-the dead-letter producer.  Settings and counters: :mod:`catchers.kafka_settings`.
+the dead-letter producer.  Settings and counters: :mod:`catchers.kafka.settings`.
 """
 
 from __future__ import annotations
@@ -33,17 +33,17 @@ from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from catchers.kafka_commits import OffsetCommitter, label
-from catchers.kafka_dead_letters import (
+from catchers.kafka.commits import OffsetCommitter, label
+from catchers.kafka.dead_letters import (
     ERROR_HEADER,
     HEADER_PREFIX,
     REASON_HEADER,
     DeadLetterProducer,
 )
-from catchers.kafka_polling import FETCH_MAX_WAIT_MS, PollLoop
-from catchers.kafka_records import RecordIntake
-from catchers.kafka_resets import Feeds, OffsetResets, managers_fed
-from catchers.kafka_settings import (
+from catchers.kafka.polling import FETCH_MAX_WAIT_MS, PollLoop
+from catchers.kafka.records import RecordIntake
+from catchers.kafka.resets import Feeds, OffsetResets, managers_fed
+from catchers.kafka.settings import (
     KafkaCatcherStats,
     KafkaSettings,
     milliseconds,
@@ -59,7 +59,7 @@ __all__ = [
     "KafkaCatcher",
     "KafkaCatcherStats",
     "KafkaSettings",
-    "kafka_catcher",
+    "create",
 ]
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class KafkaCatcher:
             group_id=s.group_id,
             group_instance_id=s.group_instance_id,
             enable_auto_commit=False,
-            auto_offset_reset="none",  # catchers.kafka_resets applies s.auto_offset_reset
+            auto_offset_reset="none",  # catchers.kafka.resets applies s.auto_offset_reset
             max_poll_records=s.max_poll_records,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             session_timeout_ms=milliseconds(s.session_timeout),
@@ -299,7 +299,7 @@ async def _bounded(step: Awaitable[None], seconds: float, what: str, name: str) 
         log.warning("kafka catcher %s: %s took over %.1fs; given up", name, what, seconds)
 
 
-def kafka_catcher(options: Mapping[str, Any], context: CatcherContext) -> KafkaCatcher:
+def create(options: Mapping[str, Any], context: CatcherContext) -> KafkaCatcher:
     """The ``refreshd.catchers`` entry point ``kafka``: a catcher from a ``[[catchers]]`` block.
 
     Routing options (see :func:`~catchers.routing.route_from_options`) choose

@@ -7,25 +7,25 @@ Guarantees (each kept by the module named):
 
 * at-least-once: a message is deleted only once every one of its targets was
   committed; until then its visibility timeout is renewed, so it is not
-  delivered twice meanwhile (:mod:`catchers.sqs_leases`).  A message whose
+  delivered twice meanwhile (:mod:`catchers.sqs.leases`).  A message whose
   Ack never resolves is never deleted: it becomes visible again.
 * bad input never stops the queue: a message that does not decode, that no
   manager claims, or whose mapper raises is left to the queue's redrive policy
   (made visible at once so that SQS counts its receives and moves it to the
   dead-letter queue), or deleted with ``delete_poison``.  A queue without a
   RedrivePolicy is refused at start unless ``delete_poison`` is set: a poison
-  message would otherwise be received forever (:mod:`catchers.sqs_receiving`).
+  message would otherwise be received forever (:mod:`catchers.sqs.receiving`).
 * backpressure: no receive while the batcher is full; messages received are
-  held, not given back (:mod:`catchers.sqs_receiving`).
+  held, not given back (:mod:`catchers.sqs.receiving`).
 * bodies: structured CloudEvents, plain JSON (EventBridge events), either in
-  an SNS envelope (:mod:`catchers.sqs_messages`).
+  an SNS envelope (:mod:`catchers.sqs.messages`).
 
 Shutdown is two-phase (``daemon.model.catcher.Catcher``): :meth:`SqsCatcher.stop`
 ends the long polls (pending messages stay pending, their visibility still
 renewed); :meth:`SqsCatcher.close` deletes the messages whose Acks are done,
 stops renewing, makes the others visible again (they are received again:
 at-least-once) and closes the client.  Settings and counters:
-:mod:`catchers.sqs_settings`; the AWS client and error classes: :mod:`catchers.sqs_client`.
+:mod:`catchers.sqs.settings`; the AWS client and error classes: :mod:`catchers.sqs.client`.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from typing import Any, Self
 from pydantic import ValidationError
 
 from catchers.routing import ROUTING_OPTIONS, Route, route_from_options
-from catchers.sqs_client import SqsQueueError, classify, explain, open_client, read_queue
-from catchers.sqs_leases import LeaseKeeper
-from catchers.sqs_receiving import Receiver
-from catchers.sqs_settings import SqsCatcherStats, SqsSettings
+from catchers.sqs.client import SqsQueueError, classify, explain, open_client, read_queue
+from catchers.sqs.leases import LeaseKeeper
+from catchers.sqs.receiving import Receiver
+from catchers.sqs.settings import SqsCatcherStats, SqsSettings
 from daemon.api import CatcherContext, TargetSink
 
 __all__ = ["SqsCatcher", "SqsCatcherStats", "SqsQueueError", "SqsSettings", "create"]
