@@ -33,7 +33,7 @@ from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from catchers.kafka.commits import OffsetCommitter, label
+from catchers.kafka.commits import OffsetCommitter
 from catchers.kafka.dead_letters import (
     ERROR_HEADER,
     HEADER_PREFIX,
@@ -48,6 +48,7 @@ from catchers.kafka.settings import (
     KafkaSettings,
     milliseconds,
 )
+from catchers.options import settings_from
 from catchers.routing import ROUTING_OPTIONS, DeadLetterReason, Route, route_from_options
 from daemon.api import CatcherContext, TargetSink
 
@@ -229,27 +230,10 @@ class KafkaCatcher:
         now = self._clock()
         return polling.stalled(now) or self._commits.stalled(now)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters for metrics (``lag`` and ``committed`` keyed by ``"topic/partition"``)."""
-        c = self.counters
-        return {
-            "received": c.received,
-            "decoded": c.decoded,
-            "submitted": c.submitted,
-            "skipped": c.skipped,
-            "acknowledged": c.acknowledged,
-            "dead_lettered": {str(reason): n for reason, n in c.dead_lettered.items()},
-            "dead_letter_errors": c.dead_letter_errors,
-            "backpressure_pauses": c.backpressure_pauses,
-            "paused": c.paused,
-            "commits": c.commits,
-            "commit_errors": c.commit_errors,
-            "offset_resets": {label(tp): n for tp, n in c.offset_resets.items()},
-            "full_refresh_requests": c.full_refresh_requests,
-            "committed": {label(tp): n for tp, n in c.committed.items()},
-            "lag": {label(tp): n for tp, n in c.lag.items()},
-            "in_flight": self._commits.in_flight(),
-        }
+    def stats(self) -> KafkaCatcherStats:
+        """The live counters (``lag`` and ``committed`` keyed by ``"topic/partition"``)."""
+        self.counters.in_flight = self._commits.in_flight()
+        return self.counters
 
     def assignment(self) -> frozenset[TopicPartition]:
         return self._commits.assignment()
@@ -306,9 +290,7 @@ def create(options: Mapping[str, Any], context: CatcherContext) -> KafkaCatcher:
     the manager; every other key is a :class:`KafkaSettings` field.
     """
     route = route_from_options(options, context.managers)
-    settings = KafkaSettings.model_validate(
-        {k: v for k, v in options.items() if k not in ROUTING_OPTIONS}
-    )
+    settings = settings_from(KafkaSettings, options, "kafka catcher options", skip=ROUTING_OPTIONS)
     return KafkaCatcher(
         settings,
         sink=context.sink,

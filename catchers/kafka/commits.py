@@ -198,7 +198,7 @@ class OffsetCommitter:
                 self._failing_since = None
             self._tracker.mark_committed(offsets)
             self._counters.commits += 1
-            self._counters.committed.update(offsets)
+            self._counters.committed.update({label(tp): pos for tp, pos in offsets.items()})
             log.debug("kafka catcher %s: committed %s", self._settings.name, _describe(offsets))
 
     async def wait_drained(self, partitions: set[TopicPartition] | None, within: float) -> bool:
@@ -245,7 +245,7 @@ class OffsetCommitter:
             await asyncio.sleep(self._settings.commit_interval)
             await self.commit()
             lags = await self._lags()
-            self._counters.lag = {tp: max(lag, 0) for tp, lag in lags.items()}
+            self._counters.lag = {label(tp): max(lag, 0) for tp, lag in lags.items()}
             beyond = {tp for tp, lag in lags.items() if lag < 0 and tp in self._assigned}
             if self.on_out_of_range is not None:
                 await self.on_out_of_range(beyond)
@@ -272,7 +272,7 @@ class OffsetCommitter:
                 tp.partition,
                 "" if drained or not left else f" with {left} records unacknowledged",
             )
-            self._counters.lag.pop(tp, None)
+            self._counters.lag.pop(label(tp), None)
         self._tracker.revoke(revoked)
 
     def forget(self, partitions: Iterable[TopicPartition]) -> None:

@@ -37,8 +37,7 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Self
 
-from pydantic import ValidationError
-
+from catchers.options import settings_from
 from catchers.routing import ROUTING_OPTIONS, Route, route_from_options
 from catchers.sqs.client import SqsQueueError, classify, explain, open_client, read_queue
 from catchers.sqs.leases import LeaseKeeper
@@ -183,26 +182,10 @@ class SqsCatcher:
             return True
         return self._keeper.running() and (receiver.running() or receiver.stopped)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters for metrics (``poisoned`` and ``dead_lettered`` keyed by reason)."""
-        c = self.counters
-        return {
-            "received": c.received,
-            "decoded": c.decoded,
-            "submitted": c.submitted,
-            "skipped": c.skipped,
-            "acknowledged": c.acknowledged,
-            "deleted": c.deleted,
-            "released": c.released,
-            "poisoned": {str(reason): n for reason, n in c.poisoned.items()},
-            "dead_lettered": {str(reason): n for reason, n in c.dead_lettered.items()},
-            "in_flight": self._keeper.in_flight(),
-            "visibility_extensions": c.visibility_extensions,
-            "backpressure_pauses": c.backpressure_pauses,
-            "paused": c.paused,
-            "errors": c.errors,
-            "delete_failures": c.delete_failures,
-        }
+    def stats(self) -> SqsCatcherStats:
+        """The live counters (``poisoned`` and ``dead_lettered`` keyed by reason)."""
+        self.counters.in_flight = self._keeper.in_flight()
+        return self.counters
 
 
 def create(options: Mapping[str, Any], context: CatcherContext) -> SqsCatcher:
@@ -212,21 +195,9 @@ def create(options: Mapping[str, Any], context: CatcherContext) -> SqsCatcher:
     is keyed by queue URL) choose the manager; every other key is an
     :class:`SqsSettings` field.  Raises ValueError on bad options; does no I/O.
     """
-    try:
-        settings = SqsSettings.model_validate(
-            {k: v for k, v in options.items() if k not in ROUTING_OPTIONS}
-        )
-    except ValidationError as exc:
-        raise ValueError(f"sqs catcher options: {_describe(exc)}") from None
+    settings = settings_from(SqsSettings, options, "sqs catcher options", skip=ROUTING_OPTIONS)
     try:
         route = route_from_options(options, context.managers)
     except ValueError as exc:
         raise ValueError(f"sqs catcher {settings.name}: {exc}") from None
     return SqsCatcher(settings, sink=context.sink, route=route, clock=context.clock)
-
-
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in error['loc']) or 'options'}: {error['msg']}"
-        for error in exc.errors()
-    )

@@ -30,10 +30,11 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+from catchers.intake import Rejection
 from catchers.routing import Route
 from catchers.sqs.client import AwsFailure, QueueInfo, classify, explain
 from catchers.sqs.leases import Lease, LeaseKeeper, MessageAck
-from catchers.sqs.messages import Rejection, map_message
+from catchers.sqs.messages import map_message
 from catchers.sqs.settings import SqsCatcherStats, SqsSettings
 from daemon.api import Target, TargetSink
 
