@@ -23,7 +23,8 @@ Answers, and what the sender should do:
   no room before it is submitted), when the catcher is stopping, when the
   targets were not committed within ``max_wait`` (they stay queued: a retry
   is harmless), and when the catcher closes while the request waits.
-* **500** when the mapper fails with anything but ``ValueError`` (a bug).
+* **500** when the mapper fails with anything but ``ValueError``, returns
+  something other than Targets, or the route raises (a bug).
 
 Shutdown is two-phase (``daemon.model.catcher.Catcher``): after :meth:`stop` new
 requests get 503 while requests already waiting keep waiting for their
@@ -41,9 +42,7 @@ from typing import Any
 
 from aiohttp import web
 
-from catchers.cloudevents import (
-    CloudEvent,
-)
+from catchers.cloudevents import CloudEvent
 from catchers.intake import Rejection, map_event, undecodable
 from catchers.options import settings_from
 from catchers.routing import DeadLetterReason, Route, first_route, route_by_attribute
