@@ -1,9 +1,9 @@
 """CloudEvents 1.0 decoding, independent of the transport.
 
-Flow: **raw record / request -> CloudEvent** -> route -> provider event mapper -> Target(s).
+Flow: **raw record / request -> CloudEvent** -> intake (route, event mapper) -> Target(s).
 
 A catcher receives bytes and headers; this module turns them into
-:class:`CloudEvent` values, or raises :class:`DecodeError` with a precise
+:class:`CloudEvent` values, or raises :class:`~catchers.wire.DecodeError` with a precise
 reason (which the catcher writes on the dead-letter record).  It knows the
 three CloudEvents 1.0 content modes and one non-CloudEvents mode:
 
@@ -25,14 +25,27 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import functools
-import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 from urllib.parse import unquote
+
+from catchers.wire import (
+    DecodeError,
+    Headers,
+    HeaderValue,
+    data_from_body,
+    header_items,
+    header_text,
+    isoformat,
+    json_type,
+    load_json,
+    media_type,
+    parse_rfc3339,
+    require_body,
+)
 
 SPECVERSION: Final = "1.0"
 STRUCTURED_JSON: Final = "application/cloudevents+json"
@@ -46,25 +59,7 @@ _CONTEXT: Final = (*_REQUIRED, *_OPTIONAL)
 _CONTEXT_SET: Final = frozenset(_CONTEXT)
 _NON_EMPTY: Final = frozenset(("id", "source", "type", "subject"))
 _KAFKA_SPECVERSION: Final = KAFKA_PREFIX + "specversion"
-_TIME_CACHE_SIZE: Final = 4096
-_JSON: Final = json.JSONDecoder()
-_JSON_OPENERS: Final = (b"{", b"[")
 _ATTRIBUTE_NAME = re.compile(r"[a-z0-9]+")
-_RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})"
-)
-
-HeaderValue = bytes | str | None
-Headers = Mapping[str, HeaderValue] | Iterable[tuple[str, HeaderValue]]
-"""Transport headers: a mapping (HTTP) or a sequence of pairs (Kafka)."""
-
-
-class DecodeError(ValueError):
-    """The input is not a valid event; :attr:`reason` says precisely why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class EventMode(enum.Enum):
@@ -121,7 +116,7 @@ class CloudEvent:
             "source": self.source,
             "type": self.type,
             "subject": self.subject,
-            "time": _isoformat(time) if time is not None else None,
+            "time": isoformat(time) if time is not None else None,
             "datacontenttype": self.datacontenttype,
             "dataschema": self.dataschema,
             "data": self.data,
@@ -130,14 +125,14 @@ class CloudEvent:
 
 def decode_structured(body: bytes | str) -> CloudEvent:
     """Decode one event in the structured JSON format."""
-    return _from_json_object(_load_json(body), where="")
+    return _from_json_object(load_json(body), where="")
 
 
 def decode_batch(body: bytes | str) -> list[CloudEvent]:
     """Decode a JSON batch: an array of structured events (possibly empty)."""
-    document = _load_json(body)
+    document = load_json(body)
     if not isinstance(document, list):
-        raise DecodeError(f"batch must be a JSON array, not {_json_type(document)}")
+        raise DecodeError(f"batch must be a JSON array, not {json_type(document)}")
     return [_from_json_object(item, where=f"batch item {i}: ") for i, item in enumerate(document)]
 
 
@@ -156,10 +151,10 @@ def decode_binary(
     prefix = prefix.lower()
     attributes: dict[str, Any] = {}
     content_type: str | None = None
-    for name, raw in _header_items(headers):
+    for name, raw in header_items(headers):
         lname = name.lower()
         if lname == "content-type":
-            content_type = _header_text(name, raw)
+            content_type = header_text(name, raw)
         elif lname.startswith(prefix):
             _set_binary_attribute(attributes, name, lname[len(prefix) :], raw, percent_decode)
     return _from_binary(attributes, content_type, body, prefix)
@@ -175,7 +170,7 @@ def decode_plain(body: bytes | str | None, *, id: str = "", source: str = "") ->
         type="",
         specversion=None,
         datacontenttype="application/json",
-        data=_load_json(body),
+        data=load_json(body),
         mode=EventMode.PLAIN,
     )
 
@@ -196,7 +191,7 @@ def decode_kafka_record(
       member is a structured event (producers often omit the content-type
       header), anything else is a plain provider event.
     """
-    pairs = _header_items(headers)
+    pairs = header_items(headers)
     content_type = None
     binary = False
     attributes: dict[str, Any] = {}
@@ -211,7 +206,7 @@ def decode_kafka_record(
         if role is _OTHER_HEADER:
             continue
         if role is _CONTENT_TYPE_HEADER:
-            content_type = _header_text(name, raw)
+            content_type = header_text(name, raw)
             continue
         if role == "specversion":
             binary = True
@@ -226,21 +221,21 @@ def decode_kafka_record(
                 attributes[role] = raw.decode("utf-8")
             except UnicodeDecodeError:
                 irregular = True
-    media = _media_type(content_type)
+    media = media_type(content_type)
     if media.startswith("application/cloudevents-batch"):
         if media != BATCH_JSON:
             raise DecodeError(f"unsupported event batch format {media}")
-        return decode_batch(_require_body(value))
+        return decode_batch(require_body(value))
     if media.startswith("application/cloudevents"):
         if media != STRUCTURED_JSON:
             raise DecodeError(f"unsupported event format {media}")
-        return [decode_structured(_require_body(value))]
+        return [decode_structured(require_body(value))]
     if binary:
         if irregular:
             return [decode_binary(pairs, value, KAFKA_PREFIX)]  # raises the precise error
         return [_from_binary(attributes, content_type, value, KAFKA_PREFIX)]
-    body = _require_body(value)
-    document = _load_json(body)
+    body = require_body(value)
+    document = load_json(body)
     if isinstance(document, dict) and "specversion" in document:
         return [_from_json_object(document, where="")]
     return [decode_plain(body, id=plain_id, source=plain_source)]
@@ -281,7 +276,7 @@ def _set_binary_attribute(
     attributes: dict[str, Any], name: str, attribute: str, raw: HeaderValue, percent_decode: bool
 ) -> None:
     """Record the attribute of one prefixed header (``attribute``: its name without the prefix)."""
-    value = _header_text(name, raw)
+    value = header_text(name, raw)
     if value is None:
         return
     if attribute in ("data", "data_base64"):
@@ -297,12 +292,12 @@ def _from_binary(
     if content_type is not None:
         attributes["datacontenttype"] = content_type
     present, extensions, time = _context(attributes, where="")
-    return _event(present, extensions, time, _data_from_body(body, content_type), EventMode.BINARY)
+    return _event(present, extensions, time, data_from_body(body, content_type), EventMode.BINARY)
 
 
 def _from_json_object(document: Any, *, where: str) -> CloudEvent:
     if not isinstance(document, dict):
-        raise DecodeError(f"{where}event must be a JSON object, not {_json_type(document)}")
+        raise DecodeError(f"{where}event must be a JSON object, not {json_type(document)}")
     attributes = {k: v for k, v in document.items() if k not in ("data", "data_base64")}
     present, extensions, time = _context(attributes, where=where)
     has_data = document.get("data") is not None
@@ -346,9 +341,7 @@ def _context(
         if value is None:
             continue
         if not isinstance(value, str):
-            raise DecodeError(
-                f"{where}attribute {name!r} must be a string, not {_json_type(value)}"
-            )
+            raise DecodeError(f"{where}attribute {name!r} must be a string, not {json_type(value)}")
         if not value and name in _NON_EMPTY:
             raise DecodeError(f"{where}attribute {name!r} must not be empty")
     extensions: dict[str, Any] = {}
@@ -361,7 +354,7 @@ def _context(
             else:
                 raise DecodeError(
                     f"{where}extension {name!r} must be a string, integer or boolean, "
-                    f"not {_json_type(value)}"
+                    f"not {json_type(value)}"
                 )
     text = attributes.get("time")
     return attributes, extensions, _parse_time(text, where) if text is not None else None
@@ -397,109 +390,6 @@ def _event(
 
 def _parse_time(value: str, where: str) -> datetime:
     try:
-        return _parse_rfc3339(value)
+        return parse_rfc3339(value)
     except DecodeError as exc:
         raise DecodeError(f"{where}{exc.reason}") from None
-
-
-@functools.lru_cache(maxsize=_TIME_CACHE_SIZE)
-def _parse_rfc3339(value: str) -> datetime:
-    match = _RFC3339.fullmatch(value)
-    if match is None:
-        raise DecodeError(f"attribute 'time' is not an RFC 3339 timestamp: {value!r}")
-    date, clock, fraction, offset = match.groups()
-    fraction = f".{fraction[:6]}" if fraction else ""
-    offset = "+00:00" if offset in ("Z", "z") else offset
-    try:
-        return datetime.fromisoformat(f"{date}T{clock}{fraction}{offset}")
-    except ValueError as exc:
-        raise DecodeError(f"attribute 'time' is invalid: {exc}") from None
-
-
-_isoformat: Callable[[datetime], str] = functools.lru_cache(maxsize=_TIME_CACHE_SIZE)(
-    datetime.isoformat
-)
-"""``time.isoformat()``, once per distinct time (to_dict runs for every event)."""
-
-
-def _data_from_body(body: bytes | str | None, content_type: str | None) -> Any:
-    if body is None or len(body) == 0:
-        return None
-    media = _media_type(content_type)
-    if media == "application/json" or media.endswith("+json"):
-        return _load_json(body)
-    if media.startswith("text/"):
-        return body if isinstance(body, str) else _utf8(body)
-    if content_type is None:
-        try:
-            return _load_json(body)
-        except DecodeError:
-            return body
-    return body
-
-
-def _load_json(body: bytes | str) -> Any:
-    try:
-        if type(body) is bytes and body[:1] in _JSON_OPENERS and body[1:2] != b"\x00":
-            # What json.loads does with these bytes, minus its encoding sniffing: a JSON
-            # text opening with an ASCII bracket and no NUL after it is UTF-8.
-            return _JSON.decode(body.decode("utf-8", "surrogatepass"))
-        return json.loads(body)
-    except UnicodeDecodeError as exc:
-        raise DecodeError(f"invalid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise DecodeError(f"invalid JSON: {exc}") from None
-    except RecursionError:
-        raise DecodeError("invalid JSON: nested too deeply") from None
-
-
-def _require_body(value: bytes | None) -> bytes:
-    if value is None or len(value) == 0:
-        raise DecodeError("empty record value")
-    return value
-
-
-def _header_items(headers: Headers) -> Iterable[tuple[str, HeaderValue]]:
-    if type(headers) is tuple or type(headers) is list:  # Kafka: skip the ABC check
-        return headers
-    if isinstance(headers, Mapping):
-        return headers.items()
-    return list(headers)
-
-
-def _header_text(name: str, raw: HeaderValue) -> str | None:
-    if raw is None or isinstance(raw, str):
-        return raw
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DecodeError(f"header {name!r} is not UTF-8") from None
-
-
-def _utf8(body: bytes) -> str:
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DecodeError("text data is not UTF-8") from None
-
-
-def _media_type(content_type: str | None) -> str:
-    if content_type is None:
-        return ""
-    return content_type.split(";", 1)[0].strip().lower()
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__

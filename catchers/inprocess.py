@@ -1,6 +1,6 @@
 """The in-process catcher: reads the event log of an embedded simulator, with a cursor.
 
-Flow: **embedded cloud's event log -> event -> EventMapper -> Target(s) + Ack**
+Flow: **embedded cloud's event log -> event** -> intake (EventMapper) -> **Target(s) + Ack**
 -> batcher (``TargetSink``) -> refresh -> persister.
 
 This is the event source of ``refreshd run`` without a config: the manager's
@@ -31,16 +31,20 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from catchers.intake import Rejection, apply_mapper
+from catchers.options import settings_from
+from catchers.routing import DeadLetterReason
 from daemon.api import (
     Ack,
     BatcherStoppedError,
     CatcherContext,
+    CatcherStats,
     Duration,
     EventMapper,
     QueueFullError,
@@ -97,24 +101,25 @@ class InProcessSettings(BaseModel):
 
 
 @dataclass(slots=True)
-class InProcessStats:
-    """Counters since start (plain numbers; the daemon exports them)."""
+class InProcessStats(CatcherStats):
+    """The in-process catcher's counters since start.
 
-    received: int = 0
-    """Events read from the log (an event offered again after QueueFull counts once)."""
-    decoded: int = 0
-    """Events mapped to targets (possibly none)."""
-    skipped: int = 0
-    """Events that asked for no target."""
+    ``received``: events read from the log (an event offered again after QueueFull counts
+    once); ``decoded``: events mapped to targets (possibly none); ``dead_lettered``: events
+    the mapper refused (logged and passed over: there is no dead-letter store); ``lag``:
+    events after the cursor, keyed by manager.
+    """
+
+    dead_lettered: dict[str, int] = field(
+        default_factory=lambda: {str(DeadLetterReason.MAPPER_ERROR): 0}
+    )
     dropped: int = 0
     """Events dropped on purpose (``drop_rate``)."""
-    submitted: int = 0
-    acknowledged: int = 0
-    dead_lettered: dict[str, int] = field(default_factory=lambda: {"mapper_error": 0})
-    """Events the mapper refused (logged and passed over: there is no dead-letter store)."""
     lost: int = 0
     """Events that left the log's window before they were read (a full refresh was queued)."""
     backpressure_waits: int = 0
+    cursor: int = 0
+    """Sequence number of the last event handled (updated when read)."""
 
 
 class InProcessCatcher:
@@ -182,11 +187,10 @@ class InProcessCatcher:
         task = self._task
         return task is None or not task.done()
 
-    def stats(self) -> Mapping[str, Any]:
-        values = asdict(self.counters)
-        values["cursor"] = self.cursor
-        values["lag"] = {self._settings.manager: max(0, self._log.last_sequence - self.cursor)}
-        return values
+    def stats(self) -> InProcessStats:
+        self.counters.cursor = self.cursor
+        self.counters.lag = {self._settings.manager: max(0, self._log.last_sequence - self.cursor)}
+        return self.counters
 
     # -- the loop -------------------------------------------------------------------
 
@@ -232,22 +236,17 @@ class InProcessCatcher:
             self.counters.dropped += 1
             self.cursor = sequence
             return
-        manager = self._settings.manager
-        try:
-            targets = list(self._mapper(manager, dict(event)))
-            bad = next((t for t in targets if not isinstance(t, Target)), None)
-            if bad is not None:
-                raise TypeError(f"the mapper returned a {type(bad).__name__}, not a Target")
-        except Exception as exc:  # a bad event or a mapper bug must not stop the stream
-            self.counters.dead_lettered["mapper_error"] += 1
+        targets = apply_mapper(self._settings.manager, self._mapper, dict(event))
+        if isinstance(targets, Rejection):  # the policy: log it and pass the event over
+            self.counters.dead_lettered[targets.reason] += 1
             log.warning(
                 "inprocess catcher %s: event #%d (%s) refused by the mapper of %s: %s",
                 self.name,
                 sequence,
                 event.get("type"),
-                manager,
-                exc,
-                exc_info=not isinstance(exc, ValueError),
+                self._settings.manager,
+                targets.error,
+                exc_info=None if isinstance(targets.error, ValueError) else targets.error,
             )
             self.cursor = sequence
             return
@@ -299,13 +298,7 @@ class InProcessCatcher:
 
 def create(options: Mapping[str, Any], context: CatcherContext) -> InProcessCatcher:
     """The ``refreshd.catchers`` entry point ``inprocess``; raises ValueError on bad options."""
-    try:
-        settings = InProcessSettings.model_validate(dict(options))
-    except ValidationError as exc:
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ValueError(f"inprocess catcher options: {detail}") from None
+    settings = settings_from(InProcessSettings, options, "inprocess catcher options")
     endpoint = context.managers.get(settings.manager)
     if endpoint is None:
         known = ", ".join(sorted(context.managers)) or "none"

@@ -15,7 +15,13 @@ breaking change for every plugin.  docs/plugins.md shows how the pieces fit
 from __future__ import annotations
 
 from daemon.model.acks import Ack, QueueFullError, TargetSink
-from daemon.model.catcher import Catcher, CatcherContext, CatcherFactory, ManagerEndpoint
+from daemon.model.catcher import (
+    Catcher,
+    CatcherContext,
+    CatcherFactory,
+    CatcherStats,
+    ManagerEndpoint,
+)
 from daemon.model.inventory import COLLECTIONS, InventoryPage, Row
 from daemon.model.provider import (
     EventMapper,
@@ -24,12 +30,13 @@ from daemon.model.provider import (
     ProviderAuthError,
     ProviderError,
 )
-from daemon.model.rejection import RejectReason, Rejection
+from daemon.model.rejection import Rejection, RejectReason
 from daemon.model.targets import Ref, Target, TargetCollection, Trigger
 from daemon.pipeline.batcher import BatcherStoppedError
 from daemon.service.config import Duration
 from daemon.service.http import bearer_ok, unauthorized
 from daemon.service.secrets import Secret, SecretUnavailableError
+from daemon.service.validation_errors import format_validation_error
 
 __all__ = [
     "COLLECTIONS",
@@ -38,6 +45,7 @@ __all__ = [
     "Catcher",
     "CatcherContext",
     "CatcherFactory",
+    "CatcherStats",
     "Duration",
     "EventMapper",
     "InventoryPage",
@@ -58,5 +66,6 @@ __all__ = [
     "TargetSink",
     "Trigger",
     "bearer_ok",
+    "format_validation_error",
     "unauthorized",
 ]

@@ -19,8 +19,8 @@ from aiokafka import TopicPartition
 from catchers.awesome_cloud import map_event as awesome_map_event
 from catchers.aws import map_event
 from catchers.cloudevents import CloudEvent, decode_kafka_record
-from catchers.kafka import kafka_catcher
-from catchers.kafka_records import Rejection, map_record
+from catchers.kafka.catcher import create
+from catchers.kafka.records import Rejection, map_record
 from catchers.routing import (
     ROUTING_OPTIONS,
     DeadLetterReason,
@@ -148,10 +148,10 @@ def test_the_kafka_catcher_takes_the_option() -> None:
     context = CatcherContext(  # the sink is not used before start()
         sink=SimpleNamespace(), managers={"aws-east": aws("aws-east", EAST)}, clock=lambda: 0.0
     )
-    assert kafka_catcher({**options, "manager_by_account": True}, context).name == "kafka"
+    assert create({**options, "manager_by_account": True}, context).name == "kafka"
     no_aws = CatcherContext(sink=SimpleNamespace(), managers={}, clock=lambda: 0.0)
     with pytest.raises(ValueError, match="needs a manager of provider 'aws'"):
-        kafka_catcher({**options, "manager_by_account": True}, no_aws)
+        create({**options, "manager_by_account": True}, no_aws)
 
 
 # -- end to end through the pure Kafka record path -------------------------------------

@@ -11,7 +11,6 @@ import pytest
 
 from catchers.cloudevents import (
     CloudEvent,
-    DecodeError,
     EventMode,
     decode_batch,
     decode_binary,
@@ -19,6 +18,7 @@ from catchers.cloudevents import (
     decode_plain,
     decode_structured,
 )
+from catchers.wire import DecodeError
 
 
 def structured(**overrides: Any) -> dict[str, Any]:

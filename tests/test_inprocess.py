@@ -131,12 +131,12 @@ async def test_events_of_the_cloud_reach_the_batcher_as_targets(make: Make) -> N
         f"awesome:vms:{new_vm}",
     }
     await until(lambda: expected <= h.refresh.refs(), "every changed object was refreshed")
-    await until(lambda: h.catcher.stats()["acknowledged"] == 4, "every event acknowledged")
+    await until(lambda: h.catcher.stats().acknowledged == 4, "every event acknowledged")
     stats = h.catcher.stats()
     assert h.catcher.cursor == h.cloud.last_sequence == 4
-    assert (stats["received"], stats["decoded"], stats["submitted"]) == (4, 4, 4)
-    assert stats["dropped"] == stats["skipped"] == stats["lost"] == 0
-    assert stats["lag"] == {"awesome": 0}
+    assert (stats.received, stats.decoded, stats.submitted) == (4, 4, 4)
+    assert stats.dropped == stats.skipped == stats.lost == 0
+    assert stats.lag == {"awesome": 0}
     first = next(t for c in h.refresh.calls for t in c if t.manager_ref["ems_ref"] == vm_id)
     assert first.event_id is not None
 
@@ -154,7 +154,7 @@ async def test_events_before_start_are_read_too(make: Make) -> None:
 
 async def test_a_new_event_wakes_the_loop_without_polling(make: Make) -> None:
     h = await make({"poll_interval": "1h"})
-    await until(lambda: h.catcher.stats()["lag"] == {"awesome": 0}, "the catcher is idle")
+    await until(lambda: h.catcher.stats().lag == {"awesome": 0}, "the catcher is idle")
 
     (vm_id,) = create_vms(h.cloud, 1)
 
@@ -165,7 +165,7 @@ async def test_under_backpressure_no_event_is_skipped(make: Make) -> None:
     h = await make(settings=BatchingSettings(debounce=0.0, max_pending_targets=2))
     h.refresh.gate.clear()
     created = create_vms(h.cloud, 30)
-    await until(lambda: h.catcher.stats()["backpressure_waits"] > 0, "the catcher waits for room")
+    await until(lambda: h.catcher.stats().backpressure_waits > 0, "the catcher waits for room")
     assert h.catcher.cursor < h.cloud.last_sequence
     assert h.batcher.pending_count() <= 2
 
@@ -175,8 +175,8 @@ async def test_under_backpressure_no_event_is_skipped(make: Make) -> None:
     await until(lambda: wanted <= h.refresh.refs(), "every created vm was refreshed")
     assert h.catcher.cursor == h.cloud.last_sequence
     stats = h.catcher.stats()
-    assert stats["submitted"] == stats["received"] == 30
-    assert stats["dropped"] == 0
+    assert stats.submitted == stats.received == 30
+    assert stats.dropped == 0
 
 
 async def test_drop_rate_one_drops_every_event_and_counts_it(make: Make) -> None:
@@ -186,8 +186,8 @@ async def test_drop_rate_one_drops_every_event_and_counts_it(make: Make) -> None
 
     await until(lambda: h.catcher.cursor == h.cloud.last_sequence == 25, "all events read")
     stats = h.catcher.stats()
-    assert stats["dropped"] == stats["received"] == 25
-    assert stats["submitted"] == 0
+    assert stats.dropped == stats.received == 25
+    assert stats.submitted == 0
     assert h.refresh.calls == []
 
 
@@ -197,8 +197,8 @@ async def test_drop_rate_is_seeded_and_drops_a_share(make: Make) -> None:
         create_vms(h.cloud, 40)
         await until(lambda: h.catcher.cursor == h.cloud.last_sequence, "all events read")
         stats = h.catcher.stats()
-        assert stats["dropped"] + stats["submitted"] == stats["received"] == 40
-        return stats["dropped"], stats["submitted"]
+        assert stats.dropped + stats.submitted == stats.received == 40
+        return stats.dropped, stats.submitted
 
     first = await dropped_with(3)
     again = await dropped_with(3)
@@ -219,8 +219,8 @@ async def test_events_that_left_the_log_unread_ask_for_a_full_refresh(make: Make
     await until(lambda: h.catcher.cursor == cloud.last_sequence == 6, "the rest was read")
     await until(lambda: bool(h.refresh.calls), "a refresh ran")
     assert h.refresh.calls[0].is_full
-    assert h.catcher.stats()["lost"] == oldest_kept - 1
-    assert h.catcher.stats()["submitted"] == 1 + len(created) - (oldest_kept - 1)
+    assert h.catcher.stats().lost == oldest_kept - 1
+    assert h.catcher.stats().submitted == 1 + len(created) - (oldest_kept - 1)
 
 
 async def test_events_the_mapper_refuses_are_counted_and_passed_over(make: Make) -> None:
@@ -247,7 +247,7 @@ async def test_events_the_mapper_refuses_are_counted_and_passed_over(make: Make)
     finally:
         await catcher.close()
     await until(lambda: {f"awesome:vms:{v}" for v in created} <= refresh.refs(), "vms refreshed")
-    assert catcher.stats()["dead_lettered"] == {"mapper_error": 1}
+    assert catcher.stats().dead_lettered == {"mapper_error": 1}
     assert "awesome:images:image-01" not in refresh.refs()
 
 
@@ -260,7 +260,7 @@ async def test_stop_stops_reading(make: Make) -> None:
     create_vms(h.cloud, 2)
 
     assert h.catcher.cursor == 1
-    assert h.catcher.stats()["lag"] == {"awesome": 2}
+    assert h.catcher.stats().lag == {"awesome": 2}
     assert h.catcher.healthy()
     await h.catcher.close()  # idempotent
 

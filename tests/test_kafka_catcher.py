@@ -20,9 +20,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from catchers.cloudevents import CloudEvent
-from catchers.kafka import KafkaCatcher, kafka_catcher
-from catchers.kafka_records import Rejection, map_record
-from catchers.kafka_settings import DeadLetterReason, KafkaSettings
+from catchers.intake import Rejection
+from catchers.kafka.catcher import KafkaCatcher, create
+from catchers.kafka.records import map_record
+from catchers.kafka.settings import KafkaSettings
+from catchers.routing import DeadLetterReason
 from daemon.model.acks import Ack, QueueFullError
 from daemon.model.catcher import CatcherContext, ManagerEndpoint
 from daemon.model.provider import EventMapper
@@ -275,10 +277,10 @@ async def test_every_mode_becomes_targets(
         assert catcher.healthy()
         sink.commit_all()
         await wait_until(
-            lambda: catcher.stats()["committed"] == {f"{topic}/0": 4}, "offset 4 committed"
+            lambda: catcher.stats().committed == {f"{topic}/0": 4}, "offset 4 committed"
         )
         stats = catcher.stats()
-        assert (stats["received"], stats["decoded"], stats["acknowledged"]) == (4, 4, 4)
+        assert (stats.received, stats.decoded, stats.acknowledged) == (4, 4, 4)
         assert await catcher.lag() == {TopicPartition(topic, 0): 0}
     assert await committed(kafka_bootstrap, kafka_group_id, topic) == {0: 4}
 
@@ -300,7 +302,7 @@ async def test_commits_stop_at_the_first_unacked_and_a_restart_resumes_there(
         await wait_until(lambda: catcher.counters.acknowledged == 3, "3 acks")
         sink.commit(*ids(topic, 0, [0]))
         await wait_until(
-            lambda: catcher.stats()["committed"] == {f"{topic}/0": 2}, "offset 2 committed"
+            lambda: catcher.stats().committed == {f"{topic}/0": 2}, "offset 2 committed"
         )
         assert catcher.in_flight() == 2
     finally:
@@ -316,10 +318,10 @@ async def test_commits_stop_at_the_first_unacked_and_a_restart_resumes_there(
         assert sink2.ids() == ids(topic, 0, [2, 3, 4, 5])
         sink2.commit(*ids(topic, 0, [5, 4, 3]))
         await wait_until(lambda: catcher2.counters.acknowledged == 3, "3 acks")
-        assert catcher2.stats()["committed"] == {}  # 2 holds the position back
+        assert catcher2.stats().committed == {}  # 2 holds the position back
         sink2.commit(*ids(topic, 0, [2]))
         await wait_until(
-            lambda: catcher2.stats()["committed"] == {f"{topic}/0": 6}, "offset 6 committed"
+            lambda: catcher2.stats().committed == {f"{topic}/0": 6}, "offset 6 committed"
         )
 
     sink3 = FakeSink()
@@ -360,11 +362,11 @@ async def test_bad_records_go_to_the_dead_letter_topic(
         }
         # Dead letters count as acknowledged: the position waits only for offset 3.
         await wait_until(
-            lambda: catcher.stats()["committed"] == {f"{topic}/0": 3}, "offset 3 committed"
+            lambda: catcher.stats().committed == {f"{topic}/0": 3}, "offset 3 committed"
         )
         sink.commit_all()
         await wait_until(
-            lambda: catcher.stats()["committed"] == {f"{topic}/0": 4}, "offset 4 committed"
+            lambda: catcher.stats().committed == {f"{topic}/0": 4}, "offset 4 committed"
         )
 
     letters = await read_all(kafka_bootstrap, dlq, 3)
@@ -416,7 +418,7 @@ async def test_backpressure_pauses_without_leaving_the_group(
             assert not catcher.counters.paused
             sink.commit_all()
             await wait_until(
-                lambda: catcher.stats()["committed"] == {f"{topic}/0": 3}, "offset 3 committed"
+                lambda: catcher.stats().committed == {f"{topic}/0": 3}, "offset 3 committed"
             )
             assert catcher.counters.commit_errors == 0
             assert catcher.counters.backpressure_pauses >= 1
@@ -488,10 +490,10 @@ async def test_a_bad_record_behind_a_refused_one_is_dead_lettered_once_when_read
         )
         sink.commit_all()
         await wait_until(
-            lambda: catcher.stats()["committed"] == {f"{topic}/0": 3}, "offset 3 committed"
+            lambda: catcher.stats().committed == {f"{topic}/0": 3}, "offset 3 committed"
         )
         assert sink.ids() == ids(topic, 0, [0, 1])
-        assert catcher.stats()["received"] == 3
+        assert catcher.stats().received == 3
     [letter] = await read_all(kafka_bootstrap, dlq, 1)
     assert dict(letter.headers)["refreshd-source-offset"] == b"2"
 
@@ -577,15 +579,15 @@ async def test_factory_builds_a_catcher_from_options() -> None:
     sink = FakeSink()
     endpoint = ManagerEndpoint("m1", "awesome_cloud", vm_mapper)
     context = CatcherContext(sink=sink, managers={"m1": endpoint}, clock=lambda: 0.0)
-    catcher = kafka_catcher(
+    catcher = create(
         {"bootstrap_servers": "a:9092,b:9092", "topics": ["t"], "group_id": "g", "manager": "m1"},
         context,
     )
     assert catcher.name == "kafka" and not catcher.healthy()
     with pytest.raises(ValueError, match="unknown manager 'nope'"):
-        kafka_catcher({"topics": "t", "group_id": "g", "manager": "nope"}, context)
+        create({"topics": "t", "group_id": "g", "manager": "nope"}, context)
     with pytest.raises(ValueError, match="give exactly one of"):
-        kafka_catcher({"bootstrap_servers": "a", "topics": "t", "group_id": "g"}, context)
+        create({"bootstrap_servers": "a", "topics": "t", "group_id": "g"}, context)
     with pytest.raises(ValueError, match="commit_timeout"):
         KafkaSettings(
             bootstrap_servers=("a",),

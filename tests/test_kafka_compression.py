@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from catchers.kafka import KafkaCatcher
+from catchers.kafka.catcher import KafkaCatcher
 from tests.test_kafka_catcher import FakeSink, committed, route, settings, wait_until
 
 CODECS = ("gzip", "snappy", "lz4", "zstd")
@@ -56,6 +56,6 @@ async def test_gzip_snappy_lz4_and_zstd_batches_are_consumed(
         assert refs == [f"{codec}-{i}" for codec in CODECS for i in range(PER_CODEC)]
         sink.commit_all()
         await wait_until(
-            lambda: catcher.stats()["committed"] == {f"{topic}/0": total}, "all committed"
+            lambda: catcher.stats().committed == {f"{topic}/0": total}, "all committed"
         )
     assert await committed(kafka_bootstrap, kafka_group_id, topic) == {0: total}

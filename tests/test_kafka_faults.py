@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from catchers.kafka import KafkaCatcher
-from catchers.kafka_settings import KafkaSettings
+from catchers.kafka.catcher import KafkaCatcher
+from catchers.kafka.settings import KafkaSettings
 from tests.fixtures.kafka_broker import PrivateBroker, private_broker
 from tests.fixtures.moto_server import AwsClients, MotoServer
 from tests.test_kafka_catcher import FakeSink, ids, plain, produce, route, settings, wait_until
@@ -91,8 +91,8 @@ async def test_a_broker_restarted_without_its_topics_is_read_again_and_refreshed
         await wait_until(lambda: full_refreshes(sink) >= 1, "a full refresh of m1")
         assert all(t.manager == "m1" for s in sink.submissions for t in s.targets)
         stats = catcher.stats()
-        assert sum(stats["offset_resets"].values()) >= 1
-        assert stats["full_refresh_requests"] >= 1
+        assert sum(stats.offset_resets.values()) >= 1
+        assert stats.full_refresh_requests >= 1
         sink.commit_all()
         await wait_until(catcher.healthy, "a healthy catcher")
     finally:
@@ -113,7 +113,7 @@ async def test_a_recreated_topic_is_read_from_its_start_and_its_manager_refreshe
     async with catcher_for(settings(kafka_bootstrap, topic, kafka_group_id), sink) as catcher:
         await wait_until(lambda: len(sink.submissions) == 8, "8 submissions")
         sink.commit_all()
-        await wait_until(lambda: catcher.stats()["committed"] == {f"{topic}/0": 8}, "commit 8")
+        await wait_until(lambda: catcher.stats().committed == {f"{topic}/0": 8}, "commit 8")
 
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
         await admin.start()
@@ -128,10 +128,10 @@ async def test_a_recreated_topic_is_read_from_its_start_and_its_manager_refreshe
             lambda: {"new-0", "new-1", "new-2"} <= set(vms(sink)), "the records of the new log"
         )
         await wait_until(lambda: full_refreshes(sink) == 1, "a full refresh of m1")
-        assert catcher.stats()["offset_resets"] == {f"{topic}/0": 1}
+        assert catcher.stats().offset_resets == {f"{topic}/0": 1}
         sink.commit_all()
         await wait_until(
-            lambda: catcher.stats()["committed"] == {f"{topic}/0": 3}, "offset 3 committed"
+            lambda: catcher.stats().committed == {f"{topic}/0": 3}, "offset 3 committed"
         )
         assert catcher.healthy()
 
@@ -189,7 +189,7 @@ async def test_a_broker_restarted_with_its_topics_goes_on_where_it_was(
             await wait_until(lambda: len(sink.submissions) == 5, "5 submissions")
             sink.commit(*ids(topic, 0, [0, 1, 2]))
             await wait_until(
-                lambda: catcher.stats()["committed"] == {f"{topic}/0": 3}, "offset 3 committed"
+                lambda: catcher.stats().committed == {f"{topic}/0": 3}, "offset 3 committed"
             )
             broker.restart()  # S3 engine: the topic and the committed offsets are kept
             sink.commit_all()
@@ -201,11 +201,11 @@ async def test_a_broker_restarted_with_its_topics_goes_on_where_it_was(
             )
             sink.commit_all()
             await wait_until(
-                lambda: catcher.stats()["committed"].get(f"{topic}/0") == 8,
+                lambda: catcher.stats().committed.get(f"{topic}/0") == 8,
                 "offset 8 committed",
                 timeout=60,
             )
-            assert catcher.stats()["offset_resets"] == {}
+            assert catcher.stats().offset_resets == {}
             assert full_refreshes(sink) == 0
             assert catcher.healthy()
         # nothing was skipped: every record was handed on at least once
@@ -231,5 +231,5 @@ async def test_a_new_group_starts_where_auto_offset_reset_says_without_a_refresh
         await wait_until(lambda: "new-0" in vms(sink), "the new record")
         expected = ["new-0"] if policy == "latest" else ["old-0", "old-1", "old-2", "new-0"]
         assert vms(sink) == expected
-        assert catcher.stats()["offset_resets"] == {}
+        assert catcher.stats().offset_resets == {}
         assert full_refreshes(sink) == 0

@@ -7,7 +7,7 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from catchers.offsets import OffsetTracker
+from catchers.kafka.offsets import OffsetTracker
 
 P0, P1 = ("t", 0), ("t", 1)
 

@@ -12,9 +12,11 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.model.catcher import CatcherStats
 from daemon.service.config import parse_config
 from daemon.service.lifecycle import Daemon
-from daemon.service.metrics import CatcherProbe, Metrics
+from daemon.service.metrics import Metrics
+from daemon.service.scrape_collectors import CatcherProbe
 from daemon.service.version import refreshd_version
 from providers.awesome_cloud.simulator import Cloud
 from providers.awesome_cloud.simulator_app import FaultPlan
@@ -177,7 +179,7 @@ async def test_throttled_cloud_answers_are_counted_per_manager(tmp_path: Path) -
 def test_kafka_lag_names_topic_and_partition_apart() -> None:
     """A Kafka catcher reports lag per "topic/partition"; the metric has both labels."""
     metrics = Metrics()
-    stats = {"received": 3, "lag": {"cloud.events/3": 7, "other/topic/0": 1}}
+    stats = CatcherStats(received=3, lag={"cloud.events/3": 7, "other/topic/0": 1})
     metrics.register_pipeline(
         batcher_stats=dict,
         pending=dict,

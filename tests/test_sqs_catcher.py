@@ -20,14 +20,16 @@ import pytest
 from prometheus_client import generate_latest
 
 from catchers.awesome_cloud import map_event
-from catchers.cloudevents import DecodeError, EventMode
-from catchers.sqs import SqsCatcher, SqsQueueError, create
-from catchers.sqs_messages import decode_message
+from catchers.cloudevents import EventMode
+from catchers.sqs.catcher import SqsCatcher, SqsCatcherStats, SqsQueueError, create
+from catchers.sqs.messages import decode_message
+from catchers.wire import DecodeError
 from daemon.model.acks import Ack
 from daemon.model.catcher import CatcherContext, ManagerEndpoint, load_catcher
 from daemon.model.targets import Target, TargetCollection
 from daemon.pipeline.batcher import Batcher, BatchingSettings
-from daemon.service.metrics import CatcherProbe, Metrics
+from daemon.service.metrics import Metrics
+from daemon.service.scrape_collectors import CatcherProbe
 from tests.daemon_process import wait_for
 from tests.fixtures.moto_server import AwsClients, MotoServer
 
@@ -103,8 +105,8 @@ class Harness:
     batcher: Batcher
     refresh: GatedRefresh
 
-    def stats(self) -> dict[str, Any]:
-        return dict(self.catcher.stats())
+    def stats(self) -> SqsCatcherStats:
+        return self.catcher.stats()
 
 
 @dataclass
@@ -221,13 +223,13 @@ async def test_messages_are_deleted_only_after_their_refresh_commits(
     assert h.refresh.refs() == {"m:vms:vm-0", "m:vms:vm-1", "m:vms:vm-2"}
     assert await queues.counts(url) == (0, 3)  # received, invisible, not deleted
     stats = h.stats()
-    assert (stats["submitted"], stats["deleted"], stats["in_flight"]) == (3, 0, 3)
+    assert (stats.submitted, stats.deleted, stats.in_flight) == (3, 0, 3)
 
     h.refresh.release()
     await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
     stats = h.stats()
-    assert (stats["acknowledged"], stats["deleted"], stats["in_flight"]) == (3, 3, 0)
-    assert stats["received"] == 3  # no message was delivered twice
+    assert (stats.acknowledged, stats.deleted, stats.in_flight) == (3, 3, 0)
+    assert stats.received == 3  # no message was delivered twice
 
 
 async def test_several_receive_loops_take_each_message_once(make: Make, queues: Queues) -> None:
@@ -240,7 +242,7 @@ async def test_several_receive_loops_take_each_message_once(make: Make, queues: 
     await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
     assert h.refresh.committed_refs() == {f"m:vms:{vm}" for vm in vms}
     stats = h.stats()
-    assert (stats["received"], stats["deleted"], stats["in_flight"]) == (25, 25, 0)
+    assert (stats.received, stats.deleted, stats.in_flight) == (25, 25, 0)
 
 
 async def test_a_message_asking_for_nothing_is_deleted_at_once(make: Make, queues: Queues) -> None:
@@ -253,7 +255,7 @@ async def test_a_message_asking_for_nothing_is_deleted_at_once(make: Make, queue
     await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
     assert h.refresh.calls == []
     stats = h.stats()
-    assert (stats["skipped"], stats["deleted"], stats["submitted"]) == (1, 1, 0)
+    assert (stats.skipped, stats.deleted, stats.submitted) == (1, 1, 0)
 
 
 # -- 2. a failed refresh is retried ------------------------------------------------------------
@@ -272,11 +274,11 @@ async def test_a_failed_refresh_keeps_the_message_until_the_retry_commits(
 
     await wait_for(lambda: len(refresh.calls) == 2, timeout=WAIT, what="the retry")
     assert await queues.counts(url) == (0, 1)  # the failure deleted nothing
-    assert h.stats()["deleted"] == 0
+    assert h.stats().deleted == 0
     refresh.release()
     await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
     assert refresh.committed_refs() == {"m:vms:vm-1"}
-    assert h.stats()["deleted"] == 1
+    assert h.stats().deleted == 1
 
 
 # -- 3. visibility is renewed while pending ----------------------------------------------------
@@ -293,14 +295,14 @@ async def test_visibility_is_renewed_while_the_refresh_takes_longer_than_the_tim
 
     # three renewals take 2 x 2/3 s each: the refresh is held over twice the timeout
     await wait_for(
-        lambda: h.stats()["visibility_extensions"] >= 3, timeout=WAIT, what="three renewals"
+        lambda: h.stats().visibility_extensions >= 3, timeout=WAIT, what="three renewals"
     )
     assert await queues.counts(url) == (0, 1)
-    assert h.stats()["received"] == 1  # never visible again, never received twice
+    assert h.stats().received == 1  # never visible again, never received twice
     assert len(h.refresh.calls) == 1
     h.refresh.release()
     await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
-    assert h.stats()["received"] == 1
+    assert h.stats().received == 1
 
 
 # -- 4. SNS -> SQS -----------------------------------------------------------------------------
@@ -323,7 +325,7 @@ async def test_sns_envelopes_are_unwrapped(
 
     await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
     assert h.refresh.committed_refs() == {"m:vms:vm-ce", "m:vms:vm-plain"}
-    assert sum(h.stats()["poisoned"].values()) == 0
+    assert sum(h.stats().poisoned.values()) == 0
 
 
 def test_decoding_bodies() -> None:
@@ -372,9 +374,9 @@ async def test_poison_goes_to_the_dead_letter_queue_and_good_messages_around_it_
     await wait_for(settled, timeout=WAIT, what="the poison in the dead-letter queue")
     assert h.refresh.committed_refs() == {"m:vms:vm-1", "m:vms:vm-2"}
     stats = h.stats()
-    assert stats["poisoned"] == {"undecodable": 2, "unroutable": 0, "mapper_error": 2}
-    assert stats["dead_lettered"] == {"undecodable": 1, "unroutable": 0, "mapper_error": 1}
-    assert (stats["submitted"], stats["deleted"]) == (2, 2)
+    assert stats.poisoned == {"undecodable": 2, "unroutable": 0, "mapper_error": 2}
+    assert stats.dead_lettered == {"undecodable": 1, "unroutable": 0, "mapper_error": 1}
+    assert (stats.submitted, stats.deleted) == (2, 2)
     dead = await queues.sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10)
     assert sorted(m["Body"] for m in dead["Messages"]) == sorted(
         ["not json", json.dumps(unmappable)]
@@ -409,15 +411,15 @@ async def test_delete_poison_logs_and_deletes_poison(
 ) -> None:
     url, _ = await queues.create("no-redrive", max_receive_count=None)
     h = await make(url, {"delete_poison": True})
-    caplog.set_level(logging.WARNING, logger="catchers.sqs_receiving")
+    caplog.set_level(logging.WARNING, logger="catchers.sqs.receiving")
 
     await queues.send(url, "{broken json", cloud_event("vm-1"))
 
     await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
     assert h.refresh.committed_refs() == {"m:vms:vm-1"}
     stats = h.stats()
-    assert stats["poisoned"]["undecodable"] == 1
-    assert stats["deleted"] == 2
+    assert stats.poisoned["undecodable"] == 1
+    assert stats.deleted == 2
     assert "{broken json" in caplog.text
     assert "delete_poison" in caplog.text
 
@@ -442,8 +444,8 @@ async def test_a_full_batcher_stops_the_receives_and_nothing_is_lost(
     h.batcher.submit([Target.of("m", "vms", "busy-2")], Ack(received_at=0.0))  # full now
     await h.catcher.start()
 
-    await wait_for(lambda: h.stats()["paused"], timeout=WAIT, what="the receive loop to pause")
-    assert h.stats()["received"] == 0  # no receive while the batcher is full
+    await wait_for(lambda: h.stats().paused, timeout=WAIT, what="the receive loop to pause")
+    assert h.stats().received == 0  # no receive while the batcher is full
     assert await queues.counts(url) == (15, 0)
 
     # with room for one target at a time, a receive of 10 is handed on one by one:
@@ -452,9 +454,9 @@ async def test_a_full_batcher_stops_the_receives_and_nothing_is_lost(
     await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
     assert h.refresh.committed_refs() == {f"m:vms:{vm}" for vm in [*vms, "busy-1", "busy-2"]}
     stats = h.stats()
-    assert (stats["received"], stats["submitted"], stats["deleted"]) == (15, 15, 15)
-    assert stats["backpressure_pauses"] >= 2
-    assert sum(stats["poisoned"].values()) == 0
+    assert (stats.received, stats.submitted, stats.deleted) == (15, 15, 15)
+    assert stats.backpressure_pauses >= 2
+    assert sum(stats.poisoned.values()) == 0
 
 
 # -- 7. close while pending: at-least-once -----------------------------------------------------
@@ -476,13 +478,13 @@ async def test_close_leaves_pending_messages_to_the_next_catcher(
     assert await queues.counts(url) == (1, 0)  # not deleted, visible again
     first.refresh.release()  # committing after close deletes nothing
     await wait_for(lambda: first.refresh.committed, timeout=WAIT, what="the late commit")
-    assert first.stats()["deleted"] == 0
+    assert first.stats().deleted == 0
     assert await queues.counts(url) == (1, 0)
 
     second = await make(url)
     await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
     assert second.refresh.committed_refs() == {"m:vms:vm-1"}
-    assert second.stats()["deleted"] == 1
+    assert second.stats().deleted == 1
 
 
 async def test_stop_takes_no_more_messages_in(make: Make, queues: Queues) -> None:
@@ -497,7 +499,7 @@ async def test_stop_takes_no_more_messages_in(make: Make, queues: Queues) -> Non
     await wait_for(
         lambda: _equals(queues.counts(url), (1, 0)), timeout=WAIT, what="the message visible"
     )
-    assert h.stats()["received"] == 0
+    assert h.stats().received == 0
     assert h.refresh.calls == []
     assert h.catcher.healthy()
 
@@ -573,5 +575,5 @@ def test_options_and_the_entry_point() -> None:
     assert not catcher.healthy()  # not started
     stats = catcher.stats()
     for key in ("received", "decoded", "submitted", "skipped", "deleted", "in_flight"):
-        assert stats[key] == 0
-    assert stats["poisoned"] == {"undecodable": 0, "unroutable": 0, "mapper_error": 0}
+        assert getattr(stats, key) == 0
+    assert stats.poisoned == {"undecodable": 0, "unroutable": 0, "mapper_error": 0}

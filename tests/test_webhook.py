@@ -20,7 +20,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from catchers.awesome_cloud import map_event
-from catchers.webhook import WebhookCatcher, create
+from catchers.webhook.catcher import WebhookCatcher, create
 from daemon.model.catcher import CatcherContext, ManagerEndpoint
 from daemon.model.targets import TargetCollection
 from daemon.pipeline.batcher import Batcher, BatchingSettings
@@ -193,7 +193,7 @@ async def test_no_token_or_a_wrong_one_gets_401_and_queues_nothing(make: Make) -
     assert [no_token.status, wrong.status, basic.status] == [401, 401, 401]
     assert no_token.headers["WWW-Authenticate"].startswith("Bearer")
     assert h.batcher.stats.targets_enqueued == 0
-    assert h.catcher.stats()["unauthorized"] == 3
+    assert h.catcher.stats().unauthorized == 3
 
 
 async def test_the_token_option_overrides_the_http_token(
@@ -274,7 +274,7 @@ async def test_batch_answers_after_all_of_its_events_are_committed(make: Make) -
         "awesome:flavors:flavor-02",
         "awesome:security_groups:sg-03",
     }
-    assert h.catcher.stats()["submitted"] == 4
+    assert h.catcher.stats().submitted == 4
 
 
 async def test_empty_batch_and_skipped_events_are_answered_at_once(make: Make) -> None:
@@ -287,7 +287,7 @@ async def test_empty_batch_and_skipped_events_are_answered_at_once(make: Make) -
     assert (empty.status, unknown.status) == (200, 200)
     assert await json_of(unknown) == {"status": "committed", "events": 1, "targets": 0}
     assert h.refresh.calls == []
-    assert h.catcher.stats()["skipped"] == 1
+    assert h.catcher.stats().skipped == 1
 
 
 async def test_routes_send_each_source_to_its_manager(make: Make) -> None:
@@ -346,7 +346,7 @@ async def test_an_unroutable_event_gets_400(make: Make) -> None:
 
     assert response.status == 400
     assert "no manager for source 'nowhere'" in (await json_of(response))["error"]
-    assert h.catcher.stats()["dead_lettered"]["unroutable"] == 1
+    assert h.catcher.stats().dead_lettered["unroutable"] == 1
 
 
 async def test_one_bad_event_rejects_the_whole_batch(make: Make) -> None:
@@ -380,7 +380,7 @@ async def test_oversize_chunked_body_gets_413(make: Make) -> None:
     )
 
     assert response.status == 413
-    assert h.catcher.stats()["too_large"] == 1
+    assert h.catcher.stats().too_large == 1
 
 
 async def test_a_mapper_bug_gets_500(make: Make) -> None:
@@ -432,7 +432,7 @@ async def test_503_with_retry_after_when_the_batcher_is_full(make: Make) -> None
     assert (await answered(first)).status == 200
     assert (await answered(second)).status == 200
     assert h.refresh.refs() == {"awesome:vms:vm-1", "awesome:vms:vm-2"}
-    assert h.catcher.stats()["busy"] == 2
+    assert h.catcher.stats().busy == 2
 
 
 async def test_not_committed_within_max_wait_gets_503_and_the_targets_stay_queued(
@@ -447,7 +447,7 @@ async def test_not_committed_within_max_wait_gets_503_and_the_targets_stay_queue
     assert response.headers["Retry-After"] == "7"
     assert "max_wait" in (await json_of(response))["error"]
     assert h.refresh.refs() == {"awesome:vms:vm-9"}  # still being refreshed
-    assert h.catcher.stats()["timed_out"] == 1
+    assert h.catcher.stats().timed_out == 1
 
 
 async def test_after_stop_new_requests_get_503_and_waiting_ones_still_get_their_200(
@@ -484,7 +484,7 @@ async def test_close_answers_waiting_requests_503_so_the_sender_retries(make: Ma
     assert response.headers["Retry-After"] == "5"
     assert "shutting down" in (await json_of(response))["error"]
     assert not h.catcher.healthy()
-    assert h.catcher.stats()["closed_waiting"] == 1
+    assert h.catcher.stats().closed_waiting == 1
 
 
 async def test_requests_before_start_get_503(make: Make) -> None:
@@ -563,9 +563,9 @@ async def test_stats_count_what_happened(make: Make) -> None:
     await h.post([event("vm-2"), event(kind="account")], content_type=BATCH)
 
     stats = h.catcher.stats()
-    assert stats["received"] == 4
-    assert stats["decoded"] == 3
-    assert stats["skipped"] == 1
-    assert stats["dead_lettered"] == {"undecodable": 1, "unroutable": 0, "mapper_error": 0}
-    assert stats["committed"] == 2
+    assert stats.received == 4
+    assert stats.decoded == 3
+    assert stats.skipped == 1
+    assert stats.dead_lettered == {"undecodable": 1, "unroutable": 0, "mapper_error": 0}
+    assert stats.committed == 2
     assert h.catcher.healthy()

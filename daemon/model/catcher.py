@@ -58,6 +58,35 @@ class CatcherContext:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class CatcherStats:
+    """The counters every catcher keeps since start: what metrics and the status page read.
+
+    A transport keeps its own further counters in a subclass (``KafkaCatcherStats``,
+    ``SqsCatcherStats``, ...); the daemon reads only the fields below, by attribute.
+    Plain numbers, written by the catcher only.
+    """
+
+    received: int = 0
+    """Events read (``refreshd_events_received``)."""
+    decoded: int = 0
+    """Events decoded (``refreshd_events_decoded``)."""
+    skipped: int = 0
+    """Events that asked for no target (``refreshd_events_skipped``)."""
+    submitted: int = 0
+    """Events handed to the batcher."""
+    acknowledged: int = 0
+    """Events whose targets were all committed."""
+    dead_lettered: dict[str, int] = field(default_factory=dict)
+    """Events refused, by reason (``refreshd_events_dead_lettered{reason}``)."""
+    lag: dict[str, int] = field(default_factory=dict)
+    """Messages behind the stream's end, by stream: ``"topic/partition"``, a queue, a
+    manager (``refreshd_consumer_lag{topic,partition}``)."""
+    offset_resets: dict[str, int] = field(default_factory=dict)
+    """Positions reset because they no longer fitted the log, by ``"topic/partition"``
+    (``refreshd_kafka_offset_resets``)."""
+
+
 class Catcher(Protocol):
     name: str
 
@@ -77,8 +106,8 @@ class Catcher(Protocol):
         """False when the catcher's loop died or lost its stream."""
         ...
 
-    def stats(self) -> Mapping[str, Any]:
-        """Counters for metrics and the status line (see daemon/service/metrics.py for names)."""
+    def stats(self) -> CatcherStats:
+        """Counters for metrics and the status line, up to date (the live object)."""
         ...
 
 

@@ -50,7 +50,8 @@ from daemon.pipeline.batcher import Batcher
 from daemon.pipeline.ownership import Owner, Ownership
 from daemon.pipeline.progress import ProgressBoard
 from daemon.service.health import PROBE_TIMEOUT, ManagerMemory, ManagerSeen
-from daemon.service.metrics import CatcherProbe, Metrics
+from daemon.service.metrics import Metrics
+from daemon.service.scrape_collectors import CatcherProbe
 
 log = logging.getLogger(__name__)
 

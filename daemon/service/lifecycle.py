@@ -68,7 +68,8 @@ from daemon.pipeline.scheduler import Scheduler
 from daemon.service.config import BatchingConfig, Config, LoadedConfig
 from daemon.service.health import DatabaseWatch, Liveness, ManagerMemory
 from daemon.service.http import HttpDeps, Readiness, make_app, start_site
-from daemon.service.metrics import CatcherProbe, MeteredSink, Metrics, ProviderStats
+from daemon.service.metrics import MeteredSink, Metrics
+from daemon.service.scrape_collectors import CatcherProbe, ProviderStats
 from daemon.service.status_page import add_status_page
 from daemon.service.systemd import Notifier
 from daemon.service.version import refreshd_version

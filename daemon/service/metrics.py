@@ -4,10 +4,11 @@ Flow: catchers -> batcher -> refresher -> persister, all observed here; scraped 
 
 Counters that live in the pipeline's own stats (catchers' received/decoded/
 skipped/dead-lettered, the batcher's enqueued/coalesced, pending targets, consumer
-lag) are read at scrape time by a custom collector, so the pipeline never
-imports prometheus.  Refresh outcomes, durations, rows written and
-event-to-commit latency are recorded as they happen.  Each daemon has its own
-registry (tests run several), with the process, platform and gc collectors in it.
+lag) are read at scrape time by the collectors of
+:mod:`daemon.service.scrape_collectors`, so the pipeline never imports prometheus.
+Refresh outcomes, durations, rows written and event-to-commit latency are
+recorded as they happen.  Each daemon has its own registry (tests run several),
+with the process, platform and gc collectors in it.
 
 Freshness: ``refreshd_manager_last_success_timestamp_seconds{manager,kind}`` is
 the wall time of each manager's last successful refresh per kind (seeded from
@@ -22,8 +23,7 @@ import bisect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -35,14 +35,21 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from daemon.model.acks import Ack, TargetSink
 from daemon.model.targets import Target
-from daemon.persistence.fencing import Holding
 from daemon.persistence.refresh_result import RefreshResult
+from daemon.service.scrape_collectors import (
+    CatcherProbe,
+    OwnershipCollector,
+    OwnershipView,
+    PipelineCollector,
+    ProviderCollector,
+    ProviderStats,
+)
 
 LATENCY_BUCKETS = (
     0.01,
@@ -72,9 +79,6 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 """Process-wide in prometheus_client: no ``_created`` series beside counters and histograms."""
-
-ProviderStats = Callable[[], Mapping[str, int]]
-"""A manager connection's ``api_stats()``: ``{"requests": n, "throttled": n}`` so far."""
 
 
 class Metrics:
@@ -202,13 +206,13 @@ class Metrics:
         catchers: Sequence[CatcherProbe],
         providers: Mapping[str, ProviderStats] | None = None,
     ) -> None:
-        self.registry.register(_PipelineCollector(batcher_stats, pending, catchers))
-        self.registry.register(_ProviderCollector(dict(providers or {})))
+        self.registry.register(PipelineCollector(batcher_stats, pending, catchers))
+        self.registry.register(ProviderCollector(dict(providers or {})))
 
     def register_ownership(self, ownership: OwnershipView) -> None:
         """``refreshd_manager_owned``, ``refreshd_manager_owned_since_seconds`` and
         ``refreshd_ownership_changes`` for this process (docs/scaling.md)."""
-        self.registry.register(_OwnershipCollector(ownership))
+        self.registry.register(OwnershipCollector(ownership))
 
 
 _go_float: Callable[[float], str] = floatToGoString
@@ -294,159 +298,3 @@ class MeteredSink:
 
     def _observe_ack(self, ack: Ack) -> None:
         self._metrics.observe_ack(ack, loop_clock=self._clock)
-
-
-@dataclass(frozen=True, slots=True)
-class CatcherProbe:
-    """What metrics read from one catcher at scrape time."""
-
-    name: str
-    stats: Callable[[], Mapping[str, Any]]
-    healthy: Callable[[], bool]
-
-
-def split_stream(key: object) -> tuple[str, str]:
-    """A lag key -> ``(topic, partition)``: ``"orders/3"`` -> ``("orders", "3")``;
-    a key without a partition (an SQS queue, an in-process log) -> ``(key, "")``."""
-    if isinstance(key, tuple) and len(key) == 2:
-        return str(key[0]), str(key[1])
-    topic, sep, partition = str(key).rpartition("/")
-    if sep and partition.isdigit():
-        return topic, partition
-    return str(key), ""
-
-
-class _PipelineCollector(Collector):
-    def __init__(
-        self,
-        batcher_stats: Callable[[], Mapping[str, Any]],
-        pending: Callable[[], Mapping[str, int]],
-        catchers: Sequence[CatcherProbe],
-    ) -> None:
-        self._batcher_stats = batcher_stats
-        self._pending = pending
-        self._catchers = catchers
-
-    def collect(self) -> Iterable[Metric]:
-        stats = self._batcher_stats()
-        for key, help_ in (
-            ("targets_enqueued", "Targets handed to the batcher"),
-            ("targets_coalesced", "Targets merged into one already pending"),
-        ):
-            c = CounterMetricFamily(f"refreshd_{key}", help_)
-            c.add_metric([], float(stats.get(key, 0)))
-            yield c
-        g = GaugeMetricFamily("refreshd_pending_targets", "Targets waiting", labels=["manager"])
-        for manager, n in self._pending().items():
-            g.add_metric([manager], float(n))
-        yield g
-        up = GaugeMetricFamily(
-            "refreshd_catcher_up",
-            "1 while the catcher runs and reads its stream, 0 when its loop died or lost it",
-            labels=["catcher"],
-        )
-        received = CounterMetricFamily(
-            "refreshd_events_received", "Events read by catchers", labels=["catcher"]
-        )
-        decoded = CounterMetricFamily(
-            "refreshd_events_decoded", "Events decoded and mapped", labels=["catcher"]
-        )
-        skipped = CounterMetricFamily(
-            "refreshd_events_skipped",
-            "Events decoded that asked for nothing to refresh (event kinds refreshd ignores)",
-            labels=["catcher"],
-        )
-        dead = CounterMetricFamily(
-            "refreshd_events_dead_lettered",
-            "Events sent to the dead-letter destination",
-            labels=["catcher", "reason"],
-        )
-        lag = GaugeMetricFamily(
-            "refreshd_consumer_lag",
-            "Messages behind the stream's end",
-            labels=["catcher", "topic", "partition"],
-        )
-        resets = CounterMetricFamily(
-            "refreshd_kafka_offset_resets",
-            "Partition positions that no longer fitted the log (out of range, beyond the"
-            " highwater) and were reset; each asks for a full refresh",
-            labels=["catcher", "topic", "partition"],
-        )
-        for probe in self._catchers:
-            name, s = probe.name, probe.stats()
-            up.add_metric([name], 1.0 if probe.healthy() else 0.0)
-            for stream, n in dict(s.get("offset_resets", {})).items():
-                resets.add_metric([name, *split_stream(stream)], float(n))
-            received.add_metric([name], float(s.get("received", 0)))
-            decoded.add_metric([name], float(s.get("decoded", 0)))
-            skipped.add_metric([name], float(s.get("skipped", 0)))
-            for reason, n in dict(s.get("dead_lettered", {})).items():
-                dead.add_metric([name, str(reason)], float(n))
-            for stream, n in dict(s.get("lag", {})).items():
-                lag.add_metric([name, *split_stream(stream)], float(n))
-        yield from (up, received, decoded, skipped, dead, lag, resets)
-
-
-class _ProviderCollector(Collector):
-    """Cloud API requests and throttled answers per manager, read from its connection."""
-
-    def __init__(self, providers: Mapping[str, ProviderStats]) -> None:
-        self._providers = providers
-
-    def collect(self) -> Iterable[Metric]:
-        requests = CounterMetricFamily(
-            "refreshd_provider_api_requests",
-            "Requests sent to the cloud API (each retry counts)",
-            labels=["manager"],
-        )
-        throttled = CounterMetricFamily(
-            "refreshd_provider_api_throttled",
-            "Cloud API answers that asked to slow down (HTTP 429, throttling codes)",
-            labels=["manager"],
-        )
-        for manager, read in sorted(self._providers.items()):
-            s = read()
-            requests.add_metric([manager], float(s.get("requests", 0)))
-            throttled.add_metric([manager], float(s.get("throttled", 0)))
-        yield from (requests, throttled)
-
-
-class OwnershipView(Protocol):
-    instance: str
-
-    def holdings(self) -> Mapping[str, Holding]: ...
-
-    @property
-    def changes(self) -> Mapping[tuple[str, str], int]: ...
-
-
-class _OwnershipCollector(Collector):
-    def __init__(self, ownership: OwnershipView) -> None:
-        self._ownership = ownership
-
-    def collect(self) -> Iterable[Metric]:
-        o = self._ownership
-        holdings = o.holdings()
-        owned = GaugeMetricFamily(
-            "refreshd_manager_owned",
-            "1 while this process owns the manager (may refresh it), labelled with its instance",
-            labels=["manager", "owner"],
-        )
-        since = GaugeMetricFamily(
-            "refreshd_manager_owned_since_seconds",
-            "Unix time this process took the manager",
-            labels=["manager", "owner"],
-        )
-        for manager, h in sorted(holdings.items()):
-            owned.add_metric([manager, o.instance], 1.0)
-            since.add_metric([manager, o.instance], h.since.timestamp())
-        yield owned
-        yield since
-        changes = CounterMetricFamily(
-            "refreshd_ownership_changes",
-            "Managers taken (acquired), given back (released) or lost with the connection",
-            labels=["manager", "change"],
-        )
-        for (manager, change), n in sorted(o.changes.items()):
-            changes.add_metric([manager, change], float(n))
-        yield changes

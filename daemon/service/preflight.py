@@ -35,8 +35,9 @@ from daemon.model.provider import EXTRA_OF_MODULE
 from daemon.model.targets import TargetCollection
 from daemon.persistence.db import DatabaseURLError, create_engine
 from daemon.pipeline.batcher import Batcher
-from daemon.service.config import LoadedConfig, format_validation_error
+from daemon.service.config import LoadedConfig
 from daemon.service.secrets import SecretUnavailableError, raw_secrets, secret_problems
+from daemon.service.validation_errors import format_validation_error
 
 
 def config_problems(loaded: LoadedConfig) -> list[str]:

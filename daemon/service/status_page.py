@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from daemon.persistence import schema
 from daemon.service.http import HttpDeps
-from daemon.service.metrics import split_stream
+from daemon.service.scrape_collectors import split_stream
 from daemon.service.version import refreshd_version
 
 RECENT_RUNS = 25
@@ -101,11 +101,11 @@ async def snapshot(deps: HttpDeps, *, intervals: Mapping[str, float]) -> dict[st
             {
                 "name": probe.name,
                 "up": probe.healthy(),
-                "lag": {split_stream(k): int(v) for k, v in dict(stats.get("lag", {})).items()},
-                "received": int(stats.get("received", 0)),
-                "decoded": int(stats.get("decoded", 0)),
-                "skipped": int(stats.get("skipped", 0)),
-                "dead_lettered": sum(int(n) for n in dict(stats.get("dead_lettered", {})).values()),
+                "lag": {split_stream(k): v for k, v in stats.lag.items()},
+                "received": stats.received,
+                "decoded": stats.decoded,
+                "skipped": stats.skipped,
+                "dead_lettered": sum(stats.dead_lettered.values()),
             }
         )
     return {

@@ -7,25 +7,25 @@ Guarantees (each kept by the module named):
 
 * at-least-once: a message is deleted only once every one of its targets was
   committed; until then its visibility timeout is renewed, so it is not
-  delivered twice meanwhile (:mod:`catchers.sqs_leases`).  A message whose
+  delivered twice meanwhile (:mod:`catchers.sqs.leases`).  A message whose
   Ack never resolves is never deleted: it becomes visible again.
 * bad input never stops the queue: a message that does not decode, that no
   manager claims, or whose mapper raises is left to the queue's redrive policy
   (made visible at once so that SQS counts its receives and moves it to the
   dead-letter queue), or deleted with ``delete_poison``.  A queue without a
   RedrivePolicy is refused at start unless ``delete_poison`` is set: a poison
-  message would otherwise be received forever (:mod:`catchers.sqs_receiving`).
+  message would otherwise be received forever (:mod:`catchers.sqs.receiving`).
 * backpressure: no receive while the batcher is full; messages received are
-  held, not given back (:mod:`catchers.sqs_receiving`).
+  held, not given back (:mod:`catchers.sqs.receiving`).
 * bodies: structured CloudEvents, plain JSON (EventBridge events), either in
-  an SNS envelope (:mod:`catchers.sqs_messages`).
+  an SNS envelope (:mod:`catchers.sqs.messages`).
 
 Shutdown is two-phase (``daemon.model.catcher.Catcher``): :meth:`SqsCatcher.stop`
 ends the long polls (pending messages stay pending, their visibility still
 renewed); :meth:`SqsCatcher.close` deletes the messages whose Acks are done,
 stops renewing, makes the others visible again (they are received again:
 at-least-once) and closes the client.  Settings and counters:
-:mod:`catchers.sqs_settings`; the AWS client and error classes: :mod:`catchers.sqs_client`.
+:mod:`catchers.sqs.settings`; the AWS client and error classes: :mod:`catchers.sqs.client`.
 """
 
 from __future__ import annotations
@@ -37,13 +37,12 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Self
 
-from pydantic import ValidationError
-
+from catchers.options import settings_from
 from catchers.routing import ROUTING_OPTIONS, Route, route_from_options
-from catchers.sqs_client import SqsQueueError, classify, explain, open_client, read_queue
-from catchers.sqs_leases import LeaseKeeper
-from catchers.sqs_receiving import Receiver
-from catchers.sqs_settings import SqsCatcherStats, SqsSettings
+from catchers.sqs.client import SqsQueueError, classify, explain, open_client, read_queue
+from catchers.sqs.leases import LeaseKeeper
+from catchers.sqs.receiving import Receiver
+from catchers.sqs.settings import SqsCatcherStats, SqsSettings
 from daemon.api import CatcherContext, TargetSink
 
 __all__ = ["SqsCatcher", "SqsCatcherStats", "SqsQueueError", "SqsSettings", "create"]
@@ -183,26 +182,10 @@ class SqsCatcher:
             return True
         return self._keeper.running() and (receiver.running() or receiver.stopped)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters for metrics (``poisoned`` and ``dead_lettered`` keyed by reason)."""
-        c = self.counters
-        return {
-            "received": c.received,
-            "decoded": c.decoded,
-            "submitted": c.submitted,
-            "skipped": c.skipped,
-            "acknowledged": c.acknowledged,
-            "deleted": c.deleted,
-            "released": c.released,
-            "poisoned": {str(reason): n for reason, n in c.poisoned.items()},
-            "dead_lettered": {str(reason): n for reason, n in c.dead_lettered.items()},
-            "in_flight": self._keeper.in_flight(),
-            "visibility_extensions": c.visibility_extensions,
-            "backpressure_pauses": c.backpressure_pauses,
-            "paused": c.paused,
-            "errors": c.errors,
-            "delete_failures": c.delete_failures,
-        }
+    def stats(self) -> SqsCatcherStats:
+        """The live counters (``poisoned`` and ``dead_lettered`` keyed by reason)."""
+        self.counters.in_flight = self._keeper.in_flight()
+        return self.counters
 
 
 def create(options: Mapping[str, Any], context: CatcherContext) -> SqsCatcher:
@@ -212,21 +195,9 @@ def create(options: Mapping[str, Any], context: CatcherContext) -> SqsCatcher:
     is keyed by queue URL) choose the manager; every other key is an
     :class:`SqsSettings` field.  Raises ValueError on bad options; does no I/O.
     """
-    try:
-        settings = SqsSettings.model_validate(
-            {k: v for k, v in options.items() if k not in ROUTING_OPTIONS}
-        )
-    except ValidationError as exc:
-        raise ValueError(f"sqs catcher options: {_describe(exc)}") from None
+    settings = settings_from(SqsSettings, options, "sqs catcher options", skip=ROUTING_OPTIONS)
     try:
         route = route_from_options(options, context.managers)
     except ValueError as exc:
         raise ValueError(f"sqs catcher {settings.name}: {exc}") from None
     return SqsCatcher(settings, sink=context.sink, route=route, clock=context.clock)
-
-
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in error['loc']) or 'options'}: {error['msg']}"
-        for error in exc.errors()
-    )

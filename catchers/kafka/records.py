@@ -1,12 +1,12 @@
-"""The Kafka catcher's intake: fetched records -> Target(s) + one Ack each -> the sink.
+"""Fetched Kafka records -> Target(s) + one Ack each -> the sink, dead letters in offset order.
 
-Flow: **Kafka record -> CloudEvent(s) -> route -> EventMapper -> Target(s) + RecordAck**
+Flow: **Kafka record -> CloudEvent(s)** -> intake (route, map) -> **Target(s) + RecordAck**
 -> batcher (``TargetSink.submit_many``) -> refresh committed -> Ack done -> offset committed.
 
 Guarantees:
 
 * the records of a partition are handed on in offset order, each with its own
-  :class:`~catchers.kafka_commits.RecordAck` and its offset tracked before it
+  :class:`~catchers.kafka.commits.RecordAck` and its offset tracked before it
   is handed on; the good records of a fetched batch go to the sink in one
   ``submit_many`` call (one room check and one clock reading per batch, not
   per record);
@@ -18,41 +18,33 @@ Guarantees:
   batch are untracked and reported back: the caller seeks to it, and they are
   read again.
 
-:func:`map_record` is pure (no I/O, no state): decoding, routing and mapping
-one record.
+:func:`map_record` is pure (no I/O, no state): decoding one record, then
+routing and mapping its events through :mod:`catchers.intake`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import TopicPartition
 
-from catchers.cloudevents import CloudEvent, DecodeError, decode_kafka_record
-from catchers.kafka_commits import OffsetCommitter, RecordAck
-from catchers.kafka_dead_letters import DeadLetterProducer
-from catchers.kafka_settings import KafkaCatcherStats
-from catchers.routing import DeadLetterReason, Route
+from catchers.cloudevents import decode_kafka_record
+from catchers.intake import Rejection, map_event, undecodable
+from catchers.kafka.commits import OffsetCommitter, RecordAck
+from catchers.kafka.dead_letters import DeadLetterProducer
+from catchers.kafka.settings import KafkaCatcherStats
+from catchers.routing import Route
+from catchers.wire import DecodeError
 from daemon.api import Ack, Target, TargetSink
 
 Mapped = tuple[list[Target], float | None]
 """A record's targets and its earliest event time (epoch seconds), if any."""
 
 
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """Why a record goes to the dead-letter topic."""
-
-    reason: DeadLetterReason
-    message: str
-    decoded: bool
-    """The record decoded (it failed at routing or mapping)."""
-
-
 def map_record(route: Route, tp: TopicPartition, record: Any) -> Mapped | Rejection:
-    """Decode, route and map one record: its targets and event time, or why it is rejected."""
+    """Decode one record and take its events through the intake: targets and event time,
+    or why it is rejected (the first of its events that is)."""
     topic = tp.topic
     try:
         events = decode_kafka_record(
@@ -62,48 +54,24 @@ def map_record(route: Route, tp: TopicPartition, record: Any) -> Mapped | Reject
             plain_source=f"kafka:{topic}",
         )
     except DecodeError as exc:
-        return Rejection(DeadLetterReason.UNDECODABLE, exc.reason, decoded=False)
+        return undecodable(exc)
+    where = f", topic {topic!r}"
     if len(events) == 1:  # the common case: one event per record
         event = events[0]
-        mapped = _map_event(route, topic, event)
+        mapped = map_event(route, topic, event, where=where)
         if isinstance(mapped, Rejection):
             return mapped
         return mapped, event.timestamp
     targets: list[Target] = []
     times: list[float] = []
     for event in events:
-        mapped = _map_event(route, topic, event)
+        mapped = map_event(route, topic, event, where=where)
         if isinstance(mapped, Rejection):
             return mapped
         targets.extend(mapped)
         if event.time is not None:
             times.append(event.time.timestamp())
     return targets, min(times) if times else None
-
-
-def _map_event(route: Route, topic: str, event: CloudEvent) -> list[Target] | Rejection:
-    try:
-        routed = route(topic, event)
-    except Exception as exc:  # noqa: BLE001 - a routing bug must not stop the stream
-        reason = f"route raised {type(exc).__name__}: {exc}"
-        return Rejection(DeadLetterReason.UNROUTABLE, reason, decoded=True)
-    if routed is None:
-        reason = (
-            f"no manager for event {event.id!r} "
-            f"(type {event.type!r}, source {event.source!r}, topic {topic!r})"
-        )
-        return Rejection(DeadLetterReason.UNROUTABLE, reason, decoded=True)
-    manager, mapper = routed
-    try:
-        returned = mapper(manager, event.to_dict())
-        mapped = returned if type(returned) is list else list(returned)
-        for target in mapped:
-            if not isinstance(target, Target):
-                raise TypeError(f"returned a {type(target).__name__}, not a Target")
-    except Exception as exc:  # noqa: BLE001 - a mapper bug must not stop the stream
-        reason = f"mapper of manager {manager!r} raised {type(exc).__name__}: {exc}"
-        return Rejection(DeadLetterReason.MAPPER_ERROR, reason, decoded=True)
-    return mapped
 
 
 class RecordIntake:

@@ -1,6 +1,6 @@
 """The webhook catcher: CloudEvents POSTed over HTTP, answered once their targets are committed.
 
-Flow: **HTTP request -> CloudEvent(s) -> route -> EventMapper -> Target(s) + Ack**
+Flow: **HTTP request -> CloudEvent(s)** -> intake (route, map) -> **Target(s) + Ack**
 -> batcher (``TargetSink``) -> refresh committed -> Ack done -> **200**.
 
 The catcher adds ``POST <path>`` (default ``/events``) to the daemon's HTTP
@@ -23,7 +23,8 @@ Answers, and what the sender should do:
   no room before it is submitted), when the catcher is stopping, when the
   targets were not committed within ``max_wait`` (they stay queued: a retry
   is harmless), and when the catcher closes while the request waits.
-* **500** when the mapper fails with anything but ``ValueError`` (a bug).
+* **500** when the mapper fails with anything but ``ValueError``, returns
+  something other than Targets, or the route raises (a bug).
 
 Shutdown is two-phase (``daemon.model.catcher.Catcher``): after :meth:`stop` new
 requests get 503 while requests already waiting keep waiting for their
@@ -37,31 +38,23 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from catchers.cloudevents import (
-    BATCH_JSON,
-    HTTP_PREFIX,
-    STRUCTURED_JSON,
-    CloudEvent,
-    DecodeError,
-    decode_batch,
-    decode_binary,
-    decode_structured,
-)
+from catchers.cloudevents import CloudEvent
+from catchers.intake import Rejection, map_event, undecodable
+from catchers.options import settings_from
 from catchers.routing import DeadLetterReason, Route, first_route, route_by_attribute
+from catchers.webhook.requests import Outcome, Waiter, decode_request
+from catchers.webhook.settings import WebhookSettings, WebhookStats
+from catchers.wire import DecodeError
 from daemon.api import (
     Ack,
     CatcherContext,
-    Duration,
     EventMapper,
     ManagerEndpoint,
     QueueFullError,
-    Secret,
     Target,
     TargetSink,
     bearer_ok,
@@ -73,85 +66,11 @@ log = logging.getLogger(__name__)
 _CHUNK = 64 * 1024
 
 
-class WebhookSettings(BaseModel):
-    """One webhook catcher (a ``[[catchers]]`` block with ``type = "webhook"``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = "webhook"
-    """The catcher's name in logs and metrics."""
-    path: str = "/events"
-    """The URL path the events are POSTed to."""
-    manager: str | None = None
-    """The manager of every event not claimed by ``routes``."""
-    routes: dict[str, str] = Field(default_factory=dict)
-    """CloudEvents ``source`` -> manager; checked before ``manager``."""
-    token: Secret | None = None
-    """Bearer token senders must give (``{value|env|file}``); default: the ``[http]`` token."""
-    max_wait: Duration = Field(60.0, gt=0)
-    """Seconds a request waits for its targets to be committed before a 503."""
-    max_body_bytes: int = Field(1024 * 1024, ge=1)
-    """Larger bodies are refused with 413."""
-    retry_after: int = Field(5, ge=0)
-    """Seconds, the ``Retry-After`` of every 503."""
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError("path must start with '/'")
-        return value
-
-    @model_validator(mode="after")
-    def _routed(self) -> Self:
-        if self.manager is None and not self.routes:
-            raise ValueError("give manager and/or routes (source = manager)")
-        return self
-
-
-class Outcome(enum.Enum):
-    """How a request's wait for its commit ended."""
-
-    COMMITTED = "committed"
-    TIMED_OUT = "timed out"
-    CLOSED = "closed"
-
-
 class State(enum.Enum):
     NEW = "new"
     RUNNING = "running"
     STOPPING = "stopping"
     CLOSED = "closed"
-
-
-@dataclass(slots=True)
-class WebhookStats:
-    """Counters since start (plain numbers; the daemon exports them)."""
-
-    received: int = 0
-    """Events in authenticated requests (an undecodable body counts as one)."""
-    decoded: int = 0
-    """Events decoded, routed and mapped."""
-    skipped: int = 0
-    """Accepted events that asked for no target."""
-    submitted: int = 0
-    """Events handed to the batcher."""
-    dead_lettered: dict[DeadLetterReason, int] = field(
-        default_factory=lambda: dict.fromkeys(DeadLetterReason, 0)
-    )
-    """Events refused with 400, by reason."""
-    committed: int = 0
-    """Requests answered 200."""
-    busy: int = 0
-    """Requests answered 503 before waiting (no room, not running)."""
-    timed_out: int = 0
-    """Requests answered 503 after ``max_wait``."""
-    closed_waiting: int = 0
-    """Requests answered 503 because the catcher closed while they waited."""
-    unauthorized: int = 0
-    too_large: int = 0
-    mapper_failures: int = 0
-    """Requests answered 500 because a mapper raised something other than ValueError."""
 
 
 class _Rejected(Exception):
@@ -161,27 +80,6 @@ class _Rejected(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-class _Waiter:
-    """Resolves when all acks of one request are done, or with False when closed first."""
-
-    def __init__(self, acks: Sequence[Ack]) -> None:
-        self.future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._remaining = len(acks)
-        if not acks:
-            self.future.set_result(True)
-        for ack in acks:
-            ack.add_done_callback(self._one_done)
-
-    def _one_done(self, _ack: Ack) -> None:
-        self._remaining -= 1
-        if self._remaining == 0 and not self.future.done():
-            self.future.set_result(True)
-
-    def abandon(self) -> None:
-        if not self.future.done():
-            self.future.set_result(False)
 
 
 class WebhookCatcher:
@@ -205,7 +103,7 @@ class WebhookCatcher:
         self._clock = clock
         self._token = token
         self._state = State.NEW
-        self._waiters: set[_Waiter] = set()
+        self._waiters: set[Waiter] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -251,11 +149,9 @@ class WebhookCatcher:
     def healthy(self) -> bool:
         return self._state is not State.CLOSED
 
-    def stats(self) -> Mapping[str, Any]:
-        values = asdict(self.counters)
-        values["dead_lettered"] = {r.value: n for r, n in self.counters.dead_lettered.items()}
-        values["waiting"] = len(self._waiters)
-        return values
+    def stats(self) -> WebhookStats:
+        self.counters.waiting = len(self._waiters)
+        return self.counters
 
     # -- the request ----------------------------------------------------------------
 
@@ -311,50 +207,50 @@ class WebhookCatcher:
         self, request: web.Request, body: bytes
     ) -> list[tuple[CloudEvent, list[Target]]]:
         try:
-            events = _decode(request, body)
+            events = decode_request(request, body)
         except DecodeError as exc:
             self.counters.received += 1
-            raise self._dead_letter(DeadLetterReason.UNDECODABLE, exc.reason) from None
+            raise self._refuse(undecodable(exc), "") from None
         self.counters.received += len(events)
         pairs = []
         for index, event in enumerate(events):
-            where = f"event {event.id!r}" if len(events) == 1 else f"batch item {index}"
-            pairs.append((event, self._map(event, where)))
+            targets = map_event(self._route, self._settings.path, event)
+            if isinstance(targets, Rejection):
+                where = f"event {event.id!r}" if len(events) == 1 else f"batch item {index}"
+                raise self._refuse(targets, where, event)
+            pairs.append((event, targets))
         self.counters.decoded += len(pairs)
         return pairs
 
-    def _map(self, event: CloudEvent, where: str) -> list[Target]:
-        routed = self._route(self._settings.path, event)
-        if routed is None:
-            reason = f"{where}: no manager for source {event.source!r}"
-            raise self._dead_letter(DeadLetterReason.UNROUTABLE, reason)
-        manager, mapper = routed
-        try:
-            targets = list(mapper(manager, event.to_dict()))
-        except ValueError as exc:
-            reason = f"{where}: rejected by the mapper of manager {manager!r}: {exc}"
-            raise self._dead_letter(DeadLetterReason.MAPPER_ERROR, reason) from None
-        except Exception as exc:  # a mapper bug is answered 500, never raised
-            log.warning(
-                "webhook %s: mapper of manager %s failed on %s",
-                self.name,
-                manager,
-                where,
-                exc_info=True,
-            )
-            self.counters.mapper_failures += 1
-            raise _Rejected(500, f"{where}: mapper of manager {manager!r} failed: {exc}") from None
-        bad = next((t for t in targets if not isinstance(t, Target)), None)
-        if bad is not None:
-            self.counters.mapper_failures += 1
-            raise _Rejected(
-                500, f"{where}: mapper of manager {manager!r} returned a {type(bad).__name__}"
-            )
-        return targets
-
-    def _dead_letter(self, reason: DeadLetterReason, detail: str) -> _Rejected:
-        self.counters.dead_lettered[reason] += 1
-        log.debug("webhook %s: refused (%s): %s", self.name, reason.value, detail)
+    def _refuse(
+        self, rejection: Rejection, where: str, event: CloudEvent | None = None
+    ) -> _Rejected:
+        """The policy: 400 with the reason; 500 for a route or mapper bug (logged)."""
+        manager = rejection.manager
+        if rejection.bug:
+            self.counters.mapper_failures += int(manager is not None)
+            if rejection.returned is not None:
+                detail = f"mapper of manager {manager!r} returned a {rejection.returned}"
+            elif manager is None:  # the route raised
+                detail = rejection.message
+            else:
+                log.warning(
+                    "webhook %s: mapper of manager %s failed on %s",
+                    self.name,
+                    manager,
+                    where,
+                    exc_info=rejection.error,
+                )
+                detail = f"mapper of manager {manager!r} failed: {rejection.error}"
+            return _Rejected(500, f"{where}: {detail}")
+        if rejection.reason is DeadLetterReason.UNROUTABLE and event is not None:
+            detail = f"{where}: no manager for source {event.source!r}"
+        elif rejection.reason is DeadLetterReason.MAPPER_ERROR:
+            detail = f"{where}: rejected by the mapper of manager {manager!r}: {rejection.error}"
+        else:
+            detail = rejection.message
+        self.counters.dead_lettered[rejection.reason] += 1
+        log.debug("webhook %s: refused (%s): %s", self.name, rejection.reason.value, detail)
         return _Rejected(400, detail)
 
     def _submit(self, pairs: Sequence[tuple[CloudEvent, list[Target]]]) -> list[Ack]:
@@ -376,7 +272,7 @@ class WebhookCatcher:
         return acks
 
     async def _wait_committed(self, acks: Sequence[Ack]) -> Outcome:
-        waiter = _Waiter(acks)
+        waiter = Waiter(acks)
         if waiter.future.done():
             return Outcome.COMMITTED
         self._waiters.add(waiter)
@@ -409,10 +305,7 @@ def create(options: Mapping[str, Any], context: CatcherContext) -> WebhookCatche
 
     Adds ``POST <path>`` to ``context.http_app``; raises ValueError on bad options.
     """
-    try:
-        settings = WebhookSettings.model_validate(dict(options))
-    except ValidationError as exc:
-        raise ValueError(f"webhook catcher options: {_describe(exc)}") from None
+    settings = settings_from(WebhookSettings, options, "webhook catcher options")
     if context.http_app is None:
         raise ValueError(f"webhook {settings.name}: the daemon's HTTP endpoint is not available")
     token = settings.token.reveal() if settings.token is not None else context.token
@@ -444,30 +337,3 @@ def _route(settings: WebhookSettings, managers: Mapping[str, ManagerEndpoint]) -
         single = endpoint(settings.manager)
         routes.append(lambda stream, event: single)
     return first_route(*routes)
-
-
-def _decode(request: web.Request, body: bytes) -> list[CloudEvent]:
-    """The events of a request in whichever CloudEvents HTTP mode it uses."""
-    content_type = request.headers.get("Content-Type", "")
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media.startswith("application/cloudevents-batch"):
-        if media != BATCH_JSON:
-            raise DecodeError(f"unsupported event batch format {media}")
-        return decode_batch(body)
-    if media.startswith("application/cloudevents"):
-        if media != STRUCTURED_JSON:
-            raise DecodeError(f"unsupported event format {media}")
-        return [decode_structured(body)]
-    if HTTP_PREFIX + "specversion" in request.headers:
-        return [decode_binary(request.headers, body, HTTP_PREFIX, percent_decode=True)]
-    raise DecodeError(
-        "not a CloudEvent: send ce-* headers (binary mode) or Content-Type "
-        f"{STRUCTURED_JSON} or {BATCH_JSON}"
-    )
-
-
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in error['loc']) or 'options'}: {error['msg']}"
-        for error in exc.errors()
-    )

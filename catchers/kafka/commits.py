@@ -6,7 +6,7 @@ refresh committed -> **RecordAck done** -> offset committable -> **committed** t
 Guarantees:
 
 * at-least-once: a partition's committed offset never passes a record whose
-  Ack is not done (:class:`~catchers.offsets.OffsetTracker`).  An offset is
+  Ack is not done (:class:`~catchers.kafka.offsets.OffsetTracker`).  An offset is
   tracked *before* its Ack is handed on (an event without targets is done at
   once) and untracked when the sink refused it (it will be read again).
 * only positions that advanced are committed, every ``commit_interval`` and on
@@ -23,7 +23,7 @@ Guarantees:
   records again).
 * a fetch position beyond the partition's highwater (the log was recreated or
   truncated under us) is reported to ``on_out_of_range`` every commit interval
-  (:mod:`catchers.kafka_resets` reads the partition again and asks for a full
+  (:mod:`catchers.kafka.resets` reads the partition again and asks for a full
   refresh); the partition's bookkeeping is then started afresh (:meth:`forget`).
 
 Nothing here fetches or decodes; :class:`~catchers.kafka.KafkaCatcher` owns
@@ -40,8 +40,8 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
-from catchers.kafka_settings import KafkaCatcherStats, KafkaSettings
-from catchers.offsets import OffsetTracker
+from catchers.kafka.offsets import OffsetTracker
+from catchers.kafka.settings import KafkaCatcherStats, KafkaSettings
 from daemon.api import Ack
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class OffsetCommitter:
                 self._failing_since = None
             self._tracker.mark_committed(offsets)
             self._counters.commits += 1
-            self._counters.committed.update(offsets)
+            self._counters.committed.update({label(tp): pos for tp, pos in offsets.items()})
             log.debug("kafka catcher %s: committed %s", self._settings.name, _describe(offsets))
 
     async def wait_drained(self, partitions: set[TopicPartition] | None, within: float) -> bool:
@@ -245,7 +245,7 @@ class OffsetCommitter:
             await asyncio.sleep(self._settings.commit_interval)
             await self.commit()
             lags = await self._lags()
-            self._counters.lag = {tp: max(lag, 0) for tp, lag in lags.items()}
+            self._counters.lag = {label(tp): max(lag, 0) for tp, lag in lags.items()}
             beyond = {tp for tp, lag in lags.items() if lag < 0 and tp in self._assigned}
             if self.on_out_of_range is not None:
                 await self.on_out_of_range(beyond)
@@ -272,7 +272,7 @@ class OffsetCommitter:
                 tp.partition,
                 "" if drained or not left else f" with {left} records unacknowledged",
             )
-            self._counters.lag.pop(tp, None)
+            self._counters.lag.pop(label(tp), None)
         self._tracker.revoke(revoked)
 
     def forget(self, partitions: Iterable[TopicPartition]) -> None:

@@ -7,20 +7,20 @@ Guarantees (each kept by the module named):
 
 * at-least-once: a partition's committed offset never passes a record whose
   Ack is not done; after a crash or a rebalance the partition is re-read from
-  there.  Auto-commit is off; commits are periodic (:mod:`catchers.kafka_commits`).
+  there.  Auto-commit is off; commits are periodic (:mod:`catchers.kafka.commits`).
 * bad input never stops the stream: a record that does not decode, that no
   manager claims, or whose mapper raises is copied to the dead-letter topic,
-  and only then counts as acknowledged (:mod:`catchers.kafka_records`,
-  :mod:`catchers.kafka_dead_letters`).
+  and only then counts as acknowledged (:mod:`catchers.kafka.records`,
+  :mod:`catchers.kafka.dead_letters`).
 * backpressure without leaving the group: partitions are paused while the
-  sink is full, and polled all the same (:mod:`catchers.kafka_polling`).
+  sink is full, and polled all the same (:mod:`catchers.kafka.polling`).
 
 This module assembles those parts and owns their lifecycle.  Shutdown is
 two-phase (``daemon.model.catcher.Catcher``): :meth:`KafkaCatcher.stop` takes no
 more records in but keeps the member in its group, paused and polling; after
 the batcher has drained, :meth:`KafkaCatcher.close` waits at most
 ``drain_timeout`` for in-flight acks, commits, and closes the consumer and
-the dead-letter producer.  Settings and counters: :mod:`catchers.kafka_settings`.
+the dead-letter producer.  Settings and counters: :mod:`catchers.kafka.settings`.
 """
 
 from __future__ import annotations
@@ -33,21 +33,22 @@ from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from catchers.kafka_commits import OffsetCommitter, label
-from catchers.kafka_dead_letters import (
+from catchers.kafka.commits import OffsetCommitter
+from catchers.kafka.dead_letters import (
     ERROR_HEADER,
     HEADER_PREFIX,
     REASON_HEADER,
     DeadLetterProducer,
 )
-from catchers.kafka_polling import FETCH_MAX_WAIT_MS, PollLoop
-from catchers.kafka_records import RecordIntake
-from catchers.kafka_resets import Feeds, OffsetResets, managers_fed
-from catchers.kafka_settings import (
+from catchers.kafka.polling import FETCH_MAX_WAIT_MS, PollLoop
+from catchers.kafka.records import RecordIntake
+from catchers.kafka.resets import Feeds, OffsetResets, managers_fed
+from catchers.kafka.settings import (
     KafkaCatcherStats,
     KafkaSettings,
     milliseconds,
 )
+from catchers.options import settings_from
 from catchers.routing import ROUTING_OPTIONS, DeadLetterReason, Route, route_from_options
 from daemon.api import CatcherContext, TargetSink
 
@@ -59,7 +60,7 @@ __all__ = [
     "KafkaCatcher",
     "KafkaCatcherStats",
     "KafkaSettings",
-    "kafka_catcher",
+    "create",
 ]
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class KafkaCatcher:
             group_id=s.group_id,
             group_instance_id=s.group_instance_id,
             enable_auto_commit=False,
-            auto_offset_reset="none",  # catchers.kafka_resets applies s.auto_offset_reset
+            auto_offset_reset="none",  # catchers.kafka.resets applies s.auto_offset_reset
             max_poll_records=s.max_poll_records,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             session_timeout_ms=milliseconds(s.session_timeout),
@@ -229,27 +230,10 @@ class KafkaCatcher:
         now = self._clock()
         return polling.stalled(now) or self._commits.stalled(now)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters for metrics (``lag`` and ``committed`` keyed by ``"topic/partition"``)."""
-        c = self.counters
-        return {
-            "received": c.received,
-            "decoded": c.decoded,
-            "submitted": c.submitted,
-            "skipped": c.skipped,
-            "acknowledged": c.acknowledged,
-            "dead_lettered": {str(reason): n for reason, n in c.dead_lettered.items()},
-            "dead_letter_errors": c.dead_letter_errors,
-            "backpressure_pauses": c.backpressure_pauses,
-            "paused": c.paused,
-            "commits": c.commits,
-            "commit_errors": c.commit_errors,
-            "offset_resets": {label(tp): n for tp, n in c.offset_resets.items()},
-            "full_refresh_requests": c.full_refresh_requests,
-            "committed": {label(tp): n for tp, n in c.committed.items()},
-            "lag": {label(tp): n for tp, n in c.lag.items()},
-            "in_flight": self._commits.in_flight(),
-        }
+    def stats(self) -> KafkaCatcherStats:
+        """The live counters (``lag`` and ``committed`` keyed by ``"topic/partition"``)."""
+        self.counters.in_flight = self._commits.in_flight()
+        return self.counters
 
     def assignment(self) -> frozenset[TopicPartition]:
         return self._commits.assignment()
@@ -299,16 +283,14 @@ async def _bounded(step: Awaitable[None], seconds: float, what: str, name: str) 
         log.warning("kafka catcher %s: %s took over %.1fs; given up", name, what, seconds)
 
 
-def kafka_catcher(options: Mapping[str, Any], context: CatcherContext) -> KafkaCatcher:
+def create(options: Mapping[str, Any], context: CatcherContext) -> KafkaCatcher:
     """The ``refreshd.catchers`` entry point ``kafka``: a catcher from a ``[[catchers]]`` block.
 
     Routing options (see :func:`~catchers.routing.route_from_options`) choose
     the manager; every other key is a :class:`KafkaSettings` field.
     """
     route = route_from_options(options, context.managers)
-    settings = KafkaSettings.model_validate(
-        {k: v for k, v in options.items() if k not in ROUTING_OPTIONS}
-    )
+    settings = settings_from(KafkaSettings, options, "kafka catcher options", skip=ROUTING_OPTIONS)
     return KafkaCatcher(
         settings,
         sink=context.sink,

@@ -39,8 +39,8 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
-from catchers.kafka_commits import OffsetCommitter, label
-from catchers.kafka_settings import KafkaCatcherStats, KafkaSettings
+from catchers.kafka.commits import OffsetCommitter, label
+from catchers.kafka.settings import KafkaCatcherStats, KafkaSettings
 from daemon.api import Ack, ManagerEndpoint, QueueFullError, Target, TargetSink
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class OffsetResets:
             partitions = {p for p in exc.args if isinstance(p, TopicPartition)}
             # A partition this process committed before has lost its committed offset:
             # the broker lost the group's data (restarted without it); records may be gone.
-            lost = {tp for tp in partitions if tp in self._counters.committed}
+            lost = {tp for tp in partitions if label(tp) in self._counters.committed}
             if lost:
                 await self.reset({tp: "the group's committed offset is gone" for tp in lost})
             await self._seek(partitions - lost)
@@ -141,7 +141,8 @@ class OffsetResets:
                 "beginning" if s.auto_offset_reset == "earliest" else "end",
                 ", ".join(managers) or "no manager (none is fed by this topic)",
             )
-            self._counters.offset_resets[tp] = self._counters.offset_resets.get(tp, 0) + 1
+            resets = self._counters.offset_resets
+            resets[label(tp)] = resets.get(label(tp), 0) + 1
             self._wanted.update(managers)
         self._commits.forget(why)
         await self._seek(set(why))

@@ -13,12 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
-from aiokafka import TopicPartition
 from aiokafka.helpers import create_ssl_context
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from catchers.routing import DeadLetterReason
-from daemon.api import Duration, Secret
+from catchers.intake import dead_letter_counts
+from daemon.api import CatcherStats, Duration, Secret
 
 
 class KafkaSettings(BaseModel):
@@ -143,31 +142,21 @@ def milliseconds(seconds: float) -> int:
 
 
 @dataclass(slots=True)
-class KafkaCatcherStats:
-    """Counters since start (plain numbers; the daemon exports them)."""
+class KafkaCatcherStats(CatcherStats):
+    """The Kafka catcher's counters since start (``received``: records handed to the sink or
+    dead-lettered, a re-read after QueueFull counts once; ``lag``, ``offset_resets`` and
+    ``committed`` keyed by ``"topic/partition"``)."""
 
-    received: int = 0
-    """Records handed to the sink or dead-lettered (a re-read after QueueFull counts once)."""
-    decoded: int = 0
-    submitted: int = 0
-    skipped: int = 0
-    """Submitted records that asked for no target (an event kind with nothing to refresh)."""
-    acknowledged: int = 0
-    dead_lettered: dict[DeadLetterReason, int] = field(
-        default_factory=lambda: dict.fromkeys(DeadLetterReason, 0)
-    )
+    dead_lettered: dict[str, int] = field(default_factory=dead_letter_counts)
     dead_letter_errors: int = 0
     """Failed attempts to produce a dead letter (each is retried)."""
     backpressure_pauses: int = 0
     paused: bool = False
     commits: int = 0
     commit_errors: int = 0
-    committed: dict[TopicPartition, int] = field(default_factory=dict)
+    committed: dict[str, int] = field(default_factory=dict)
     """Last committed position per partition."""
-    lag: dict[TopicPartition, int] = field(default_factory=dict)
-    """highwater - fetch position per assigned partition, refreshed every commit interval."""
-    offset_resets: dict[TopicPartition, int] = field(default_factory=dict)
-    """Positions that no longer fitted the partition's log (out of range, beyond the
-    highwater: a topic recreated or truncated), each answered with a full refresh."""
     full_refresh_requests: int = 0
     """Full refreshes asked for after offset resets (one per manager and reset)."""
+    in_flight: int = 0
+    """Records handed on and not yet acknowledged (updated when read)."""

@@ -1,6 +1,6 @@
 """The SQS catcher's receive loops: long polls, hand messages on, hold still while full.
 
-Flow: SQS -> **ReceiveMessage (long poll)** -> catchers.sqs_messages (Target(s)) ->
+Flow: SQS -> **ReceiveMessage (long poll)** -> catchers.sqs.messages (Target(s)) ->
 **Lease + MessageAck** -> batcher (``TargetSink.submit_many``); poison -> released
 to the redrive policy (or deleted with ``delete_poison``); no targets -> deleted.
 
@@ -30,11 +30,12 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+from catchers.intake import Rejection
 from catchers.routing import Route
-from catchers.sqs_client import AwsFailure, QueueInfo, classify, explain
-from catchers.sqs_leases import Lease, LeaseKeeper, MessageAck
-from catchers.sqs_messages import Rejection, map_message
-from catchers.sqs_settings import SqsCatcherStats, SqsSettings
+from catchers.sqs.client import AwsFailure, QueueInfo, classify, explain
+from catchers.sqs.leases import Lease, LeaseKeeper, MessageAck
+from catchers.sqs.messages import map_message
+from catchers.sqs.settings import SqsCatcherStats, SqsSettings
 from daemon.api import Target, TargetSink
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from catchers.kafka_settings import KafkaCatcherStats, KafkaSettings
+from catchers.kafka.settings import KafkaCatcherStats, KafkaSettings
 from catchers.routing import DeadLetterReason
 
 log = logging.getLogger(__name__)

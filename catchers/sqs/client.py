@@ -36,7 +36,7 @@ from botocore.exceptions import (
     UnknownCredentialError,
 )
 
-from catchers.sqs_settings import SqsSettings
+from catchers.sqs.settings import SqsSettings
 
 NONEXISTENT_QUEUE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
 DENIED = frozenset(

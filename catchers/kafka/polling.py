@@ -1,6 +1,6 @@
 """The Kafka catcher's poll loop: fetch, hand over, and hold still while the sink is full.
 
-Flow: broker -> **getmany (one fetched batch)** -> catchers.kafka_records (Target(s) +
+Flow: broker -> **getmany (one fetched batch)** -> catchers.kafka.records (Target(s) +
 one Ack per record) -> batcher; refused or unwanted records are sought back to.
 
 Guarantees:
@@ -15,7 +15,7 @@ Guarantees:
   the member stays in its group until :meth:`PollLoop.close`.
 * retriable fetch errors are retried after ``fetch_backoff``; errors about
   positions (no committed offset, out of range) go to
-  :class:`~catchers.kafka_resets.OffsetResets`; any other error ends the loop
+  :class:`~catchers.kafka.resets.OffsetResets`; any other error ends the loop
   (and the catcher reports itself unhealthy).  Every poll is stamped, so a loop
   that stops polling for ``stall_timeout`` is reported unhealthy too.
 
@@ -37,10 +37,10 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
-from catchers.kafka_commits import OffsetCommitter
-from catchers.kafka_records import RecordIntake
-from catchers.kafka_resets import OffsetResets
-from catchers.kafka_settings import KafkaCatcherStats, KafkaSettings, milliseconds
+from catchers.kafka.commits import OffsetCommitter
+from catchers.kafka.records import RecordIntake
+from catchers.kafka.resets import OffsetResets
+from catchers.kafka.settings import KafkaCatcherStats, KafkaSettings, milliseconds
 from daemon.api import TargetSink
 
 log = logging.getLogger(__name__)

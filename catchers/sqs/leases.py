@@ -41,8 +41,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from catchers.sqs_client import PARALLEL_CALLS, classify
-from catchers.sqs_settings import SqsCatcherStats, SqsSettings
+from catchers.sqs.client import PARALLEL_CALLS, classify
+from catchers.sqs.settings import SqsCatcherStats, SqsSettings
 from daemon.api import Ack
 
 log = logging.getLogger(__name__)

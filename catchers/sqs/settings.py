@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from catchers.routing import DeadLetterReason
-from daemon.api import Duration
+from catchers.intake import dead_letter_counts
+from daemon.api import CatcherStats, Duration
 
 _REGION_LABEL = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d+")
 
@@ -108,33 +108,26 @@ def region_of(queue_url: str) -> str | None:
 
 
 @dataclass(slots=True)
-class SqsCatcherStats:
-    """Counters since start (plain numbers; the daemon exports them)."""
+class SqsCatcherStats(CatcherStats):
+    """The SQS catcher's counters since start.
 
-    received: int = 0
-    """Messages received (a message delivered again counts again)."""
-    decoded: int = 0
-    """Received messages whose body decoded (whether or not they could be routed and mapped)."""
-    submitted: int = 0
-    """Messages handed to the batcher (a message held for room counts once, when taken)."""
-    skipped: int = 0
-    """Messages that asked for no target: deleted at once."""
-    acknowledged: int = 0
-    """Messages whose targets were all committed."""
+    ``received``: messages received (a message delivered again counts again);
+    ``decoded``: received messages whose body decoded (whether or not they could be
+    routed and mapped); ``submitted``: handed to the batcher (a message held for room
+    counts once, when taken); ``skipped``: asked for no target, deleted at once;
+    ``acknowledged``: all targets committed; ``dead_lettered``: poison messages on their
+    last receive before the redrive policy moves them to the dead-letter queue, or
+    deleted with delete_poison, by reason.
+    """
+
+    dead_lettered: dict[str, int] = field(default_factory=dead_letter_counts)
     deleted: int = 0
     """Messages deleted from the queue (acknowledged, skipped, or poison with delete_poison)."""
     released: int = 0
     """Messages made visible again at once (poison for the redrive policy, or not taken in
     because the catcher stopped or closed)."""
-    poisoned: dict[DeadLetterReason, int] = field(
-        default_factory=lambda: dict.fromkeys(DeadLetterReason, 0)
-    )
+    poisoned: dict[str, int] = field(default_factory=dead_letter_counts)
     """Receives of messages that could not be decoded, routed or mapped, by reason."""
-    dead_lettered: dict[DeadLetterReason, int] = field(
-        default_factory=lambda: dict.fromkeys(DeadLetterReason, 0)
-    )
-    """Poison messages on their last receive before the redrive policy moves them to the
-    dead-letter queue, or deleted with delete_poison, by reason."""
     visibility_extensions: int = 0
     """Messages whose visibility timeout was renewed (each renewal counts)."""
     backpressure_pauses: int = 0
@@ -145,3 +138,5 @@ class SqsCatcherStats:
     """Failed SQS calls and failed entries of batch calls (each attempt counts)."""
     delete_failures: int = 0
     """Messages given up after ``delete_backoff`` (they will be received again)."""
+    in_flight: int = 0
+    """Messages received and not yet deleted or released (updated when read)."""

@@ -1,7 +1,7 @@
 """SQS message bodies -> CloudEvents -> Targets: the pure part of the SQS catcher.
 
-Flow: **SQS message -> (SNS envelope unwrapped) -> CloudEvent -> route -> EventMapper
--> Target(s)** -> batcher.
+Flow: **SQS message -> (SNS envelope unwrapped) -> CloudEvent** -> intake (route,
+EventMapper) -> Target(s) -> batcher.
 
 What a body may be:
 
@@ -15,8 +15,8 @@ Event time (``Ack.event_time``): the CloudEvent's ``time``, an EventBridge
 event's top-level ``time``, else the message's ``SentTimestamp``.
 
 :func:`map_message` does no I/O and keeps no state: a message either maps to
-its targets, or to a :class:`Rejection` saying why it is poison.  Exceptions
-from the route or the mapper become rejections (a bug must not stop the queue).
+its targets, or to a :class:`~catchers.intake.Rejection` saying why it is
+poison (routing and mapping are :mod:`catchers.intake`'s).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from catchers.cloudevents import CloudEvent, DecodeError, decode_plain, decode_structured
-from catchers.routing import DeadLetterReason, Route
+from catchers.cloudevents import CloudEvent, decode_plain, decode_structured
+from catchers.intake import Rejection, map_event, undecodable
+from catchers.routing import Route
+from catchers.wire import DecodeError
 from daemon.api import Target
 
 
@@ -38,16 +40,6 @@ class Mapped:
 
     targets: list[Target]
     event_time: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """Why a message is poison."""
-
-    reason: DeadLetterReason
-    message: str
-    decoded: bool
-    """The body decoded (it failed at routing or mapping)."""
 
 
 def decode_message(
@@ -71,28 +63,15 @@ def decode_message(
 def map_message(
     route: Route, stream: str, message: Mapping[str, Any], *, queue_name: str
 ) -> Mapped | Rejection:
-    """Decode, route and map one message (``stream``: the queue URL the route sees)."""
+    """Decode one message and take its event through the intake (``stream``: the queue URL
+    the route sees)."""
     try:
         event, event_time = decode_message(message, queue_name=queue_name)
     except DecodeError as exc:
-        return Rejection(DeadLetterReason.UNDECODABLE, exc.reason, decoded=False)
-    try:
-        routed = route(stream, event)
-    except Exception as exc:  # noqa: BLE001 - a routing bug must not stop the queue
-        reason = f"route raised {type(exc).__name__}: {exc}"
-        return Rejection(DeadLetterReason.UNROUTABLE, reason, decoded=True)
-    if routed is None:
-        reason = f"no manager for event {event.id!r} (type {event.type!r}, source {event.source!r})"
-        return Rejection(DeadLetterReason.UNROUTABLE, reason, decoded=True)
-    manager, mapper = routed
-    try:
-        targets = list(mapper(manager, event.to_dict()))
-        for target in targets:
-            if not isinstance(target, Target):
-                raise TypeError(f"returned a {type(target).__name__}, not a Target")
-    except Exception as exc:  # noqa: BLE001 - a mapper bug must not stop the queue
-        reason = f"mapper of manager {manager!r} raised {type(exc).__name__}: {exc}"
-        return Rejection(DeadLetterReason.MAPPER_ERROR, reason, decoded=True)
+        return undecodable(exc)
+    targets = map_event(route, stream, event)
+    if isinstance(targets, Rejection):
+        return targets
     return Mapped(targets, event_time)
 
 
