@@ -35,7 +35,7 @@ from pydantic import (
 
 from daemon.model.provider import UnknownProviderError, load_provider
 from daemon.persistence.db import DEFAULT_DATABASE_URL
-from daemon.pipeline.batches import BatchingSettings
+from daemon.pipeline.batches import GLOBAL_BATCHING_KEYS, BatchingSettings
 from daemon.service.secrets import Secret, SecretUnavailableError
 
 __all__ = ["ConfigError", "Duration", "LoadedConfig", "Secret", "load_config", "parse_config"]
@@ -354,9 +354,16 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Loaded
 
 def _batching_errors(config: Config, source: str) -> list[str]:
     """What BatchingSettings would refuse at start (retry_initial > retry_max, ...), per
-    layer: ``[batching]``, then each manager's own table over it."""
+    layer: ``[batching]``, then each manager's own table over it; and a global key
+    (``workers``, ``max_pending_targets``) in a manager's own table."""
     base = BatchingSettings()
-    errors = []
+    errors = [
+        f"{source}: managers[{i}].batching.{key}: {key} is global ({meaning}), not per "
+        f"manager: set it in [batching], not in manager {m.name!r}'s [managers.batching]"
+        for i, m in enumerate(config.managers)
+        for key, meaning in GLOBAL_BATCHING_KEYS.items()
+        if key in m.batching.overrides()
+    ]
     layers = [("batching", config.batching.overrides())] + [
         (f"managers[{i}].batching", config.batching.overrides() | m.batching.overrides())
         for i, m in enumerate(config.managers)
