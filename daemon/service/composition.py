@@ -132,10 +132,13 @@ async def assemble(
     managers: Collection[str] | None = None,
     progress: ProgressBoard | None = None,
     ready: Callable[[AsyncEngine], Awaitable[bool]] | None = None,
+    persister: Callable[[AsyncEngine], Persister] | None = None,
 ) -> AsyncIterator[Parts]:
     """Open the database (``engine``, else one created from ``database_url`` and disposed
     at the end), wait for ``ready`` (False: :class:`NotStarted`), migrate the schema, and
     connect every configured manager (only ``managers`` when given) in config order.
+    ``persister`` builds the persister instead of the ``[persister]`` table (a bench
+    comparing settings that are not config keys).
 
     Raises ConfigError when the config is unusable (a deferred problem)."""
     cfg = loaded.usable().config
@@ -146,7 +149,11 @@ async def assemble(
         if ready is not None and not await ready(engine):
             raise NotStarted
         revision = await upgrade(engine)
-        persister = Persister(engine, settings=persister_settings(cfg))
+        saver = (
+            persister(engine)
+            if persister is not None
+            else Persister(engine, settings=persister_settings(cfg))
+        )
         refreshable: dict[str, RefreshableManager] = {}
         manager_ids: dict[str, int] = {}
         for m in cfg.managers:
@@ -154,7 +161,7 @@ async def assemble(
                 continue
             connection = load_provider(m.provider).connect(m.name, loaded.provider_settings[m.name])
             await stack.enter_async_context(connection)
-            manager_ids[m.name] = await persister.ensure_manager(m.name, m.provider)
+            manager_ids[m.name] = await saver.ensure_manager(m.name, m.provider)
             refreshable[m.name] = RefreshableManager(
                 m.name, m.provider, connection, m.allow_targeted_refresh
             )
@@ -162,10 +169,10 @@ async def assemble(
             config=cfg,
             engine=engine,
             revision=revision,
-            persister=persister,
+            persister=saver,
             managers=refreshable,
             manager_ids=manager_ids,
-            refresher=Refresher(persister, refreshable, progress=progress),
+            refresher=Refresher(saver, refreshable, progress=progress),
         )
 
 

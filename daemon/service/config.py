@@ -1,6 +1,8 @@
 """Configuration: one TOML file, validated with messages that name the file and the key.
 
 Flow: **config** -> daemon start-up (database, managers, batching, catchers, http).
+The ``[http]`` table is :mod:`daemon.service.http_config`; messages are written by
+:mod:`daemon.service.config_messages`.
 
 Unknown keys and bad values are errors (``refreshd.toml: managers[0].page_size:
 Input should be greater than or equal to 1``), never silently ignored.
@@ -13,15 +15,13 @@ provider-specific keys are validated by that provider's own settings model.
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -29,13 +29,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
 from daemon.model.provider import UnknownProviderError, load_provider
 from daemon.persistence.db import DEFAULT_DATABASE_URL
 from daemon.pipeline.batches import GLOBAL_BATCHING_KEYS, BatchingSettings
+from daemon.service.config_messages import format_validation_error
+from daemon.service.http_config import HttpConfig
 from daemon.service.secrets import Secret, SecretUnavailableError
 
 __all__ = ["ConfigError", "Duration", "LoadedConfig", "Secret", "load_config", "parse_config"]
@@ -136,56 +137,6 @@ class OwnershipConfig(_Strict):
     )
 
 
-class HttpConfig(_Strict):
-    """The ``[http]`` table: where the endpoint listens and who may post to it.
-
-    Secure by default: a ``listen`` address that is not loopback needs a ``token``
-    (``POST /refresh`` and the webhooks would accept anyone), unless
-    ``allow_unauthenticated = true`` says that is meant.
-    """
-
-    listen: str = "127.0.0.1:8080"
-    token: Secret | None = None
-    allow_unauthenticated: bool = False
-
-    @model_validator(mode="after")
-    def _secure_by_default(self) -> HttpConfig:
-        host, _ = self.host_port
-        if self.token is None and not self.allow_unauthenticated and not _loopback(host):
-            raise ValueError(
-                f"listen = {self.listen!r} is reachable from other hosts and no token is set:"
-                " anyone could POST /refresh and send webhook events. Set [http] token"
-                ' (e.g. token = { env = "REFRESHD_HTTP_TOKEN" }), listen on 127.0.0.1, or'
-                " set [http] allow_unauthenticated = true if that is really meant"
-            )
-        return self
-
-    @field_validator("listen")
-    @classmethod
-    def _host_and_port(cls, value: str) -> str:
-        _, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(
-                f"expected HOST:PORT with a port 1-65535, e.g. 127.0.0.1:8080; got {value!r}"
-            )
-        return value
-
-    @property
-    def host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return (host or "127.0.0.1", int(port))
-
-
-def _loopback(host: str) -> bool:
-    """``host`` is a loopback address or ``localhost`` (another name may resolve elsewhere)."""
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 class CatcherConfig(BaseModel):
     """A ``[[catchers]]`` block; keys beyond ``type`` belong to that catcher."""
 
@@ -249,52 +200,6 @@ class LoadedConfig:
         if self.deferred:
             raise ConfigError("\n".join(f"{self.source}: {p}" for p in self.deferred))
         return self
-
-
-def format_validation_error(
-    source: str,
-    exc: ValidationError,
-    prefix: str = "",
-    *,
-    model: type[BaseModel] | None = None,
-    also_known: Iterable[str] = (),
-) -> str:
-    """One line per error: ``FILE: key.path: message``; an unknown key gets the closest
-    known one of ``model`` at that place (plus ``also_known``) as a suggestion."""
-    lines = []
-    for err in exc.errors():
-        loc = prefix
-        for part in err["loc"]:
-            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
-        message = err["msg"]
-        if err["type"] == "extra_forbidden" and model is not None and err["loc"]:
-            known = [*_known_keys(model, err["loc"][:-1]), *also_known]
-            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.6)
-            if close:
-                message += f" (did you mean {close[0]!r}?)"
-        lines.append(f"{source}: {loc or '(top level)'}: {message}")
-    return "\n".join(lines)
-
-
-def _known_keys(model: type[BaseModel], path: Sequence[int | str]) -> list[str]:
-    """The field names of the model found at ``path`` inside ``model``."""
-    current: type[BaseModel] | None = model
-    for part in path:
-        if isinstance(part, int) or current is None:
-            continue
-        field = current.model_fields.get(part)
-        current = _model_in(field.annotation) if field is not None else None
-    return list(current.model_fields) if current is not None else []
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> LoadedConfig:

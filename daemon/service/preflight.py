@@ -31,7 +31,8 @@ from daemon.model.targets import TargetCollection
 from daemon.persistence.db import DatabaseURLError, create_engine
 from daemon.pipeline.batcher import Batcher
 from daemon.service.composition import build_catcher, endpoints_of
-from daemon.service.config import LoadedConfig, format_validation_error
+from daemon.service.config import LoadedConfig
+from daemon.service.config_messages import format_validation_error
 from daemon.service.secrets import SecretUnavailableError, raw_secrets, secret_problems
 
 
