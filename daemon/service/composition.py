@@ -46,7 +46,6 @@ from daemon.pipeline.batcher import NO_HOOKS, Batcher, BatchingSettings, Refresh
 from daemon.pipeline.clock import LOOP_CLOCK, Clock
 from daemon.pipeline.ownership import (
     LocalOwnership,
-    OwnershipSettings,
     PostgresOwnership,
     default_instance_name,
     fenced,
@@ -220,18 +219,12 @@ def build_ownership(
     instance = config.instance_name or default_instance_name()
     if dialect_of(engine) is Dialect.SQLITE:
         return LocalOwnership(manager_ids, instance=instance)
-    o = config.ownership
     return PostgresOwnership(
         normalize_url(config.database_url),
         managers=manager_ids,
         instance=instance,
         work=_LazyWork(batcher),
-        settings=OwnershipSettings(
-            keepalive=o.keepalive,
-            session_timeout=o.session_timeout,
-            release_after=o.release_after,
-            save_idle_timeout=o.save_idle_timeout,
-        ),
+        settings=config.ownership.settings(),
         on_acquired=lambda _manager: batcher().wake(),
     )
 

@@ -35,6 +35,7 @@ from pydantic import (
 from daemon.model.provider import UnknownProviderError, load_provider
 from daemon.persistence.db import DEFAULT_DATABASE_URL
 from daemon.pipeline.batches import GLOBAL_BATCHING_KEYS, BatchingSettings
+from daemon.pipeline.ownership import OwnershipSettings
 from daemon.service.config_messages import format_validation_error
 from daemon.service.http_config import HttpConfig
 from daemon.service.secrets import Secret, SecretUnavailableError
@@ -59,6 +60,9 @@ def _parse_duration(value: Any) -> Any:
 
 
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+
+
+_OWNERSHIP = OwnershipSettings()
 
 
 class ConfigError(ValueError):
@@ -123,18 +127,30 @@ class ManagerConfig(BaseModel):
 
 class OwnershipConfig(_Strict):
     """The ``[ownership]`` table: how processes sharing a PostgreSQL database hand managers
-    over (daemon/pipeline/ownership.py, docs/scaling.md); unused on SQLite."""
+    over (daemon/pipeline/ownership.py, docs/scaling.md); unused on SQLite.  The keys and
+    defaults are those of :class:`OwnershipSettings`, which takes them as they are."""
 
-    keepalive: Duration = Field(2.0, gt=0, description="seconds between keepalives")
+    keepalive: Duration = Field(
+        _OWNERSHIP.keepalive, gt=0, description="seconds between keepalives"
+    )
     session_timeout: Duration = Field(
-        10.0, gt=0, description="a silent process loses its managers after this many seconds"
+        _OWNERSHIP.session_timeout,
+        gt=0,
+        description="a silent process loses its managers after this many seconds",
     )
     release_after: Duration = Field(
-        5.0, ge=0, description="seconds without work before a manager is given back"
+        _OWNERSHIP.release_after,
+        ge=0,
+        description="seconds without work before a manager is given back",
     )
     save_idle_timeout: Duration = Field(
-        120.0, gt=0, description="a save transaction idle this long is ended by the server"
+        _OWNERSHIP.save_idle_timeout,
+        gt=0,
+        description="a save transaction idle this long is ended by the server",
     )
+
+    def settings(self) -> OwnershipSettings:
+        return OwnershipSettings(**self.model_dump())
 
 
 class CatcherConfig(BaseModel):
