@@ -24,8 +24,7 @@ from collections.abc import Sequence
 from daemon.model.inventory import COLLECTIONS
 from daemon.model.provider import EXTRA_OF_MODULE, load_provider
 from daemon.model.targets import Target, TargetCollection, TargetSpecError, Trigger, parse_target
-from daemon.persistence.db import DatabaseURLError, create_engine, normalize_url
-from daemon.persistence.migrate import upgrade
+from daemon.persistence.db import DatabaseURLError, normalize_url
 from daemon.persistence.refresh_result import RefreshResult, vars_of
 from daemon.service.composition import assemble
 from daemon.service.config import DATABASE_URL_ENV, ConfigError, LoadedConfig, load_config
@@ -156,12 +155,8 @@ async def cmd_run(loaded: LoadedConfig) -> int:
 
 async def cmd_db_upgrade(args: argparse.Namespace) -> int:
     loaded = load_config(args.config).usable()
-    engine = create_engine(loaded.config.database_url)
-    try:
-        revision = await upgrade(engine)
-    finally:
-        await engine.dispose()
-    print(f"database schema at revision {revision}")
+    async with assemble(loaded, managers=()) as parts:  # the schema, no manager
+        print(f"database schema at revision {parts.revision}")
     return 0
 
 
