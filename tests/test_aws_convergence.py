@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +29,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catchers.aws import map_event
 from daemon.model.targets import Target, TargetCollection
-from daemon.persistence.persister import Persister
-from daemon.persistence.refresh_result import PersisterSettings
-from daemon.pipeline.refresher import RefreshableManager, Refresher
-from providers.aws import AwsConnection, AwsSettings
+from daemon.pipeline.refresher import Refresher
+from daemon.service.composition import assemble
+from daemon.service.config import parse_config
 from tests.aws_cloud import AMI, OTHER_AMI
 from tests.cloud_state import State, database_state
 from tests.fixtures.moto_server import AwsClients, MotoServer, moto_credentials
@@ -232,17 +231,18 @@ class Harness:
 async def harness(engine: AsyncEngine, moto: MotoServer) -> AsyncIterator[Harness]:
     moto.reset()
     await empty_database(engine)
-    persister = Persister(engine, settings=PersisterSettings(max_delete_ratio=1.0))
-    settings_ = AwsSettings(region=moto.region, endpoint_url=moto.endpoint_url)
-    async with AsyncExitStack() as stack:
-        managers = {
-            name: RefreshableManager(
-                name, "aws", await stack.enter_async_context(AwsConnection(name, settings_))
-            )
-            for name in (EVENTS, MIRROR)
+    aws = {"provider": "aws", "region": moto.region, "endpoint_url": moto.endpoint_url}
+    loaded = parse_config(
+        {
+            "persister": {"max_delete_ratio": 1.0},
+            "managers": [{"name": name, **aws} for name in (EVENTS, MIRROR)],
         }
-        ec2 = await stack.enter_async_context(AwsClients(moto)("ec2", region_name=moto.region))
-        yield Harness(Account(ec2), Refresher(persister, managers), engine)
+    )
+    async with (
+        assemble(loaded, engine=engine) as parts,
+        AwsClients(moto)("ec2", region_name=moto.region) as ec2,
+    ):
+        yield Harness(Account(ec2), parts.refresher, engine)
 
 
 @settings(deadline=None, max_examples=8)

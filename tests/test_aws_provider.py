@@ -7,6 +7,7 @@ query, plus the EC2 requests a targeted refresh sends (never a listing).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from daemon.model.provider import ProviderAuthError, ProviderError
 from daemon.model.targets import Target, TargetCollection
 from daemon.persistence import schema
-from daemon.persistence.persister import Persister
 from daemon.persistence.refresh_result import RefreshResult
-from daemon.pipeline.refresher import RefreshableManager, Refresher
+from daemon.pipeline.refresher import Refresher
+from daemon.service.composition import assemble
+from daemon.service.config import parse_config
 from providers.aws import AwsConnection, AwsSettings
 from tests.aws_cloud import (
     AMI,
@@ -64,16 +66,26 @@ def settings(moto: MotoServer, **overrides: Any) -> AwsSettings:
     return AwsSettings(**{"region": moto.region, "endpoint_url": moto.endpoint_url, **overrides})
 
 
+@asynccontextmanager
+async def assembled(
+    engine: AsyncEngine, moto: MotoServer, **overrides: Any
+) -> AsyncIterator[tuple[Refresher, AwsConnection]]:
+    """Manager MANAGER of provider aws on ``moto`` (with ``overrides``), as the daemon
+    builds it: its refresher and its open connection."""
+    manager = {"name": MANAGER, "provider": "aws", "region": moto.region}
+    manager |= {"endpoint_url": moto.endpoint_url, **overrides}
+    async with assemble(parse_config({"managers": [manager]}), engine=engine) as parts:
+        connection = parts.connection(MANAGER)
+        assert isinstance(connection, AwsConnection)
+        yield parts.refresher, connection
+
+
 @pytest.fixture
 async def aws(
-    moto: MotoServer, aws_client: AwsClients, engine: AsyncEngine, persister: Persister
+    moto: MotoServer, aws_client: AwsClients, engine: AsyncEngine
 ) -> AsyncIterator[Harness]:
-    async with (
-        AwsConnection(MANAGER, settings(moto)) as connection,
-        aws_client("ec2") as ec2,
-    ):
-        managers = {MANAGER: RefreshableManager(MANAGER, "aws", connection)}
-        yield Harness(engine, connection, Refresher(persister, managers), ec2)
+    async with assembled(engine, moto) as (refresher, connection), aws_client("ec2") as ec2:
+        yield Harness(engine, connection, refresher, ec2)
 
 
 async def test_full_refresh_saves_the_account_and_a_second_one_writes_nothing(
@@ -182,13 +194,12 @@ async def test_terminated_and_unknown_instances_are_archived(aws: Harness) -> No
 
 
 async def test_keep_terminated_keeps_the_vm_in_state_terminated(
-    moto: MotoServer, aws_client: AwsClients, engine: AsyncEngine, persister: Persister
+    moto: MotoServer, aws_client: AwsClients, engine: AsyncEngine
 ) -> None:
     async with (
-        AwsConnection(MANAGER, settings(moto, keep_terminated=True)) as connection,
+        assembled(engine, moto, keep_terminated=True) as (refresher, _),
         aws_client("ec2") as ec2,
     ):
-        refresher = Refresher(persister, {MANAGER: RefreshableManager(MANAGER, "aws", connection)})
         [a] = await launch(ec2, "app")
         await ec2.terminate_instances(InstanceIds=[a])
         await refresher.refresh(TargetCollection(MANAGER, [Target.full(MANAGER)]))
@@ -242,30 +253,28 @@ async def test_a_network_interface_target_refreshes_its_vm(aws: Harness) -> None
 
 
 async def test_throttling_and_server_errors_are_retried(
-    moto: MotoServer, engine: AsyncEngine, persister: Persister, aws_client: AwsClients
+    moto: MotoServer, engine: AsyncEngine, aws_client: AwsClients
 ) -> None:
     async with (
         FaultyFront(moto.endpoint_url) as front,
-        AwsConnection(MANAGER, settings(moto, endpoint_url=front.url)) as connection,
+        assembled(engine, moto, endpoint_url=front.url) as (refresher, _),
         aws_client("ec2") as ec2,
     ):
         [a] = await launch(ec2, "app")
         front.faults = [("RequestLimitExceeded", 503), ("InternalError", 500), ("Unavailable", 503)]
-        refresher = Refresher(persister, {MANAGER: RefreshableManager(MANAGER, "aws", connection)})
         await refresher.refresh(TargetCollection(MANAGER, [Target.full(MANAGER)]))
         assert not front.faults
         assert a in (await database_state(engine, MANAGER))["vms"]
 
 
 async def test_exhausted_retries_fail_the_refresh_as_retryable(
-    moto: MotoServer, engine: AsyncEngine, persister: Persister
+    moto: MotoServer, engine: AsyncEngine
 ) -> None:
     async with (
         FaultyFront(moto.endpoint_url) as front,
-        AwsConnection(MANAGER, settings(moto, endpoint_url=front.url, max_attempts=2)) as conn,
+        assembled(engine, moto, endpoint_url=front.url, max_attempts=2) as (refresher, conn),
     ):
         front.always = ("RequestLimitExceeded", 503)
-        refresher = Refresher(persister, {MANAGER: RefreshableManager(MANAGER, "aws", conn)})
         with pytest.raises(ProviderError, match="RequestLimitExceeded") as failure:
             await refresher.refresh(TargetCollection(MANAGER, [Target.full(MANAGER)]))
     assert failure.value.retryable
@@ -275,14 +284,13 @@ async def test_exhausted_retries_fail_the_refresh_as_retryable(
 
 
 async def test_refused_credentials_fail_clearly_and_are_recorded(
-    moto: MotoServer, engine: AsyncEngine, persister: Persister
+    moto: MotoServer, engine: AsyncEngine
 ) -> None:
     async with (
         FaultyFront(moto.endpoint_url) as front,
-        AwsConnection(MANAGER, settings(moto, endpoint_url=front.url)) as conn,
+        assembled(engine, moto, endpoint_url=front.url) as (refresher, conn),
     ):
         front.always = ("AuthFailure", 401)
-        refresher = Refresher(persister, {MANAGER: RefreshableManager(MANAGER, "aws", conn)})
         with pytest.raises(ProviderAuthError, match="AuthFailure") as failure:
             await refresher.refresh(TargetCollection(MANAGER, [Target.of(MANAGER, "vms", "i-1")]))
     assert not failure.value.retryable

@@ -27,7 +27,7 @@ from daemon.persistence import schema
 from daemon.pipeline.batcher import Batcher, BatchingSettings
 from daemon.pipeline.clock import FakeClock
 from daemon.pipeline.refresh_costs import ManagerCosts
-from daemon.service.lifecycle import seed_costs
+from daemon.service.run_history import seed_costs
 
 
 @dataclass

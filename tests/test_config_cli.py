@@ -9,7 +9,7 @@ import pytest
 
 from daemon.persistence.migrate import head_revision
 from daemon.service.cli import main
-from daemon.service.config import load_config, parse_config
+from daemon.service.config import ConfigError, load_config, parse_config
 from daemon.service.secrets import SecretUnavailableError
 from tests.daemon_process import write_config
 
@@ -98,6 +98,46 @@ def test_bad_config_names_the_file_and_key(
     err = capsys.readouterr().err
     assert str(path) in err
     assert message in err
+
+
+def test_a_global_batching_key_in_a_manager_override_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``workers`` and ``max_pending_targets`` apply to all managers: in a manager's own
+    ``[managers.batching]`` they would be silently ignored, so they are an error naming
+    the key and the manager (the rest of that table is fine)."""
+    manager = {"name": "aws-prod", "provider": "awesome_cloud", "endpoint": "embedded"}
+    with pytest.raises(ConfigError) as raised:
+        parse_config(
+            {"managers": [manager | {"batching": {"workers": 8, "debounce": 0.5}}]},
+            source="refreshd.toml",
+        )
+    assert str(raised.value) == (
+        "refreshd.toml: managers[0].batching.workers: workers is global (refreshes running at "
+        "once across all managers), not per manager: set it in [batching], not in manager "
+        "'aws-prod''s [managers.batching]"
+    )
+    both = {"batching": {"workers": 8, "max_pending_targets": 10}}
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"managers": [manager | both]}, source="refreshd.toml")
+    assert "managers[0].batching.max_pending_targets: max_pending_targets is global" in str(
+        raised.value
+    )
+    # in [batching] they are what they always were; other keys may be overridden per manager
+    loaded = parse_config(
+        {"batching": {"workers": 8}, "managers": [manager | {"batching": {"debounce": 0.5}}]}
+    )
+    assert loaded.config.batching.workers == 8
+
+    path = tmp_path / "refreshd.toml"
+    path.write_text(
+        '[[managers]]\nname = "aws-prod"\nprovider = "awesome_cloud"\nendpoint = "embedded"\n'
+        "[managers.batching]\nworkers = 8\n"
+    )
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: managers[0].batching.workers: workers is global" in err
+    assert "manager 'aws-prod'" in err
 
 
 def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -219,6 +259,11 @@ def test_refresh_holds_a_mass_deletion_until_confirmed(
         (["--manager", "nobody"], "no manager named 'nobody'"),
         (["--manager", "awesome", "--target", "vms"], "expected COLLECTION:REF"),
         (["--manager", "awesome", "--target", "planets:p-1"], "unknown collection 'planets'"),
+        (
+            ["--manager", "awesome", "--target", "vm:x"],
+            "--target 'vm:x': unknown collection 'vm' (flavors, images, ",
+        ),
+        (["--manager", "awesome", "--target", "disks:vm="], "expected key=value pairs"),
     ],
 )
 def test_refresh_usage_errors(

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from random import Random
 from typing import Any
@@ -49,10 +49,11 @@ from daemon.model.targets import Target, TargetCollection
 from daemon.persistence import schema
 from daemon.persistence.db import create_engine
 from daemon.persistence.migrate import upgrade
-from daemon.persistence.persister import Persister
-from daemon.persistence.refresh_result import PersisterSettings, RefreshResult
-from daemon.pipeline.refresher import RefreshableManager, Refresher
-from providers.awesome_cloud import AwesomeCloudSettings, AwesomeConnection
+from daemon.persistence.refresh_result import RefreshResult
+from daemon.pipeline.refresher import Refresher
+from daemon.service.composition import assemble
+from daemon.service.config import parse_config
+from providers.awesome_cloud import AwesomeConnection
 from providers.awesome_cloud.simulator import Cloud, CloudEvent
 from providers.awesome_cloud.simulator_model import DISK_SIZES, OPERATING_SYSTEMS, VM_STATES
 from tests.cloud_state import (
@@ -556,24 +557,30 @@ async def harness(
     """
     engine = db.engine
     await empty_database(engine)
-    # the mass-deletion guard is not under test here: a small cloud may lose most of its vms
-    persister = Persister(engine, settings=PersisterSettings(max_delete_ratio=1.0))
-    settings = AwesomeCloudSettings(
-        endpoint="embedded",
-        embedded_vms=vms,
-        embedded_seed=seed,
-        page_size=7,  # several pages per collection in a full refresh
-        ids_per_request=3,  # several requests per collection in a targeted refresh
+    provider = {
+        "provider": PROVIDER,
+        "endpoint": "embedded",
+        "embedded_vms": vms,
+        "embedded_seed": seed,
+        "page_size": 7,  # several pages per collection in a full refresh
+        "ids_per_request": 3,  # several requests per collection in a targeted refresh
+    }
+    names = (MANAGER, NEIGHBOUR) if neighbour else (MANAGER,)
+    loaded = parse_config(
+        {
+            # the mass-deletion guard is not under test here: a small cloud may lose most of
+            # its vms
+            "persister": {"max_delete_ratio": 1.0},
+            "managers": [{"name": name, **provider} for name in names],
+        }
     )
-    async with AsyncExitStack() as stack:
-        managers: dict[str, RefreshableManager] = {}
+    async with assemble(loaded, engine=engine) as parts:
         clouds: dict[str, Cloud] = {}
-        for name in (MANAGER, NEIGHBOUR) if neighbour else (MANAGER,):
-            connection = await stack.enter_async_context(AwesomeConnection(name, settings))
-            assert connection.cloud is not None
-            managers[name] = RefreshableManager(name, PROVIDER, connection)
+        for name in names:
+            connection = parts.connection(name)
+            assert isinstance(connection, AwesomeConnection) and connection.cloud is not None
             clouds[name] = connection.cloud
-        refresher = Refresher(persister, managers)
+        refresher = parts.refresher
         if neighbour:
             await refresher.refresh(TargetCollection(NEIGHBOUR, [Target.full(NEIGHBOUR)]))
         yield Harness(engine, refresher, World(clouds[MANAGER]), clouds.get(NEIGHBOUR))

@@ -112,6 +112,26 @@ async def test_manual_refresh_is_authenticated_and_committed(
     assert status == 200
 
 
+async def test_manual_refresh_refuses_a_target_of_an_unknown_collection(
+    daemon: tuple[Daemon, str],
+) -> None:
+    """``vm:x`` names no declared collection: 400 naming it, nothing queued (the same parser
+    as ``refreshd refresh --target``)."""
+    d, url = daemon
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    before = d.batcher.pending_count() if d.batcher else 0
+    for spec, message in [
+        ("vm:x", "target 'vm:x': unknown collection 'vm' (flavors, images, "),
+        ("vms", "target 'vms': expected COLLECTION:REF"),
+        ("disks:vm=vm-1,sda", "target 'disks:vm=vm-1,sda': expected key=value pairs"),
+    ]:
+        body = {"manager": "awesome", "targets": ["vms:vm-000001", spec]}
+        status, reply, _ = await call("POST", url + "/refresh?wait=true", json=body, headers=auth)
+        assert status == 400, (spec, reply)
+        assert str(reply["error"]).startswith(f"bad request: {message}"), reply
+    assert d.batcher is not None and d.batcher.pending_count() == before
+
+
 async def test_metrics_count_refreshes_and_rows(daemon: tuple[Daemon, str]) -> None:
     d, url = daemon
     auth = {"Authorization": f"Bearer {TOKEN}"}

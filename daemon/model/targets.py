@@ -11,6 +11,10 @@ scope of a targeted refresh.  Each Target carries its :class:`Trigger` (why it
 was asked for), recorded in ``refresh_runs.trigger``; it never takes part in
 deduplication.
 
+Operators name targets as ``COLLECTION:REF`` (``vms:vm-12``, ``disks:vm=vm-12,device_name=sda``);
+:func:`parse_target` is the one parser of that form (``refreshd refresh --target`` and
+``POST /refresh``), and refuses a collection that is not declared.
+
 Every event builds at least one Target, so the common case (one ``ems_ref``)
 is built without sorting, and hashing and comparing refs stays cheap.
 """
@@ -22,6 +26,8 @@ import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from daemon.model.declarations import CollectionRegistry
 
 MANAGER = "manager"
 """The association of a target that means a full refresh of its manager."""
@@ -228,3 +234,25 @@ class TargetCollection:
 
     def __repr__(self) -> str:
         return f"TargetCollection({self.manager!r}, {self.describe()!r})"
+
+
+class TargetSpecError(ValueError):
+    """A ``COLLECTION:REF`` an operator gave cannot name a target; the message says why."""
+
+
+def parse_target(manager: str, spec: str, collections: CollectionRegistry) -> Target:
+    """``vms:vm-12`` or ``disks:vm=vm-12,device_name=sda`` -> a manual Target of ``manager``;
+    the collection must be one of ``collections`` (the declared ones,
+    ``daemon.model.inventory.COLLECTIONS``)."""
+    collection, sep, ref = spec.partition(":")
+    if not sep or not collection or not ref:
+        raise TargetSpecError(f"{spec!r}: expected COLLECTION:REF, e.g. vms:vm-000012")
+    if collection not in collections:
+        known = ", ".join(collections.save_order)
+        raise TargetSpecError(f"{spec!r}: unknown collection {collection!r} ({known})")
+    if "=" in ref:
+        pairs = [p.partition("=") for p in ref.split(",")]
+        if any(not k or not v for k, _, v in pairs):
+            raise TargetSpecError(f"{spec!r}: expected key=value pairs after ':'")
+        return Target(manager, collection, Ref({k: v for k, _, v in pairs}), trigger=Trigger.MANUAL)
+    return Target.of(manager, collection, ref, trigger=Trigger.MANUAL)

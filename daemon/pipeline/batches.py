@@ -109,6 +109,14 @@ class BatchingSettings:
         )
 
 
+GLOBAL_BATCHING_KEYS: dict[str, str] = {
+    "workers": "refreshes running at once across all managers",
+    "max_pending_targets": "pending targets across all managers before submit refuses",
+}
+"""The :class:`BatchingSettings` fields the batcher reads from its default settings only
+(what each means); a manager's own settings cannot change them."""
+
+
 class PendingBatch:
     """Deduplicated targets of one manager and the acks waiting on each."""
 

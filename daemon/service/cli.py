@@ -23,12 +23,10 @@ from collections.abc import Sequence
 
 from daemon.model.inventory import COLLECTIONS
 from daemon.model.provider import EXTRA_OF_MODULE, load_provider
-from daemon.model.targets import Ref, Target, TargetCollection, Trigger
-from daemon.persistence.db import DatabaseURLError, create_engine, normalize_url
-from daemon.persistence.migrate import upgrade
-from daemon.persistence.persister import Persister
-from daemon.persistence.refresh_result import PersisterSettings, RefreshResult, vars_of
-from daemon.pipeline.refresher import RefreshableManager, Refresher
+from daemon.model.targets import Target, TargetCollection, TargetSpecError, Trigger, parse_target
+from daemon.persistence.db import DatabaseURLError, normalize_url
+from daemon.persistence.refresh_result import RefreshResult, vars_of
+from daemon.service.composition import assemble
 from daemon.service.config import DATABASE_URL_ENV, ConfigError, LoadedConfig, load_config
 from daemon.service.lifecycle import SHUTDOWN_MARGIN, Daemon
 from daemon.service.logging_setup import LEVELS, LogFormat, configure_logging
@@ -52,27 +50,12 @@ class UsageError(ValueError):
     pass
 
 
-def parse_target(manager: str, spec: str) -> Target:
-    """``vms:vm-12`` or ``disks:vm=vm-12,device_name=sda`` -> a Target of ``manager``."""
-    collection, sep, ref = spec.partition(":")
-    if not sep or not ref:
-        raise UsageError(f"--target {spec!r}: expected COLLECTION:REF, e.g. vms:vm-000012")
-    if collection not in COLLECTIONS:
-        known = ", ".join(COLLECTIONS.save_order)
-        raise UsageError(f"--target {spec!r}: unknown collection {collection!r} ({known})")
-    if "=" in ref:
-        pairs = [p.partition("=") for p in ref.split(",")]
-        if any(not k or not v for k, _, v in pairs):
-            raise UsageError(f"--target {spec!r}: expected key=value pairs after ':'")
-        return Target(manager, collection, Ref({k: v for k, _, v in pairs}), trigger=Trigger.MANUAL)
-    return Target.of(manager, collection, ref, trigger=Trigger.MANUAL)
-
-
-def persister_settings(loaded: LoadedConfig) -> PersisterSettings:
-    p = loaded.config.persister
-    return PersisterSettings(
-        max_delete_ratio=p.max_delete_ratio, mass_delete_min_rows=p.mass_delete_min_rows
-    )
+def cli_target(manager: str, spec: str) -> Target:
+    """``--target COLLECTION:REF`` -> a Target of ``manager`` (UsageError: exit 2)."""
+    try:
+        return parse_target(manager, spec, COLLECTIONS)
+    except TargetSpecError as exc:
+        raise UsageError(f"--target {exc}") from None
 
 
 def refuse_demo_into_database(args: argparse.Namespace) -> None:
@@ -94,40 +77,25 @@ async def cmd_refresh(args: argparse.Namespace) -> int:
     refuse_demo_into_database(args)
     loaded = load_config(args.config).usable()
     manager_cfg = loaded.config.manager(args.manager)
-    targets = [parse_target(manager_cfg.name, t) for t in args.target or []]
+    targets = [cli_target(manager_cfg.name, t) for t in args.target or []]
     if args.confirm_deletions and targets:
         raise UsageError("--confirm-deletions applies to a full refresh: give no --target")
     collection = TargetCollection(
         manager_cfg.name, targets or [Target.full(manager_cfg.name, trigger=Trigger.MANUAL)]
     )
-    engine = create_engine(loaded.config.database_url)
-    try:
-        await upgrade(engine)
-        persister = Persister(engine, settings=persister_settings(loaded))
+    async with assemble(loaded, managers={manager_cfg.name}) as parts:
         if args.confirm_deletions:
-            await persister.ensure_manager(manager_cfg.name, manager_cfg.provider)
-            await persister.confirm_deletions(manager_cfg.name)
-        provider = load_provider(manager_cfg.provider)
-        connection = provider.connect(manager_cfg.name, loaded.provider_settings[manager_cfg.name])
-        async with connection:
-            managed = RefreshableManager(
-                name=manager_cfg.name,
-                provider=manager_cfg.provider,
-                connection=connection,
-                allow_targeted_refresh=manager_cfg.allow_targeted_refresh,
-            )
-            result = await Refresher(persister, {managed.name: managed}).refresh(collection)
-        if args.json:
-            print(json.dumps(result_json(result), indent=2))
-        else:
-            for line in result.summary_lines():
-                print(line)
-        if result.held_deletion is not None:
-            print(f"refreshd: {result.held_deletion.message(manager_cfg.name)}", file=sys.stderr)
-            return 1
-        return 0
-    finally:
-        await engine.dispose()
+            await parts.persister.confirm_deletions(manager_cfg.name)
+        result = await parts.refresher.refresh(collection)
+    if args.json:
+        print(json.dumps(result_json(result), indent=2))
+    else:
+        for line in result.summary_lines():
+            print(line)
+    if result.held_deletion is not None:
+        print(f"refreshd: {result.held_deletion.message(manager_cfg.name)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def result_json(result: RefreshResult) -> dict[str, object]:
@@ -187,12 +155,8 @@ async def cmd_run(loaded: LoadedConfig) -> int:
 
 async def cmd_db_upgrade(args: argparse.Namespace) -> int:
     loaded = load_config(args.config).usable()
-    engine = create_engine(loaded.config.database_url)
-    try:
-        revision = await upgrade(engine)
-    finally:
-        await engine.dispose()
-    print(f"database schema at revision {revision}")
+    async with assemble(loaded, managers=()) as parts:  # the schema, no manager
+        print(f"database schema at revision {parts.revision}")
     return 0
 
 

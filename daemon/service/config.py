@@ -1,6 +1,8 @@
 """Configuration: one TOML file, validated with messages that name the file and the key.
 
 Flow: **config** -> daemon start-up (database, managers, batching, catchers, http).
+The ``[http]`` table is :mod:`daemon.service.http_config`; messages are written by
+:mod:`daemon.service.validation_errors`.
 
 Unknown keys and bad values are errors (``refreshd.toml: managers[0].page_size:
 Input should be greater than or equal to 1``), never silently ignored.
@@ -13,7 +15,6 @@ provider-specific keys are validated by that provider's own settings model.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -28,13 +29,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
 from daemon.model.provider import UnknownProviderError, load_provider
 from daemon.persistence.db import DEFAULT_DATABASE_URL
-from daemon.pipeline.batches import BatchingSettings
+from daemon.pipeline.batches import GLOBAL_BATCHING_KEYS, BatchingSettings
+from daemon.pipeline.ownership import OwnershipSettings
+from daemon.service.http_config import HttpConfig
 from daemon.service.secrets import Secret, SecretUnavailableError
 from daemon.service.validation_errors import format_validation_error
 
@@ -58,6 +60,9 @@ def _parse_duration(value: Any) -> Any:
 
 
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+
+
+_OWNERSHIP = OwnershipSettings()
 
 
 class ConfigError(ValueError):
@@ -122,68 +127,30 @@ class ManagerConfig(BaseModel):
 
 class OwnershipConfig(_Strict):
     """The ``[ownership]`` table: how processes sharing a PostgreSQL database hand managers
-    over (daemon/pipeline/ownership.py, docs/scaling.md); unused on SQLite."""
+    over (daemon/pipeline/ownership.py, docs/scaling.md); unused on SQLite.  The keys and
+    defaults are those of :class:`OwnershipSettings`, which takes them as they are."""
 
-    keepalive: Duration = Field(2.0, gt=0, description="seconds between keepalives")
+    keepalive: Duration = Field(
+        _OWNERSHIP.keepalive, gt=0, description="seconds between keepalives"
+    )
     session_timeout: Duration = Field(
-        10.0, gt=0, description="a silent process loses its managers after this many seconds"
+        _OWNERSHIP.session_timeout,
+        gt=0,
+        description="a silent process loses its managers after this many seconds",
     )
     release_after: Duration = Field(
-        5.0, ge=0, description="seconds without work before a manager is given back"
+        _OWNERSHIP.release_after,
+        ge=0,
+        description="seconds without work before a manager is given back",
     )
     save_idle_timeout: Duration = Field(
-        120.0, gt=0, description="a save transaction idle this long is ended by the server"
+        _OWNERSHIP.save_idle_timeout,
+        gt=0,
+        description="a save transaction idle this long is ended by the server",
     )
 
-
-class HttpConfig(_Strict):
-    """The ``[http]`` table: where the endpoint listens and who may post to it.
-
-    Secure by default: a ``listen`` address that is not loopback needs a ``token``
-    (``POST /refresh`` and the webhooks would accept anyone), unless
-    ``allow_unauthenticated = true`` says that is meant.
-    """
-
-    listen: str = "127.0.0.1:8080"
-    token: Secret | None = None
-    allow_unauthenticated: bool = False
-
-    @model_validator(mode="after")
-    def _secure_by_default(self) -> HttpConfig:
-        host, _ = self.host_port
-        if self.token is None and not self.allow_unauthenticated and not _loopback(host):
-            raise ValueError(
-                f"listen = {self.listen!r} is reachable from other hosts and no token is set:"
-                " anyone could POST /refresh and send webhook events. Set [http] token"
-                ' (e.g. token = { env = "REFRESHD_HTTP_TOKEN" }), listen on 127.0.0.1, or'
-                " set [http] allow_unauthenticated = true if that is really meant"
-            )
-        return self
-
-    @field_validator("listen")
-    @classmethod
-    def _host_and_port(cls, value: str) -> str:
-        _, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(
-                f"expected HOST:PORT with a port 1-65535, e.g. 127.0.0.1:8080; got {value!r}"
-            )
-        return value
-
-    @property
-    def host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return (host or "127.0.0.1", int(port))
-
-
-def _loopback(host: str) -> bool:
-    """``host`` is a loopback address or ``localhost`` (another name may resolve elsewhere)."""
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    def settings(self) -> OwnershipSettings:
+        return OwnershipSettings(**self.model_dump())
 
 
 class CatcherConfig(BaseModel):
@@ -308,9 +275,16 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Loaded
 
 def _batching_errors(config: Config, source: str) -> list[str]:
     """What BatchingSettings would refuse at start (retry_initial > retry_max, ...), per
-    layer: ``[batching]``, then each manager's own table over it."""
+    layer: ``[batching]``, then each manager's own table over it; and a global key
+    (``workers``, ``max_pending_targets``) in a manager's own table."""
     base = BatchingSettings()
-    errors = []
+    errors = [
+        f"{source}: managers[{i}].batching.{key}: {key} is global ({meaning}), not per "
+        f"manager: set it in [batching], not in manager {m.name!r}'s [managers.batching]"
+        for i, m in enumerate(config.managers)
+        for key, meaning in GLOBAL_BATCHING_KEYS.items()
+        if key in m.batching.overrides()
+    ]
     layers = [("batching", config.batching.overrides())] + [
         (f"managers[{i}].batching", config.batching.overrides() | m.batching.overrides())
         for i, m in enumerate(config.managers)

@@ -43,7 +43,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from daemon.model.acks import Ack, QueueFullError
-from daemon.model.targets import Ref, Target, Trigger
+from daemon.model.inventory import COLLECTIONS
+from daemon.model.targets import Target, TargetSpecError, Trigger, parse_target
 from daemon.persistence import schema
 from daemon.persistence.deletion_guard import held_deletions
 from daemon.pipeline.batcher import Batcher
@@ -85,16 +86,6 @@ def unauthorized() -> web.Response:
         status=401,
         headers={"WWW-Authenticate": 'Bearer realm="refreshd"'},
     )
-
-
-def parse_target_spec(manager: str, spec: str) -> Target:
-    collection, sep, ref = spec.partition(":")
-    if not sep or not collection or not ref:
-        raise ValueError(f"target {spec!r}: expected COLLECTION:REF")
-    if "=" in ref:
-        ref_ = Ref(dict(p.split("=", 1) for p in ref.split(",")))
-        return Target(manager, collection, ref_, trigger=Trigger.MANUAL)
-    return Target.of(manager, collection, ref, trigger=Trigger.MANUAL)
 
 
 @dataclass(slots=True)
@@ -208,7 +199,7 @@ def make_app(deps: HttpDeps) -> web.Application:
                 raise ValueError(f"unknown manager {manager!r}")
             if not isinstance(specs, list):
                 raise ValueError("targets must be a list of COLLECTION:REF strings")
-            targets = [parse_target_spec(manager, str(s)) for s in specs] or [
+            targets = [parse_target(manager, str(s), COLLECTIONS) for s in specs] or [
                 Target.full(manager, trigger=Trigger.MANUAL)
             ]
             confirm = body.get("confirm_deletions", False)
@@ -218,6 +209,8 @@ def make_app(deps: HttpDeps) -> web.Application:
                 raise ValueError("confirm_deletions applies to a full refresh: give no targets")
             if confirm and deps.confirm_deletions is None:
                 raise ValueError("this endpoint cannot confirm deletions")
+        except TargetSpecError as exc:
+            return web.json_response({"error": f"bad request: target {exc}"}, status=400)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             return web.json_response({"error": f"bad request: {exc}"}, status=400)
         if confirm and deps.confirm_deletions is not None:

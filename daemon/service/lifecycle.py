@@ -1,8 +1,9 @@
 """The daemon's lifecycle: one owner of every resource, opened in order, closed in reverse.
 
 Flow: **lifecycle** starts database -> provider connections -> ownership -> batcher (refresher,
-persister) -> HTTP endpoint -> catchers -> scheduler; READY=1; runs until a stop
-signal; then shuts down in the written order (docs/operations.md):
+persister) (all built by :mod:`daemon.service.composition`) -> HTTP endpoint -> catchers ->
+scheduler; READY=1; runs until a stop signal; then shuts down in the written order
+(docs/operations.md):
 
 1. readiness goes 503, systemd is told STOPPING=1;
 2. catchers stop taking events in (Kafka stops fetching, the webhook answers 503);
@@ -29,46 +30,27 @@ import gc
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from daemon.model.catcher import (
-    Catcher,
-    CatcherContext,
-    ManagerEndpoint,
-    UnknownPluginError,
-    load_catcher,
-    load_event_mapper,
-)
-from daemon.model.provider import EventMapper, load_provider
-from daemon.model.targets import Target, TargetCollection
-from daemon.persistence import schema
-from daemon.persistence.db import Dialect, create_engine, dialect_of, normalize_url
-from daemon.persistence.migrate import upgrade
-from daemon.persistence.persister import Persister
-from daemon.persistence.refresh_result import PersisterSettings, RefreshKind, RefreshResult
+from daemon.model.catcher import Catcher, CatcherContext
+from daemon.model.targets import TargetCollection
+from daemon.persistence.refresh_result import RefreshResult
 from daemon.persistence.retention import prune_forever
-from daemon.pipeline.batcher import Batcher, BatchingSettings, RefreshHooks
+from daemon.pipeline.batcher import Batcher, RefreshHooks
 from daemon.pipeline.clock import LOOP_CLOCK, Clock
-from daemon.pipeline.ownership import (
-    LocalOwnership,
-    OwnershipSettings,
-    PostgresOwnership,
-    default_instance_name,
-    fenced,
-    fenced_collect,
-)
 from daemon.pipeline.progress import ProgressBoard
-from daemon.pipeline.refresher import RefreshableManager, Refresher
+from daemon.pipeline.refresher import RefreshableManager
 from daemon.pipeline.scheduler import Scheduler
-from daemon.service.config import BatchingConfig, Config, LoadedConfig
+from daemon.service.composition import NotStarted, assemble, build_catcher, endpoints_of
+from daemon.service.config import Config, LoadedConfig
 from daemon.service.health import DatabaseWatch, Liveness, ManagerMemory
 from daemon.service.http import HttpDeps, Readiness, make_app, start_site
 from daemon.service.metrics import MeteredSink, Metrics
+from daemon.service.run_history import last_full, last_full_of, last_success
 from daemon.service.scrape_collectors import CatcherProbe, ProviderStats
 from daemon.service.status_page import add_status_page
 from daemon.service.systemd import Notifier
@@ -78,21 +60,6 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_MARGIN = 15.0
 """Seconds past ``shutdown_timeout`` that stopping catchers and closing them may take."""
-
-
-def batching_settings(base: BatchingSettings, *layers: BatchingConfig) -> BatchingSettings:
-    """``base`` with the keys set in each ``[batching]`` layer applied in order."""
-    values = {f.name: getattr(base, f.name) for f in fields(base)}
-    for layer in layers:
-        values.update(layer.overrides())
-    return BatchingSettings(**values)
-
-
-def _no_mapper(provider: str) -> EventMapper:
-    def mapper(manager: str, event: dict[str, Any]) -> list[Target]:
-        raise LookupError(f"provider {provider!r} has no event mapper installed")
-
-    return mapper
 
 
 async def wait_for_database(engine: AsyncEngine, stop: asyncio.Event, readiness: Readiness) -> bool:
@@ -176,87 +143,32 @@ class Daemon:
 
     # -- running --------------------------------------------------------------------
 
-    def _ownership(
-        self, engine: AsyncEngine, manager_ids: dict[str, int], batcher: Callable[[], Batcher]
-    ) -> LocalOwnership | PostgresOwnership:
-        """Who may refresh which manager: every one on SQLite, the owned ones on PostgreSQL."""
-        cfg = self.config
-        instance = cfg.instance_name or default_instance_name()
-        if dialect_of(engine) is Dialect.SQLITE:
-            return LocalOwnership(manager_ids, instance=instance)
-        return PostgresOwnership(
-            normalize_url(cfg.database_url),
-            managers=manager_ids,
-            instance=instance,
-            work=_LazyWork(batcher),
-            settings=OwnershipSettings(
-                keepalive=cfg.ownership.keepalive,
-                session_timeout=cfg.ownership.session_timeout,
-                release_after=cfg.ownership.release_after,
-                save_idle_timeout=cfg.ownership.save_idle_timeout,
-            ),
-            on_acquired=lambda _manager: batcher().wake(),
-        )
-
     async def run(self, stop: asyncio.Event) -> int:
         cfg = self.loaded.usable().config
         async with AsyncExitStack() as stack:
-            engine = create_engine(cfg.database_url)
-            stack.push_async_callback(engine.dispose)
-            if not await wait_for_database(engine, stop, self.readiness):
+            try:
+                parts = await stack.enter_async_context(
+                    assemble(
+                        self.loaded,
+                        progress=self.progress,
+                        ready=lambda engine: wait_for_database(engine, stop, self.readiness),
+                    )
+                )
+            except NotStarted:
                 return 0
-            revision = await upgrade(engine)
-            log.info("database schema at revision %s", revision)
-            persister = Persister(
-                engine,
-                settings=PersisterSettings(
-                    max_delete_ratio=cfg.persister.max_delete_ratio,
-                    mass_delete_min_rows=cfg.persister.mass_delete_min_rows,
-                ),
-            )
-            refreshable: dict[str, RefreshableManager] = {}
-            manager_ids: dict[str, int] = {}
-            endpoints: dict[str, ManagerEndpoint] = {}
-            for m in cfg.managers:
-                connection = load_provider(m.provider).connect(
-                    m.name, self.loaded.provider_settings[m.name]
-                )
-                await stack.enter_async_context(connection)
-                manager_ids[m.name] = await persister.ensure_manager(m.name, m.provider)
-                refreshable[m.name] = RefreshableManager(
-                    m.name, m.provider, connection, m.allow_targeted_refresh
-                )
-                try:
-                    mapper = load_event_mapper(m.provider)
-                except UnknownPluginError:
-                    mapper = _no_mapper(m.provider)
-                endpoints[m.name] = ManagerEndpoint(m.name, m.provider, mapper, connection)
-
-            base = batching_settings(BatchingSettings(), cfg.batching)
-            refresher = Refresher(persister, refreshable, progress=self.progress)
-            ownership = self._ownership(engine, manager_ids, lambda: batcher)
-            batcher = Batcher(
-                fenced(refresher.refresh, ownership, _manager_of),
-                # a manager's next batch collects while one persists
-                collect=fenced_collect(refresher.collect, ownership, _manager_of),
-                settings=base,
-                overrides={
-                    # a manager without targeted refresh: every batch is full at dispatch
-                    m.name: _full_only(batching_settings(base, m.batching))
-                    if not m.allow_targeted_refresh
-                    else batching_settings(base, m.batching)
-                    for m in cfg.managers
-                },
+            log.info("database schema at revision %s", parts.revision)
+            engine, persister, refreshable = parts.engine, parts.persister, parts.managers
+            endpoints = endpoints_of(cfg, refreshable)
+            pipeline = await parts.pipeline(
                 clock=self.clock,
                 hooks=RefreshHooks(
                     on_start=self._on_start,
                     on_success=self._on_success,
                     on_failure=self._on_failure,
                 ),
-                may_start=ownership.may_start,
             )
+            batcher, ownership = pipeline.batcher, pipeline.ownership
             self.batcher = batcher
-            await seed_costs(engine, batcher)
             sink = MeteredSink(batcher, self.metrics, self.clock.now)
             self.sink = sink
             token = cfg.http.token.reveal() if cfg.http.token is not None else None
@@ -282,9 +194,7 @@ class Daemon:
             context = CatcherContext(
                 sink=sink, managers=endpoints, clock=self.clock.now, http_app=app, token=token
             )
-            for c in cfg.catchers:
-                options = c.options | ({"name": c.name} if c.name else {})
-                self.catchers.append(load_catcher(c.type)(options, context))
+            self.catchers += [build_catcher(c, context) for c in cfg.catchers]
             self.catcher_probes += [CatcherProbe(c.name, c.stats, c.healthy) for c in self.catchers]
             self.metrics.register_pipeline(
                 batcher_stats=lambda: _as_dict(batcher.stats),
@@ -292,18 +202,17 @@ class Daemon:
                 catchers=self.catcher_probes,
                 providers=_api_stats(refreshable),
             )
-            last_success = await _last_success(engine)
+            seen_success = await last_success(engine)
             for m in cfg.managers:
                 self.metrics.manager_configured(
-                    m.name, interval=m.refresh_interval, last_success=last_success.get(m.name, {})
+                    m.name, interval=m.refresh_interval, last_success=seen_success.get(m.name, {})
                 )
             self.metrics.register_ownership(ownership)
 
             host, port = cfg.http.host_port
             stack.push_async_callback(await start_site(app, host, port))
-            await ownership.start()
-            stack.push_async_callback(ownership.stop)  # after the batcher closed
-            await stack.enter_async_context(_closing_batcher(batcher))
+            # ownership stops after the batcher closed
+            await stack.enter_async_context(pipeline.running())
             for catcher in self.catchers:
                 await catcher.start()
                 stack.push_async_callback(self._closer(catcher))
@@ -314,10 +223,10 @@ class Daemon:
                 intervals={m.name: m.refresh_interval for m in cfg.managers},
                 clock=self.clock,
                 ownership=ownership,
-                last_full=lambda name: _last_full_of(engine, name),
+                last_full=lambda name: last_full_of(engine, name),
                 recheck=max(1.0, 5 * cfg.ownership.keepalive),
             )
-            scheduler.plan(await _last_full(engine), now_wall=datetime.now(UTC))
+            scheduler.plan(await last_full(engine), now_wall=datetime.now(UTC))
             self.liveness.progressed()
             database = DatabaseWatch(
                 engine, reasons=self.readiness.reasons, on_back=persister.record_unrecorded
@@ -458,26 +367,6 @@ def _api_stats(managers: dict[str, RefreshableManager]) -> dict[str, ProviderSta
     return out
 
 
-async def _last_success(engine: AsyncEngine) -> dict[str, dict[str, float]]:
-    """Per manager and kind, when its last successful refresh started (Unix seconds; a
-    conservative seed for the freshness gauge, which later runs set to their end)."""
-    runs, m = schema.refresh_runs, schema.managers
-    query = (
-        select(m.c.name, runs.c.kind, func.max(runs.c.started_at))
-        .join(m, m.c.id == runs.c.manager_id)
-        .where(runs.c.error.is_(None))
-        .group_by(m.c.name, runs.c.kind)
-    )
-    out: dict[str, dict[str, float]] = {}
-    async with engine.connect() as conn:
-        for name, kind, started in (await conn.execute(query)).all():
-            if started is not None:
-                if started.tzinfo is None:
-                    started = started.replace(tzinfo=UTC)
-                out.setdefault(name, {})[kind] = started.timestamp()
-    return out
-
-
 def _freeze_start_up_heap() -> None:
     """Move what start-up allocated (modules, config, connections) out of the garbage
     collector's reach: full collections then scan only what the pipeline allocates."""
@@ -487,73 +376,3 @@ def _freeze_start_up_heap() -> None:
 
 def _as_dict(stats: object) -> dict[str, Any]:
     return {k: getattr(stats, k) for k in dir(stats) if not k.startswith("_")}
-
-
-def _full_only(settings: BatchingSettings) -> BatchingSettings:
-    return replace(settings, targeted_refresh=False)
-
-
-@contextlib.asynccontextmanager
-async def _closing_batcher(batcher: Batcher) -> Any:
-    batcher.start()
-    try:
-        yield batcher
-    finally:
-        await batcher.close(cancel=True)
-
-
-async def seed_costs(engine: AsyncEngine, batcher: Batcher, runs_per_manager: int = 20) -> None:
-    """Start from the durations of each manager's recent successful refreshes in
-    ``refresh_runs`` (oldest first), so that a daemon started on a backlog times its
-    batches and decides escalation from measurements, not from the threshold alone."""
-    r, m = schema.refresh_runs, schema.managers
-    recent = (
-        select(m.c.name, r.c.kind, r.c.targets, r.c.duration, r.c.id)
-        .join(m, m.c.id == r.c.manager_id)
-        .where(r.c.error.is_(None))
-        .order_by(r.c.id.desc())
-        .limit(runs_per_manager * 20)
-    )
-    async with engine.connect() as conn:
-        rows = (await conn.execute(recent)).all()
-    newest: dict[str, list[Any]] = {}
-    for row in rows:  # newest first
-        kept = newest.setdefault(row.name, [])
-        if len(kept) < runs_per_manager:
-            kept.append(row)
-    for row in reversed([row for kept in newest.values() for row in kept]):
-        kind = RefreshKind.FULL if row.kind == RefreshKind.FULL.value else RefreshKind.TARGETED
-        batcher.record_cost(row.name, kind, targets=row.targets, duration=row.duration)
-
-
-def _manager_of(collection: TargetCollection) -> str:
-    return collection.manager
-
-
-class _LazyWork:
-    """The batcher, as ownership sees it (built after ownership, which it needs)."""
-
-    def __init__(self, batcher: Callable[[], Batcher]) -> None:
-        self._batcher = batcher
-
-    def pending_count(self, manager: str | None = None) -> int:
-        return self._batcher().pending_count(manager)
-
-    def in_flight_managers(self) -> frozenset[str]:
-        return self._batcher().in_flight_managers()
-
-
-async def _last_full_of(engine: AsyncEngine, name: str) -> datetime | None:
-    m = schema.managers
-    async with engine.connect() as conn:
-        value: datetime | None = (
-            await conn.execute(select(m.c.last_full_refresh_at).where(m.c.name == name))
-        ).scalar()
-    return value
-
-
-async def _last_full(engine: AsyncEngine) -> dict[str, datetime | None]:
-    m = schema.managers
-    async with engine.connect() as conn:
-        rows = (await conn.execute(select(m.c.name, m.c.last_full_refresh_at))).all()
-    return {r.name: r.last_full_refresh_at for r in rows}

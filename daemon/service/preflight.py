@@ -7,7 +7,8 @@ keys with a suggestion, bad values, durations, ``listen``, retry bounds, each
 provider's keys).  This step checks what needs the environment: the database
 driver is installed (else the extra to install), every secret can be read
 (variable set, file or systemd credential present), and every catcher can be
-built from its options (constructors do no I/O).  All problems are returned at
+built from its options (constructors do no I/O) by the code ``run`` builds it with
+(:mod:`daemon.service.composition`).  All problems are returned at
 once, each naming the file and key; ``run`` exits 2 on any, so systemd does
 not restart a daemon that cannot start (``RestartPreventExitStatus=2``).
 """
@@ -24,17 +25,12 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from daemon.model.catcher import (
-    CatcherContext,
-    ManagerEndpoint,
-    UnknownPluginError,
-    load_catcher,
-    load_event_mapper,
-)
+from daemon.model.catcher import CatcherContext, UnknownPluginError, load_catcher
 from daemon.model.provider import EXTRA_OF_MODULE
 from daemon.model.targets import TargetCollection
 from daemon.persistence.db import DatabaseURLError, create_engine
 from daemon.pipeline.batcher import Batcher
+from daemon.service.composition import build_catcher, endpoints_of
 from daemon.service.config import LoadedConfig
 from daemon.service.secrets import SecretUnavailableError, raw_secrets, secret_problems
 from daemon.service.validation_errors import format_validation_error
@@ -73,27 +69,19 @@ def _missing(exc: ImportError) -> str:
 def _catcher_problems(loaded: LoadedConfig) -> Iterator[str]:
     """Build every configured catcher (constructors do no I/O) to validate its options."""
     cfg = loaded.config
-    endpoints = {}
-    for m in cfg.managers:
-        try:
-            mapper = load_event_mapper(m.provider)
-        except UnknownPluginError:
-            continue
-        endpoints[m.name] = ManagerEndpoint(m.name, m.provider, mapper)
 
     async def never(_targets: TargetCollection) -> None:
         raise RuntimeError("check-config does not refresh")
 
     context = CatcherContext(
         sink=Batcher(never),
-        managers=endpoints,
+        managers=endpoints_of(cfg),
         clock=time.monotonic,
         http_app=web.Application(),
         token=None,
     )
     for i, c in enumerate(cfg.catchers):
         key = f"catchers[{i}]"
-        options = c.options | ({"name": c.name} if c.name else {})
         yield from secret_problems(raw_secrets(c.options), key)
         try:
             factory = load_catcher(c.type)
@@ -102,7 +90,7 @@ def _catcher_problems(loaded: LoadedConfig) -> Iterator[str]:
             continue
         models = _settings_models(factory)
         try:
-            factory(options, context)
+            build_catcher(c, context)
         except ValidationError as exc:
             model = next((m for m in models if m.__name__ == exc.title), None)
             text = format_validation_error("", exc, prefix=key, model=model, also_known=["type"])
