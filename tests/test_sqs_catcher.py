@@ -156,6 +156,16 @@ class Queues:
         return await self.counts(url) == (0, 0)
 
 
+async def drained(queues: Queues, url: str, h: Any, *, deleted: int) -> None:
+    """Wait until the queue is empty and the catcher has counted its deletes (the queue
+    empties when SQS processed a delete, the count moves when the catcher read its answer)."""
+
+    async def done() -> bool:
+        return h.stats().deleted >= deleted and await queues.empty(url)
+
+    await wait_for(done, timeout=WAIT, what=f"the queue to empty and {deleted} deletes counted")
+
+
 @pytest.fixture
 async def queues(aws_client: AwsClients, moto: MotoServer) -> AsyncIterator[Queues]:
     async with aws_client("sqs") as sqs:
@@ -226,7 +236,7 @@ async def test_messages_are_deleted_only_after_their_refresh_commits(
     assert (stats.submitted, stats.deleted, stats.in_flight) == (3, 0, 3)
 
     h.refresh.release()
-    await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
+    await drained(queues, url, h, deleted=3)
     stats = h.stats()
     assert (stats.acknowledged, stats.deleted, stats.in_flight) == (3, 3, 0)
     assert stats.received == 3  # no message was delivered twice
@@ -239,7 +249,7 @@ async def test_several_receive_loops_take_each_message_once(make: Make, queues: 
 
     h = await make(url, {"concurrency": 3, "max_messages": 4})
 
-    await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
+    await drained(queues, url, h, deleted=25)
     assert h.refresh.committed_refs() == {f"m:vms:{vm}" for vm in vms}
     stats = h.stats()
     assert (stats.received, stats.deleted, stats.in_flight) == (25, 25, 0)
@@ -252,7 +262,7 @@ async def test_a_message_asking_for_nothing_is_deleted_at_once(make: Make, queue
 
     await queues.send(url, cloud_event("x", kind="region", action="announced"))
 
-    await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
+    await drained(queues, url, h, deleted=1)
     assert h.refresh.calls == []
     stats = h.stats()
     assert (stats.skipped, stats.deleted, stats.submitted) == (1, 1, 0)
@@ -276,7 +286,7 @@ async def test_a_failed_refresh_keeps_the_message_until_the_retry_commits(
     assert await queues.counts(url) == (0, 1)  # the failure deleted nothing
     assert h.stats().deleted == 0
     refresh.release()
-    await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
+    await drained(queues, url, h, deleted=1)
     assert refresh.committed_refs() == {"m:vms:vm-1"}
     assert h.stats().deleted == 1
 
@@ -415,7 +425,7 @@ async def test_delete_poison_logs_and_deletes_poison(
 
     await queues.send(url, "{broken json", cloud_event("vm-1"))
 
-    await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
+    await drained(queues, url, h, deleted=2)
     assert h.refresh.committed_refs() == {"m:vms:vm-1"}
     stats = h.stats()
     assert stats.poisoned["undecodable"] == 1
@@ -451,7 +461,7 @@ async def test_a_full_batcher_stops_the_receives_and_nothing_is_lost(
     # with room for one target at a time, a receive of 10 is handed on one by one:
     # the others are held (renewed), not given back to the queue
     h.refresh.release()
-    await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
+    await drained(queues, url, h, deleted=15)
     assert h.refresh.committed_refs() == {f"m:vms:{vm}" for vm in [*vms, "busy-1", "busy-2"]}
     stats = h.stats()
     assert (stats.received, stats.submitted, stats.deleted) == (15, 15, 15)
@@ -482,7 +492,7 @@ async def test_close_leaves_pending_messages_to_the_next_catcher(
     assert await queues.counts(url) == (1, 0)
 
     second = await make(url)
-    await wait_for(lambda: queues.empty(url), timeout=WAIT, what="the queue to empty")
+    await drained(queues, url, second, deleted=1)
     assert second.refresh.committed_refs() == {"m:vms:vm-1"}
     assert second.stats().deleted == 1
 

@@ -114,8 +114,15 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - stopping, database down: try next round
-            log.warning("manager %s: could not queue full refresh: %s", manager, exc)
-            return min(60.0, interval)
+            retry = min(self._recheck, interval)
+            log.warning(
+                "manager %s: could not decide its full refresh (%s: %s); trying again in %.0fs",
+                manager,
+                type(exc).__name__,
+                exc,
+                retry,
+            )
+            return retry
 
 
 def _remaining(last: datetime | None, interval: float, now_wall: datetime) -> float:
