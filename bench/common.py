@@ -271,16 +271,16 @@ def instrument_persister(persister: Any) -> Callable[[], PageTiming]:
     last: list[PageTiming] = [PageTiming()]
     # a persister that merges pages into save batches (daemon/pipeline/page_batches.py) reads
     # pages in a task of its own: then its wait is for batches, timed around them
-    from daemon.persistence import persister as persister_module
+    from daemon.persistence import saver as saver_module
 
-    batches = getattr(persister_module, "coalesced", None)
+    batches = getattr(saver_module, "coalesced", None)
     if batches is not None and not getattr(batches, "_bench_timed", False):
 
         def coalesced(pages: AsyncIterable[Any], **kw: Any) -> AsyncIterator[Any]:
             return _timed_batches(batches(pages, **kw), last[0])
 
         coalesced._bench_timed = True  # type: ignore[attr-defined]
-        persister_module.coalesced = coalesced  # type: ignore[attr-defined]
+        saver_module.coalesced = coalesced  # type: ignore[attr-defined]
 
     async def save(manager: str, pages: AsyncIterable[Any], **kw: Any) -> Any:
         timing = PageTiming()

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from catchers.aws import map_event
 from daemon.model.targets import Target, TargetCollection
 from daemon.persistence.persister import Persister
-from daemon.persistence.refresh_result import PersisterSettings
+from daemon.persistence.settings import PersisterSettings
 from daemon.pipeline.refresher import RefreshableManager, Refresher
 from providers.aws import AwsConnection, AwsSettings
 from tests.aws_cloud import AMI, OTHER_AMI

@@ -50,7 +50,8 @@ from daemon.persistence import schema
 from daemon.persistence.db import create_engine
 from daemon.persistence.migrate import upgrade
 from daemon.persistence.persister import Persister
-from daemon.persistence.refresh_result import PersisterSettings, RefreshResult
+from daemon.persistence.refresh_result import RefreshResult
+from daemon.persistence.settings import PersisterSettings
 from daemon.pipeline.refresher import RefreshableManager, Refresher
 from providers.awesome_cloud import AwesomeCloudSettings, AwesomeConnection
 from providers.awesome_cloud.simulator import Cloud, CloudEvent

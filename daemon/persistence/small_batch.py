@@ -41,11 +41,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from daemon.model.declarations import Collection, CollectionRegistry, Retention
+from daemon.model.declarations import CollectionRegistry
 from daemon.model.inventory import InventoryPage, Row
 from daemon.model.targets import TargetCollection
 from daemon.persistence import schema
 from daemon.persistence.db import Dialect, canonical_json, dialect_of
+from daemon.persistence.dialect import ADVISORY_NAMESPACE
 from daemon.persistence.fencing import (
     EPOCH_FOR_UPDATE,
     FENCE,
@@ -60,10 +61,9 @@ from daemon.persistence.small_batch_sqlite import (
     SqliteCollectionStatements,
     sqlite_batch_statements,
 )
+from daemon.persistence.sweeper import removed_counts
 
 log = logging.getLogger(__name__)
-
-ADVISORY_NAMESPACE = 0x52464844  # the persister's: pg_advisory_xact_lock(namespace, manager id)
 
 
 class SmallBatchRefusedError(Exception):
@@ -87,8 +87,7 @@ def merge_pages(
         for name, rows in page.rows.items():
             if name not in collections or not rows:
                 continue
-            c = collections[name]
-            key_attrs = ((c.parent.attribute,) if c.parent else ()) + c.key
+            key_attrs = collections[name].conflict_attributes
             by_key = merged.setdefault(name, {})
             for row in rows:
                 key = tuple(row.get(a) for a in key_attrs)
@@ -266,7 +265,7 @@ class SmallBatchSaver:
                         "refs": canonical_json(refs),
                     }
                     removed = len(await driver.execute_fetchall(st.sweep, params))
-                    counts[c.name] = counts[c.name] + _removed(c, removed)
+                    counts[c.name] = counts[c.name] + removed_counts(c, removed)
                 done: RefreshResult = result()
                 await self._sqlite_record(driver, manager_id, done, now)
                 await driver.execute_fetchall("COMMIT")
@@ -352,12 +351,6 @@ def _pg_begin(manager_id: int, holding: Holding | None = None) -> str:
             f"SELECT pg_advisory_xact_lock({ADVISORY_NAMESPACE:d}, {manager_id:d})",
         ]
     )
-
-
-def _removed(collection: Collection, n: int) -> Counts:
-    if collection.retention is Retention.ARCHIVE:
-        return Counts(archived=n)
-    return Counts(deleted=n)
 
 
 def _literal(value: object) -> str:

@@ -27,7 +27,8 @@ from daemon.model.targets import Ref, Target, TargetCollection, Trigger
 from daemon.persistence.db import DatabaseURLError, create_engine, normalize_url
 from daemon.persistence.migrate import upgrade
 from daemon.persistence.persister import Persister
-from daemon.persistence.refresh_result import PersisterSettings, RefreshResult, vars_of
+from daemon.persistence.refresh_result import RefreshResult, vars_of
+from daemon.persistence.settings import PersisterSettings
 from daemon.pipeline.refresher import RefreshableManager, Refresher
 from daemon.service.config import DATABASE_URL_ENV, ConfigError, LoadedConfig, load_config
 from daemon.service.lifecycle import SHUTDOWN_MARGIN, Daemon

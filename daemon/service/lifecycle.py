@@ -50,8 +50,9 @@ from daemon.persistence import schema
 from daemon.persistence.db import Dialect, create_engine, dialect_of, normalize_url
 from daemon.persistence.migrate import upgrade
 from daemon.persistence.persister import Persister
-from daemon.persistence.refresh_result import PersisterSettings, RefreshKind, RefreshResult
+from daemon.persistence.refresh_result import RefreshKind, RefreshResult
 from daemon.persistence.retention import prune_forever
+from daemon.persistence.settings import PersisterSettings
 from daemon.pipeline.batcher import Batcher, BatchingSettings, RefreshHooks
 from daemon.pipeline.clock import LOOP_CLOCK, Clock
 from daemon.pipeline.ownership import (
