@@ -61,7 +61,8 @@ from daemon.persistence.row_isolation import is_row_error, short_error
 from daemon.persistence.runs import FailureLog, Managers
 from daemon.persistence.saver import Pages, StagedSaver, each
 from daemon.persistence.settings import PersisterSettings
-from daemon.persistence.small_batch import SmallBatchRefusedError, SmallBatchSaver
+from daemon.persistence.small_batch import SmallBatchSaver
+from daemon.persistence.small_batch_transactions import SmallBatchRefusedError
 from daemon.persistence.statements import Statements, statements_for
 from daemon.persistence.sweeper import Sweeper
 from daemon.persistence.target_resolution import TargetResolver, cleaned_targets
