@@ -58,11 +58,11 @@ from daemon.pipeline.clock import LOOP_CLOCK, Clock
 from daemon.pipeline.ownership import (
     LocalOwnership,
     OwnershipSettings,
-    PostgresOwnership,
     default_instance_name,
     fenced,
     fenced_collect,
 )
+from daemon.pipeline.postgres_ownership import PostgresOwnership
 from daemon.pipeline.progress import ProgressBoard
 from daemon.pipeline.refresher import RefreshableManager, Refresher
 from daemon.pipeline.scheduler import Scheduler
