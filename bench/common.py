@@ -533,21 +533,19 @@ class PhaseTimer:
         if PhaseTimer._wrapped:
             return
         PhaseTimer._wrapped = True
-        from daemon.persistence import persister, staging
+        from daemon.persistence import dialect, persister, saver, staging, sweeper
 
-        P = persister.Persister
-        W = getattr(persister, "_WriteTransaction", None)
-        if W is not None:
-            self._wrap(W, "__aenter__", "begin")
-            self._wrap(W, "__aexit__", "commit")
-        self._wrap(P, "_lock", "advisory lock")
+        W = dialect.WriteTransaction
+        self._wrap(W, "__aenter__", "begin")
+        self._wrap(W, "__aexit__", "commit")
+        self._wrap(saver, "lock_manager", "advisory lock")  # as the saver calls it
         self._wrap(staging.Stager, "prepare", "temp tables prepare")
-        self._wrap(P, "_count_active", "count_active")
-        self._wrap(P, "_save_page", "pages")
-        self._wrap(P, "_sweep_full", "sweep")
-        self._wrap(P, "_sweep_targeted", "sweep")
-        self._wrap(P, "_record", "record run")
-        self._wrap(P, "resolve_targets", "resolve targets")
+        self._wrap(sweeper.Sweeper, "count_active", "count_active")
+        self._wrap(saver.StagedSaver, "_save_page", "pages")
+        self._wrap(sweeper.Sweeper, "sweep_full", "sweep")
+        self._wrap(sweeper.Sweeper, "sweep_targeted", "sweep")
+        self._wrap(saver, "record_run", "record run")
+        self._wrap(persister.Persister, "resolve_targets", "resolve targets")
 
     def activate(self) -> None:
         PhaseTimer._active = self
