@@ -271,16 +271,16 @@ def instrument_persister(persister: Any) -> Callable[[], PageTiming]:
     last: list[PageTiming] = [PageTiming()]
     # a persister that merges pages into save batches (daemon/pipeline/page_batches.py) reads
     # pages in a task of its own: then its wait is for batches, timed around them
-    from daemon.persistence import persister as persister_module
+    from daemon.persistence import saver as saver_module
 
-    batches = getattr(persister_module, "coalesced", None)
+    batches = getattr(saver_module, "coalesced", None)
     if batches is not None and not getattr(batches, "_bench_timed", False):
 
         def coalesced(pages: AsyncIterable[Any], **kw: Any) -> AsyncIterator[Any]:
             return _timed_batches(batches(pages, **kw), last[0])
 
         coalesced._bench_timed = True  # type: ignore[attr-defined]
-        persister_module.coalesced = coalesced  # type: ignore[attr-defined]
+        saver_module.coalesced = coalesced  # type: ignore[attr-defined]
 
     async def save(manager: str, pages: AsyncIterable[Any], **kw: Any) -> Any:
         timing = PageTiming()
@@ -533,21 +533,19 @@ class PhaseTimer:
         if PhaseTimer._wrapped:
             return
         PhaseTimer._wrapped = True
-        from daemon.persistence import persister, staging
+        from daemon.persistence import dialect, persister, saver, staging, sweeper
 
-        P = persister.Persister
-        W = getattr(persister, "_WriteTransaction", None)
-        if W is not None:
-            self._wrap(W, "__aenter__", "begin")
-            self._wrap(W, "__aexit__", "commit")
-        self._wrap(P, "_lock", "advisory lock")
+        W = dialect.WriteTransaction
+        self._wrap(W, "__aenter__", "begin")
+        self._wrap(W, "__aexit__", "commit")
+        self._wrap(saver, "lock_manager", "advisory lock")  # as the saver calls it
         self._wrap(staging.Stager, "prepare", "temp tables prepare")
-        self._wrap(P, "_count_active", "count_active")
-        self._wrap(P, "_save_page", "pages")
-        self._wrap(P, "_sweep_full", "sweep")
-        self._wrap(P, "_sweep_targeted", "sweep")
-        self._wrap(P, "_record", "record run")
-        self._wrap(P, "resolve_targets", "resolve targets")
+        self._wrap(sweeper.Sweeper, "count_active", "count_active")
+        self._wrap(saver.StagedSaver, "_save_page", "pages")
+        self._wrap(sweeper.Sweeper, "sweep_full", "sweep")
+        self._wrap(sweeper.Sweeper, "sweep_targeted", "sweep")
+        self._wrap(saver, "record_run", "record run")
+        self._wrap(persister.Persister, "resolve_targets", "resolve targets")
 
     def activate(self) -> None:
         PhaseTimer._active = self

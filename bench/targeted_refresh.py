@@ -65,7 +65,7 @@ from daemon.persistence import schema
 from daemon.persistence.db import create_engine
 from daemon.persistence.migrate import upgrade
 from daemon.persistence.persister import Persister
-from daemon.persistence.refresh_result import PersisterSettings
+from daemon.persistence.settings import PersisterSettings
 from daemon.pipeline.refresher import RefreshableManager, Refresher
 from providers.awesome_cloud.collector import AwesomeConnection
 from providers.awesome_cloud.parser import parse_vms

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from daemon.model.acks import Ack
 from daemon.model.targets import Target, TargetCollection
 from daemon.pipeline.batcher import Batcher, BatchingSettings
-from daemon.pipeline.clock import FakeClock
+from tests.fake_clock import FakeClock
 
 
 @dataclass

@@ -33,8 +33,9 @@ from daemon.pipeline.batcher import (
     RefreshHooks,
     RefreshKind,
 )
-from daemon.pipeline.clock import LOOP_CLOCK, FakeClock
+from daemon.pipeline.clock import LOOP_CLOCK
 from daemon.service.metrics import LATENCY_BUCKETS, EventLatencies, MeteredSink, Metrics
+from tests.fake_clock import FakeClock
 
 
 def vm(ref: str, manager: str = "m1") -> Target:

@@ -25,9 +25,9 @@ from daemon.model.acks import Ack
 from daemon.model.targets import Target, TargetCollection
 from daemon.persistence import schema
 from daemon.pipeline.batcher import Batcher, BatchingSettings
-from daemon.pipeline.clock import FakeClock
 from daemon.pipeline.refresh_costs import ManagerCosts
 from daemon.service.run_history import seed_costs
+from tests.fake_clock import FakeClock
 
 
 @dataclass

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from daemon.model.acks import Ack
 from daemon.model.targets import Target, TargetCollection
 from daemon.persistence.persister import Persister
-from daemon.persistence.refresh_result import PersisterSettings
+from daemon.persistence.settings import PersisterSettings
 from daemon.service.composition import NotStarted, assemble, batching_of
 from daemon.service.config import ConfigError, parse_config
 from tests.cloud_state import database_state

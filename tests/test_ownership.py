@@ -23,11 +23,8 @@ from daemon.persistence.db import create_engine, normalize_url
 from daemon.persistence.fencing import FENCE, OwnershipLostError
 from daemon.persistence.migrate import upgrade
 from daemon.persistence.persister import Persister
-from daemon.pipeline.ownership import (
-    OwnershipSettings,
-    PostgresOwnership,
-    current_owners,
-)
+from daemon.pipeline.ownership import OwnershipSettings
+from daemon.pipeline.postgres_ownership import PostgresOwnership, current_owners
 from tests.daemon_process import wait_for
 from tests.inventory_builders import pages, snapshot
 

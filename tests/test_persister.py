@@ -20,9 +20,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from daemon.model.inventory import InventoryPage
 from daemon.model.targets import Ref, Target, TargetCollection
 from daemon.persistence.db import create_engine
+from daemon.persistence.dialect import ADVISORY_NAMESPACE
 from daemon.persistence.migrate import upgrade
-from daemon.persistence.persister import ADVISORY_NAMESPACE, Persister
-from daemon.persistence.refresh_result import PersisterSettings, RefreshResult, vars_of
+from daemon.persistence.persister import Persister
+from daemon.persistence.refresh_result import RefreshResult, vars_of
+from daemon.persistence.settings import PersisterSettings
 from tests.inventory_builders import (
     CHILDREN,
     MANAGER,

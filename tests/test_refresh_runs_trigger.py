@@ -15,12 +15,12 @@ from daemon.persistence import schema
 from daemon.persistence.db import create_engine
 from daemon.persistence.migrate import upgrade
 from daemon.pipeline.batcher import Batcher, BatchingSettings
-from daemon.pipeline.clock import FakeClock
 from daemon.pipeline.ownership import LocalOwnership
 from daemon.pipeline.scheduler import Scheduler
 from daemon.service.config import parse_config
 from daemon.service.lifecycle import Daemon
 from tests.daemon_process import free_port, wait_for
+from tests.fake_clock import FakeClock
 
 
 async def test_runs_record_their_trigger_and_old_runs_are_pruned(tmp_path: Path) -> None:

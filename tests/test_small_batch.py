@@ -26,7 +26,8 @@ from daemon.model.inventory import InventoryPage
 from daemon.model.targets import Target, TargetCollection
 from daemon.persistence import schema
 from daemon.persistence.persister import Persister
-from daemon.persistence.refresh_result import PersisterSettings, RefreshResult
+from daemon.persistence.refresh_result import RefreshResult
+from daemon.persistence.settings import PersisterSettings
 from tests.inventory_builders import CHILDREN, TOP_LEVEL, Cloud, pages, scenarios, snapshot
 
 _managers = itertools.count()
@@ -211,8 +212,8 @@ async def test_small_batch_save_waits_for_the_managers_lock(pg_url: str) -> None
     import asyncpg
 
     from daemon.persistence.db import create_engine
+    from daemon.persistence.dialect import ADVISORY_NAMESPACE
     from daemon.persistence.migrate import upgrade
-    from daemon.persistence.persister import ADVISORY_NAMESPACE
     from tests.inventory_builders import until, vm_targets
 
     engine = create_engine(pg_url)

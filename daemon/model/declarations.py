@@ -84,6 +84,11 @@ class Collection:
         return scope + tuple(self.column_of(a) for a in self.key)
 
     @property
+    def conflict_attributes(self) -> tuple[str, ...]:
+        """The attributes that identify a row (parent, then key): ``conflict_columns``'."""
+        return ((self.parent.attribute,) if self.parent else ()) + self.key
+
+    @property
     def staged_attributes(self) -> tuple[str, ...]:
         """Every attribute a parsed row carries, in a fixed order."""
         seen: dict[str, None] = {}

@@ -33,7 +33,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from daemon.persistence import schema
-from daemon.persistence.refresh_result import PersisterSettings
+from daemon.persistence.settings import PersisterSettings
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from sqlalchemy.dialects import postgresql
 from daemon.model.declarations import Collection, CollectionRegistry, Retention
 from daemon.model.inventory import Row
 from daemon.persistence.db import canonical_json
-from daemon.persistence.statements import conflict_action
+from daemon.persistence.statements import conflict_action, targeted_scope, upsert_columns
 
 M = "$1::int8"
 NOW = "$2::timestamptz"
@@ -190,18 +190,7 @@ class _Builder:
     def _upsert(self, c: Collection) -> None:
         table = c.table.name
         joins, exprs = self._joins(c)
-        cols: list[str] = ["manager_id"]
-        values: list[str] = [M]
-        if c.parent is not None:
-            cols.append(c.parent.column)
-            values.append(exprs[c.parent.attribute])
-        for attr in c.staged_attributes:
-            if c.parent is not None and attr == c.parent.attribute:
-                continue
-            cols.append(c.column_of(attr))
-            values.append(exprs.get(attr, _cast(c, attr)))
-        cols += ["created_at", "updated_at"]
-        values += [NOW, NOW]
+        cols, values = upsert_columns(c, exprs, m=M, now=NOW, value_of=lambda attr: _cast(c, attr))
         action = conflict_action(c)
         ems_ref = f", {table}.ems_ref" if c.name in self.referrers else ""
         self.ctes.append(
@@ -285,16 +274,8 @@ class _Builder:
             f"NOT EXISTS (SELECT 1 FROM in_{c.name} s {' '.join(joins)} "
             f"WHERE {' AND '.join(match)})"
         )
-        if c.parent is None:
-            scope = [f"t.manager_id = {M}", f"t.ems_ref = ANY({refs})"]
-        else:
-            p = c.parent
-            scope = [
-                f"t.{p.column} IN (SELECT id FROM {p.collection} "
-                f"WHERE manager_id = {M} AND ems_ref = ANY({refs}))"
-            ]
+        scope = targeted_scope(c, m=M, ref_in=f"= ANY({refs})")
         if c.retention is Retention.ARCHIVE:
-            scope.append("t.archived_at IS NULL")
             verb = f"UPDATE {table} t SET archived_at = {NOW}, updated_at = {NOW}"
             field = "archived"
         else:

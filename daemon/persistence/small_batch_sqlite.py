@@ -31,7 +31,7 @@ from sqlalchemy import JSON
 from daemon.model.declarations import Collection, CollectionRegistry, Retention
 from daemon.model.inventory import Row
 from daemon.persistence.db import canonical_json
-from daemon.persistence.statements import conflict_action
+from daemon.persistence.statements import conflict_action, targeted_scope, upsert_columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,18 +96,7 @@ def _joins(c: Collection, *, only_key: bool = False) -> tuple[list[str], dict[st
 def _upsert(c: Collection) -> str:
     table = c.table.name
     joins, exprs = _joins(c)
-    cols: list[str] = ["manager_id"]
-    values: list[str] = [":m"]
-    if c.parent is not None:
-        cols.append(c.parent.column)
-        values.append(exprs[c.parent.attribute])
-    for attr in c.staged_attributes:
-        if c.parent is not None and attr == c.parent.attribute:
-            continue
-        cols.append(c.column_of(attr))
-        values.append(exprs.get(attr, f"s.{attr}"))
-    cols += ["created_at", "updated_at"]
-    values += [":now", ":now"]
+    cols, values = upsert_columns(c, exprs, m=":m", now=":now")
     action = conflict_action(c)
     return (
         f"{_input(c)}INSERT INTO {table} ({', '.join(cols)}) "
@@ -145,19 +134,8 @@ def _sweep(c: Collection) -> str:
         f"({', '.join(key_cols)}) NOT IN (SELECT {', '.join(key_exprs)} FROM s "
         f"{' '.join(joins)} WHERE {not_null})"
     )
-    refs = "(SELECT value FROM json_each(:refs))"
-    if c.parent is None:
-        scope = ["t.manager_id = :m", f"t.ems_ref IN {refs}"]
-    else:
-        # no "t.manager_id = :m" here: SQLite would then scan the manager's children
-        # through ix_<child>_manager_id instead of searching the (parent, key) index
-        p = c.parent
-        scope = [
-            f"t.{p.column} IN (SELECT id FROM {p.collection} "
-            f"WHERE manager_id = :m AND ems_ref IN {refs})"
-        ]
+    scope = targeted_scope(c, m=":m", ref_in="IN (SELECT value FROM json_each(:refs))")
     if c.retention is Retention.ARCHIVE:
-        scope.append("t.archived_at IS NULL")
         verb = f"UPDATE {table} SET archived_at = :now, updated_at = :now"
     else:
         verb = f"DELETE FROM {table}"

@@ -47,8 +47,7 @@ def _json_columns(st: Statements) -> tuple[int, ...]:
 def _key_positions(st: Statements) -> tuple[int, ...]:
     """Positions, in a record, of the attributes that identify a row (parent + key)."""
     c = st.collection
-    key = ((c.parent.attribute,) if c.parent else ()) + c.key
-    return tuple(c.staged_attributes.index(a) for a in key)
+    return tuple(c.staged_attributes.index(a) for a in c.conflict_attributes)
 
 
 def to_records(st: Statements, rows: Sequence[Row]) -> list[tuple[Any, ...]]:

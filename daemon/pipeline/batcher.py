@@ -36,7 +36,7 @@ from daemon.pipeline.batch_records import BatcherStats, ManagerStatus, RefreshAt
 from daemon.pipeline.batches import BatchingSettings, ManagerState, PendingBatch
 from daemon.pipeline.clock import LOOP_CLOCK, Clock
 from daemon.pipeline.coalescing import ManagerQueues
-from daemon.pipeline.commit_order import CollectFn, RunningRefresh
+from daemon.pipeline.commit_order import CollectFn, RunningRefresh, run_in_turn
 from daemon.pipeline.outcomes import RefreshOutcomes, guard
 
 __all__ = [
@@ -217,28 +217,16 @@ class Batcher:
         """
         deadline = self._clock.now() + timeout
         while not self._idle.is_set():
-            if self._only_late_retries_left(deadline):
+            if self._queues.only_late_retries_left(deadline):
                 return False
             self._settled.clear()
             if not await self._clock.wait_event(self._settled, deadline):
                 break
         return self._idle.is_set()
 
-    def _only_late_retries_left(self, deadline: float) -> bool:
-        return not self.in_flight_managers() and all(
-            state.next_retry_at is not None and state.next_retry_at > deadline
-            for state in self._queues
-            if state.pending
-        )
-
     def waiting_to_retry(self) -> dict[str, int]:
         """Pending targets per manager that is waiting out a retry delay now."""
-        now = self._clock.now()
-        return {
-            state.manager: len(state.pending)
-            for state in self._queues
-            if state.pending and state.next_retry_at is not None and state.next_retry_at > now
-        }
+        return self._queues.waiting_to_retry(self._clock.now())
 
     async def close(self, *, cancel: bool = False) -> None:
         """Stop, end the dispatcher and wait for in-flight refreshes.
@@ -283,7 +271,7 @@ class Batcher:
         return self._task is not None and not self._task.done()
 
     def in_flight_managers(self) -> frozenset[str]:
-        return frozenset(state.manager for state in self._queues if state.running)
+        return self._queues.in_flight()
 
     def manager_status(self, manager: str) -> ManagerStatus:
         """A snapshot of one manager (an idle status for a manager never seen)."""
@@ -371,21 +359,16 @@ class Batcher:
     async def _run_refresh(
         self, state: ManagerState, batch: PendingBatch, run: RefreshAttempt, running: RunningRefresh
     ) -> None:
-        waited = 0.0
         try:
-            persist = None
-            if self._collect is not None and run.kind is RefreshKind.TARGETED:
-                persist = await self._collect(run.collection)
-            if persist is not None:
-                running.collected = True
-                self._wake.set()  # the manager's next batch may collect now
-                before = self._clock.now()
-                await running.wait_turn()
-                waited = self._clock.now() - before
-                result = await persist()
-            else:
-                await running.wait_turn()
-                result = await self._refresh(run.collection)
+            result, waited = await run_in_turn(
+                running,
+                run.collection,
+                run.kind,
+                refresh=self._refresh,
+                collect=self._collect,
+                clock=self._clock,
+                collected=self._wake.set,  # the manager's next batch may collect now
+            )
         except asyncio.CancelledError:
             state.restore(batch)
             raise

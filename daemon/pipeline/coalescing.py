@@ -65,6 +65,26 @@ class ManagerQueues:
         """Managers with targets seen so far or with overrides, sorted."""
         return sorted(set(self._states) | set(self._overrides))
 
+    def in_flight(self) -> frozenset[str]:
+        """Managers with a refresh running."""
+        return frozenset(state.manager for state in self._states.values() if state.running)
+
+    def waiting_to_retry(self, now: float) -> dict[str, int]:
+        """Pending targets per manager that is waiting out a retry delay at ``now``."""
+        return {
+            state.manager: len(state.pending)
+            for state in self._states.values()
+            if state.pending and state.next_retry_at is not None and state.next_retry_at > now
+        }
+
+    def only_late_retries_left(self, deadline: float) -> bool:
+        """Nothing runs, and every pending batch waits out a retry delay past ``deadline``."""
+        return not self.in_flight() and all(
+            state.next_retry_at is not None and state.next_retry_at > deadline
+            for state in self._states.values()
+            if state.pending
+        )
+
     def pending_count(self, manager: str | None = None) -> int:
         """Distinct pending targets of ``manager``, or of all managers."""
         if manager is not None:

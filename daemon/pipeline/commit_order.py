@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 
 from daemon.model.targets import TargetCollection
 from daemon.persistence.refresh_result import RefreshKind
+from daemon.pipeline.clock import Clock
 
 PersistFn = Callable[[], Awaitable[object]]
 """Persists what a collect gathered (one transaction); returns a result for the hooks."""
@@ -74,3 +75,34 @@ def may_start_another(running: list[RunningRefresh], next_kind: RefreshKind) -> 
     if next_kind is RefreshKind.FULL or len(running) >= MAX_OVERLAP:
         return False
     return all(r.kind is RefreshKind.TARGETED and r.collected for r in running)
+
+
+async def run_in_turn(
+    running: RunningRefresh,
+    collection: TargetCollection,
+    kind: RefreshKind,
+    *,
+    refresh: Callable[[TargetCollection], Awaitable[object]],
+    collect: CollectFn | None,
+    clock: Clock,
+    collected: Callable[[], None],
+) -> tuple[object, float]:
+    """Run one dispatched refresh, its commit in its turn; returns its result and the
+    seconds its persist waited for the previous commit.
+
+    A targeted refresh with a ``collect`` function collects first, then tells
+    ``collected`` (the manager's next batch may collect now) and persists in its
+    turn; otherwise the whole refresh runs in its turn.
+    """
+    persist = None
+    if collect is not None and kind is RefreshKind.TARGETED:
+        persist = await collect(collection)
+    if persist is None:
+        await running.wait_turn()
+        return await refresh(collection), 0.0
+    running.collected = True
+    collected()
+    before = clock.now()
+    await running.wait_turn()
+    waited = clock.now() - before
+    return await persist(), waited

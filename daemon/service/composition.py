@@ -41,16 +41,16 @@ from daemon.model.targets import Target, TargetCollection
 from daemon.persistence.db import Dialect, create_engine, dialect_of, normalize_url
 from daemon.persistence.migrate import upgrade
 from daemon.persistence.persister import Persister
-from daemon.persistence.refresh_result import PersisterSettings
+from daemon.persistence.settings import PersisterSettings
 from daemon.pipeline.batcher import NO_HOOKS, Batcher, BatchingSettings, RefreshHooks
 from daemon.pipeline.clock import LOOP_CLOCK, Clock
 from daemon.pipeline.ownership import (
     LocalOwnership,
-    PostgresOwnership,
     default_instance_name,
     fenced,
     fenced_collect,
 )
+from daemon.pipeline.postgres_ownership import PostgresOwnership
 from daemon.pipeline.progress import ProgressBoard
 from daemon.pipeline.refresher import RefreshableManager, Refresher
 from daemon.service.config import BatchingConfig, CatcherConfig, Config, LoadedConfig
