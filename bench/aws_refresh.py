@@ -1,5 +1,7 @@
 """AWS provider figures against moto_server: full refresh time (moto vs refreshd) and API calls.
 
+Flow: moto_server (EC2) -> AwsConnection -> wiring (Refresher, Persister) -> PostgreSQL.
+
 Starts ``moto_server`` on a free loopback port, launches ``--instances``
 instances (with tags, a few security groups and an extra volume on some), and
 refreshes them into a fresh PostgreSQL database with the real Refresher,

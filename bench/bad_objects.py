@@ -1,5 +1,7 @@
 """What isolating bad objects costs, on PostgreSQL (issue 14 item 1).
 
+Flow: hand-made pages -> wiring (Persister; a CHECK constraint added) -> PostgreSQL.
+
 Measured in one run, each against its own floor:
 
   (a) the row check (normalise + validate in Python) per row, against the full

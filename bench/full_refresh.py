@@ -1,5 +1,8 @@
 """Full refresh of N vms on PostgreSQL or SQLite, against the simulator in a separate process.
 
+Flow: simulator (own process) -> AwesomeConnection -> wiring (Refresher, Persister) -> database;
+the passes in full_refresh_runs.py, the closing figures in full_refresh_report.py.
+
 Measures, with the real Refresher + Persister + AwesomeConnection:
 
   (a) the first full refresh (empty database),

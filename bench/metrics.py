@@ -52,15 +52,10 @@ def latency_buckets(m: Samples) -> dict[float, float]:
     return buckets
 
 
-def full_refreshes(m: Samples) -> float:
-    """Successful full refreshes the daemon made."""
-    return total(m, "refreshd_refreshes_total", kind="full", outcome="success")
-
-
 async def full_refresh_done(url: str) -> bool:
     """The daemon at ``url`` has made its start-up full refresh."""
     try:
         m = await scrape(url)
     except aiohttp.ClientError:
         return False
-    return full_refreshes(m) >= 1
+    return total(m, "refreshd_refreshes_total", kind="full", outcome="success") >= 1

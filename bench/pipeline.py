@@ -1,5 +1,7 @@
 """The whole pipeline: simulator -> Kafka -> `refreshd run` -> PostgreSQL.
 
+Flow: simulator -> Tansu broker -> `refreshd run` (child) -> PostgreSQL; figures from /metrics.
+
 Phase A (latency): the daemon does its start-up full refresh of a simulator
 (10k vms) that holds still and is restarted; the same cloud then changes itself
 at --rate events/s and delivers every event to Kafka; the daemon (a real

@@ -1,5 +1,7 @@
 """Scale-out: 1, 2 and 3 `refreshd run` processes on 4 managers, one database, one group.
 
+Flow: simulators (tests/scaleout_cluster.py) -> Kafka -> N `refreshd run` -> one PostgreSQL.
+
 For each number of daemons N: four AwesomeCloud simulators (the managers)
 change themselves at --rate events/s in total; every event goes to one Kafka
 topic with 4 partitions keyed by manager; N daemons (real subprocesses, the

@@ -1,5 +1,7 @@
 """Soak: churn plus random faults under `refreshd run`; the database must end equal to the cloud.
 
+Flow: soak_children (simulator -> broker -> `refreshd run` -> PostgreSQL) + soak_faults -> report.
+
     simulator (own process: churn, Kafka delivery) -> Tansu broker (own) -> `refreshd run`
     -> PostgreSQL (a private cluster made with initdb/pg_ctl in a temp dir, on a free port;
     the shared server on 5432 is never touched)

@@ -1,5 +1,7 @@
 """Raw sqlite3 stage + merge: the fastest bulk upsert this machine's SQLite allows.
 
+Flow: baseline_rows.records -> sqlite3 executemany + merge -> rates (full_refresh_report).
+
 The SQLite counterpart of bench/upsert_baseline.py (same table, same rows): one
 ``executemany`` into a temporary stage table, then one ``INSERT ... SELECT ... ON
 CONFLICT DO UPDATE ... WHERE`` changed, one transaction, WAL and

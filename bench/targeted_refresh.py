@@ -1,5 +1,7 @@
 """Targeted refresh latency: 1 vm and 100 vms, with 1k and 100k vms in the database.
 
+Flow: targeted_cases (inventories, one_refresh) -> samples -> stats -> printed summary.
+
 Real Refresher + Persister + AwesomeConnection with the simulator embedded in this
 process (``endpoint = "embedded"``).  Before each refresh the targeted vms are
 changed in the cloud (new tags, state flipped), so every refresh writes rows.

@@ -1,5 +1,7 @@
 """Raw asyncpg COPY + merge: the fastest bulk upsert this machine's PostgreSQL allows.
 
+Flow: baseline_rows.records -> asyncpg COPY + merge -> rates (full_refresh_report).
+
 Prints rows/s for new rows and for unchanged rows (median of --repeat runs), so the
 persister's rate (bench/full_refresh.py) can be reported as a fraction of it.
 
