@@ -53,7 +53,7 @@ from kafka_topics import committed, topic_end  # noqa: E402
 from machine import load_average  # noqa: E402
 from processes import cancel_on_signals  # noqa: E402
 from simulator import ApiCloud, http_json  # noqa: E402
-from soak_children import GROUP, MANAGER, TOPIC, SoakChildren, until  # noqa: E402
+from soak_children import GROUP, MANAGER, TOPIC, SoakChildren, eventually  # noqa: E402
 from soak_faults import KINDS, Faults  # noqa: E402
 
 from daemon.persistence import schema  # noqa: E402
@@ -94,7 +94,7 @@ class Soak:
                     query = select(func.count()).where(r.c.kind == "full", r.c.error.is_(None))
                     return bool((await conn.execute(query)).scalar_one())
 
-            if not await until(full_refreshed, 300):
+            if not await eventually(full_refreshed, 300):
                 raise RuntimeError("no start-up full refresh within 300 s")
             _, state = await http_json(
                 "POST", sim_url + "/admin/v1/churn", {"per_second": args.rate}
@@ -121,7 +121,7 @@ class Soak:
                 _, s = await http_json("GET", sim_url + "/admin/v1/churn")
                 return all(c >= s["last_sequence"] for c in s["delivered"])
 
-            all_delivered = await until(delivered, deadline - time.monotonic())
+            all_delivered = await eventually(delivered, deadline - time.monotonic())
             cloud = await ApiCloud.read(sim_url)
             expected = cloud_state(cloud)
             bootstrap = children.broker.bootstrap
@@ -142,7 +142,7 @@ class Soak:
                 return offsets["committed"] >= end and not lines
 
             await self.faults.check_alive()
-            equal = await until(converged, max(0.0, deadline - time.monotonic()), 2.0)
+            equal = await eventually(converged, max(0.0, deadline - time.monotonic()), 2.0)
             drained = time.monotonic() - drain_start
             async with engine.connect() as conn:
                 r = schema.refresh_runs

@@ -44,7 +44,7 @@ CATCHER_OPTIONS = {  # as the end-to-end tests run the Kafka catcher against Tan
 }
 
 
-async def until(condition: Callable[[], Any], timeout: float, interval: float = 0.5) -> bool:
+async def eventually(condition: Callable[[], Any], timeout: float, interval: float = 0.5) -> bool:
     """Poll ``condition`` (sync or async) until truthy; False after ``timeout`` seconds.
     A child being down (connection refused, timeout, database error) counts as False."""
     errors = (TimeoutError, aiohttp.ClientError, OSError, SQLAlchemyError)
@@ -94,7 +94,7 @@ class SoakChildren:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        if not await until(lambda: http_ok(self.sim_url + "/healthz"), 60, 0.2):
+        if not await eventually(lambda: http_ok(self.sim_url + "/healthz"), 60, 0.2):
             raise RuntimeError(f"the simulator did not start; see {self.work}/simulator.log")
 
         http_port = free_port()
@@ -135,7 +135,7 @@ class SoakChildren:
     async def start_daemon(self) -> None:
         assert self.daemon is not None
         self.daemon.start()
-        if not await until(self.ready, self.args.recover_timeout, 0.2):
+        if not await eventually(self.ready, self.args.recover_timeout, 0.2):
             raise RuntimeError(f"refreshd was not ready in time; see {self.daemon.log_path}")
 
     async def ready(self) -> bool:

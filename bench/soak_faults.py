@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from simulator import http_json
-from soak_children import SoakChildren, until
+from soak_children import SoakChildren, eventually
 
 KINDS = ("kill9", "broker_pause", "db_pause", "http429", "http500")
 DURATIONS = {  # seconds a fault lasts (kill9: time the daemon stays down)
@@ -83,7 +83,7 @@ class Faults:
             finally:
                 await http_json("DELETE", c.sim_url + "/admin/v1/faults")
         ended = time.monotonic()
-        if await until(c.healthy, self.args.recover_timeout):
+        if await eventually(c.healthy, self.args.recover_timeout):
             fault.recovered_after = time.monotonic() - ended
         return fault
 
@@ -98,7 +98,7 @@ class Faults:
             )
             print(f"  daemon exited by itself with status {code}; restarting", flush=True)
             daemon.start()
-            await until(self.children.ready, self.args.recover_timeout, 0.2)
+            await eventually(self.children.ready, self.args.recover_timeout, 0.2)
 
     async def run(self) -> None:
         """Faults until --duration after ``t0`` (each one ends in time), then the rest quiet."""
