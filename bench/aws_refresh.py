@@ -1,5 +1,7 @@
 """AWS provider figures against moto_server: full refresh time (moto vs refreshd) and API calls.
 
+Flow: moto_server (EC2) -> AwsConnection -> wiring (Refresher, Persister) -> PostgreSQL.
+
 Starts ``moto_server`` on a free loopback port, launches ``--instances``
 instances (with tags, a few security groups and an extra volume on some), and
 refreshes them into a fresh PostgreSQL database with the real Refresher,
@@ -35,17 +37,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import VENV_BIN, free_port, machine_info, print_machine
-from pg import temp_database
+from databases import temp_database
+from machine import machine_info, print_machine
+from processes import BIN, free_port
+from resources import process_cpu
+from wiring import wired
 
 from daemon.model.targets import Target, TargetCollection
-from daemon.persistence.db import create_engine
-from daemon.persistence.migrate import upgrade
-from daemon.persistence.persister import Persister
-from daemon.pipeline.refresher import RefreshableManager, Refresher
 from providers.aws import AwsConnection, AwsSettings
 
 MANAGER = "bench-aws"
@@ -58,11 +57,10 @@ class Moto:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self.ps = psutil.Process(self.process.pid)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -74,8 +72,7 @@ class Moto:
                 time.sleep(0.1)
 
     def cpu(self) -> float:
-        t = self.ps.cpu_times()
-        return float(t.user + t.system)
+        return process_cpu(self.process.pid)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -158,12 +155,8 @@ async def run(moto: Moto, instances: int, repeats: int) -> None:
         t0 = time.perf_counter()
         ids = await populate(ec2, instances)
         print(f"launched {len(ids)} instances in moto in {time.perf_counter() - t0:.1f} s")
-        engine = create_engine(dsn)
-        try:
-            await upgrade(engine)
-            refresher = Refresher(
-                Persister(engine), {MANAGER: RefreshableManager(MANAGER, "aws", connection)}
-            )
+        async with wired(dsn, {MANAGER: ("aws", connection)}) as refreshd:
+            refresher = refreshd.refresher
             full = TargetCollection(MANAGER, [Target.full(MANAGER)])
 
             async def collect_only() -> int:
@@ -197,8 +190,6 @@ async def run(moto: Moto, instances: int, repeats: int) -> None:
                     f"targeted {size}: p50 {statistics.median(walls) * 1000:.0f} ms, "
                     f"EC2 requests per refresh {dict(per_call)}"
                 )
-        finally:
-            await engine.dispose()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """What isolating bad objects costs, on PostgreSQL (issue 14 item 1).
 
+Flow: hand-made pages -> wiring (Persister; a CHECK constraint added) -> PostgreSQL.
+
 Measured in one run, each against its own floor:
 
   (a) the row check (normalise + validate in Python) per row, against the full
@@ -28,14 +30,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pg import temp_database
+from databases import temp_database
 from sqlalchemy.exc import DBAPIError
+from wiring import wired
 
 from daemon.model.inventory import COLLECTIONS, InventoryPage, Row
 from daemon.model.targets import Target, TargetCollection
-from daemon.persistence.db import create_engine
-from daemon.persistence.migrate import upgrade
-from daemon.persistence.persister import Persister
 from daemon.persistence.row_check import RowChecker
 
 MANAGER = "bench"
@@ -89,14 +89,15 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     print(f"load average: {os.getloadavg()}")
-    async with temp_database(f"refreshd_bench_bad_{uuid.uuid4().hex[:8]}") as dsn:
-        engine = create_engine(dsn)
-        await upgrade(engine)
-        async with engine.begin() as conn:
+    async with (
+        temp_database(f"refreshd_bench_bad_{uuid.uuid4().hex[:8]}") as dsn,
+        wired(dsn, {}) as refreshd,
+    ):
+        async with refreshd.engine.begin() as conn:
             await conn.exec_driver_sql(
                 "ALTER TABLE vms ADD CONSTRAINT bench_refused CHECK (name <> 'refused')"
             )
-        persister = Persister(engine)
+        persister = refreshd.persister
         await persister.ensure_manager(MANAGER, "bench")
 
         # (a) + (b): full refreshes
@@ -167,7 +168,6 @@ async def main() -> None:
                 f"(c) targeted refresh of 1 vm, {label}: median {t * 1000:.2f} ms = "
                 f"{t / floor:.2f}x the clean one ({floor * 1000:.2f} ms)"
             )
-        await engine.dispose()
     print(f"load average: {os.getloadavg()}")
 
 

@@ -1,5 +1,7 @@
 """The floor of a targeted refresh: a hand-written transaction doing the same writes.
 
+Flow: targeted_cases.one_refresh (path "raw") -> **raw transaction** -> database.
+
 Used by bench/targeted_refresh.py, interleaved with the daemon's refreshes, so the
 daemon's figures are a ratio to what the database itself costs in the same run.
 

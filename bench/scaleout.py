@@ -1,5 +1,7 @@
 """Scale-out: 1, 2 and 3 `refreshd run` processes on 4 managers, one database, one group.
 
+Flow: simulators (tests/scaleout_cluster.py) -> Kafka -> N `refreshd run` -> one PostgreSQL.
+
 For each number of daemons N: four AwesomeCloud simulators (the managers)
 change themselves at --rate events/s in total; every event goes to one Kafka
 topic with 4 partitions keyed by manager; N daemons (real subprocesses, the
@@ -43,71 +45,31 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from prometheus_client.parser import text_string_to_metric_families
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pg import temp_database
-from pipeline import start_broker
+from databases import temp_database
+from kafka_topics import create_topic, start_broker
+from machine import load_average
+from metrics import latency_buckets, parse
+from processes import stop_process
+from stats import histogram_quantile
 
 from tests.daemon_process import wait_for
 from tests.scaleout_cluster import Cluster, make_cluster
 
 MANAGERS = 4
-HISTOGRAM = "refreshd_event_commit_latency_seconds_bucket"
 
 
-async def create_topic(bootstrap: str, partitions: int) -> str:
-    topic = f"scaleout-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
-        )
-
-        async def visible() -> bool:
-            described = await admin.describe_topics([topic])
-            return bool(described) and len(described[0].get("partitions", [])) == partitions
-
-        await wait_for(visible, timeout=20, interval=0.2, what=f"topic {topic}")
-    finally:
-        await admin.close()
-    return topic
-
-
-async def latency_buckets(cluster: Cluster) -> dict[float, float]:
+async def merged_latencies(cluster: Cluster) -> dict[float, float]:
     """The event-to-commit histogram of every live daemon, merged: le -> cumulative count."""
     merged: dict[float, float] = {}
     for d in cluster.daemons:
         if not d.alive():
             continue
         _, text = await d.get("/metrics")
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == HISTOGRAM:
-                    le = float(s.labels["le"])
-                    merged[le] = merged.get(le, 0.0) + s.value
+        for le, count in latency_buckets(parse(text)).items():
+            merged[le] = merged.get(le, 0.0) + count
     return merged
-
-
-def quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
-    """q-quantile of the observations between two histogram scrapes (linear in a bucket)."""
-    bounds = sorted(after)
-    counts = [after[b] - before.get(b, 0.0) for b in bounds]
-    total = counts[-1] if counts else 0.0
-    if total <= 0:
-        return math.nan
-    rank, lower, below = q * total, 0.0, 0.0
-    for bound, cumulative in zip(bounds, counts, strict=True):
-        if cumulative >= rank:
-            if math.isinf(bound):
-                return lower
-            share = (rank - below) / max(cumulative - below, 1e-9)
-            return lower + (bound - lower) * share
-        lower, below = bound, cumulative
-    return lower
 
 
 @dataclass(frozen=True)
@@ -157,7 +119,7 @@ async def takeover(cluster: Cluster, n: int, signum: signal.Signals) -> Takeover
 
 async def run_one(n: int, args: argparse.Namespace, bootstrap: str, work: Path) -> dict[str, Any]:
     async with temp_database(f"refreshd_scaleout_{uuid.uuid4().hex[:8]}") as dsn:
-        topic = await create_topic(bootstrap, MANAGERS)
+        topic = await create_topic(bootstrap, f"scaleout-{uuid.uuid4().hex[:8]}", MANAGERS)
         run_dir = work / f"n{n}"
         run_dir.mkdir()
         cluster = await make_cluster(
@@ -176,10 +138,11 @@ async def run_one(n: int, args: argparse.Namespace, bootstrap: str, work: Path) 
                 )
             cluster.churn(per_second=args.rate / MANAGERS)
             await asyncio.sleep(args.warmup)
-            before = await latency_buckets(cluster)
+            before = await merged_latencies(cluster)
             await asyncio.sleep(args.duration)
-            after = await latency_buckets(cluster)
-            p50, p99 = quantile(before, after, 0.5), quantile(before, after, 0.99)
+            after = await merged_latencies(cluster)
+            p50 = histogram_quantile(before, after, 0.5)
+            p99 = histogram_quantile(before, after, 0.99)
             events = after.get(math.inf, 0.0) - before.get(math.inf, 0.0)
 
             kill = stop = Takeover()
@@ -212,7 +175,7 @@ async def run_one(n: int, args: argparse.Namespace, bootstrap: str, work: Path) 
                 "kill": kill,
                 "stop": stop,
                 "converge": converge,
-                "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+                "load": load_average(),
             }
         finally:
             await cluster.close()
@@ -227,7 +190,7 @@ async def main() -> None:
     parser.add_argument("--daemons", default="1,2,3")
     parser.add_argument("--keep-logs", help="directory for the daemons' logs (kept)")
     args = parser.parse_args()
-    print(f"load before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, nproc {os.cpu_count()}")
+    print(f"load before: {load_average()}, nproc {os.cpu_count()}")
     with tempfile.TemporaryDirectory(prefix="refreshd-scaleout-") as tmp:
         work = Path(args.keep_logs or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -237,8 +200,7 @@ async def main() -> None:
             for n in (int(x) for x in args.daemons.split(",")):
                 results.append(await run_one(n, args, bootstrap, work))
         finally:
-            broker.terminate()
-            broker.wait(30)
+            stop_process(broker, 30)
     base = results[0]
     print(
         f"\n{MANAGERS} managers x {args.vms} vms, {args.rate:g} changes/s, "

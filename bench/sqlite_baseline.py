@@ -1,5 +1,7 @@
 """Raw sqlite3 stage + merge: the fastest bulk upsert this machine's SQLite allows.
 
+Flow: baseline_rows.records -> sqlite3 executemany + merge -> rates (full_refresh_report).
+
 The SQLite counterpart of bench/upsert_baseline.py (same table, same rows): one
 ``executemany`` into a temporary stage table, then one ``INSERT ... SELECT ... ON
 CONFLICT DO UPDATE ... WHERE`` changed, one transaction, WAL and
@@ -13,12 +15,14 @@ unchanged rows (median of --repeat runs), so the persister's SQLite rate
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline_rows import KINDS, Rates, print_rates, records
 
 DDL = """
 CREATE TABLE base (
@@ -41,13 +45,6 @@ WHERE (base.name, base.state, base.flavor_id, base.tags)
 """
 
 
-def records(n: int) -> list[tuple[object, ...]]:
-    return [
-        (f"vm-{i:07d}", f"vm {i}", "running", i % 8, json.dumps({"env": "prod", "n": i % 10}))
-        for i in range(n)
-    ]
-
-
 def one_pass(conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> tuple[float, float]:
     """Wall and CPU seconds (this thread: SQLite runs in it) of one stage + merge."""
     t0, c0 = time.perf_counter(), time.thread_time()
@@ -61,7 +58,7 @@ def one_pass(conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> tuple[
 def measure(directory: Path, n: int, repeat: int) -> dict[str, float]:
     """New and unchanged rows/s of the raw merge, median of ``repeat`` fresh databases."""
     rows = records(n)
-    new, same, new_cpu, same_cpu = [], [], [], []
+    rates = Rates()
     for i in range(repeat):
         path = directory / f"sqlite_baseline_{i}.db"
         conn = sqlite3.connect(path, isolation_level=None)
@@ -71,20 +68,13 @@ def measure(directory: Path, n: int, repeat: int) -> dict[str, float]:
             conn.execute(DDL)
             conn.execute(STAGE)
             conn.isolation_level = ""  # `with conn` opens a transaction again
-            for wall_rates, cpu_rates in ((new, new_cpu), (same, same_cpu)):
-                wall, cpu = one_pass(conn, rows)
-                wall_rates.append(n / wall)
-                cpu_rates.append(n / cpu)
+            for kind in KINDS:
+                rates.add(kind, n, *one_pass(conn, rows))
         finally:
             conn.close()
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
-    return {
-        "new_rows_per_s": statistics.median(new),
-        "unchanged_rows_per_s": statistics.median(same),
-        "new_rows_per_cpu_s": statistics.median(new_cpu),
-        "unchanged_rows_per_cpu_s": statistics.median(same_cpu),
-    }
+    return rates.medians()
 
 
 def main() -> None:
@@ -94,14 +84,12 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(Path(tmp), args.rows, args.repeat)
-    print(f"raw sqlite3 stage + merge, {args.rows} rows, median of {args.repeat}")
-    print(f"  new:       {result['new_rows_per_s']:>10,.0f} rows/s")
-    print(f"  unchanged: {result['unchanged_rows_per_s']:>10,.0f} rows/s")
-    print(
-        f"  per CPU second: new {result['new_rows_per_cpu_s']:,.0f}, "
-        f"unchanged {result['unchanged_rows_per_cpu_s']:,.0f} rows"
+    print_rates(
+        f"raw sqlite3 stage + merge, {args.rows} rows, median of {args.repeat}",
+        result,
+        "",
+        {"rows": args.rows},
     )
-    print(json.dumps(result | {"rows": args.rows}))
 
 
 if __name__ == "__main__":

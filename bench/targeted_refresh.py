@@ -1,5 +1,7 @@
 """Targeted refresh latency: 1 vm and 100 vms, with 1k and 100k vms in the database.
 
+Flow: targeted_cases (inventories, one_refresh) -> samples -> stats -> printed summary.
+
 Real Refresher + Persister + AwesomeConnection with the simulator embedded in this
 process (``endpoint = "embedded"``).  Before each refresh the targeted vms are
 changed in the cloud (new tags, state flipped), so every refresh writes rows.
@@ -33,290 +35,18 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
-import statistics
 import sys
-import tempfile
-import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from random import Random
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    MANAGER,
-    PROVIDER,
-    PhaseTimer,
-    StatementTimer,
-    code_fingerprint,
-    machine_info,
-    percentile,
-    pg_version,
-    print_machine,
-)
-from pg import temp_database
-from raw_targeted import pg_raw_refresh, sqlite_raw_refresh
-
-from daemon.model.targets import Target, TargetCollection
-from daemon.persistence import schema
-from daemon.persistence.db import create_engine
-from daemon.persistence.migrate import upgrade
-from daemon.persistence.persister import Persister
-from daemon.persistence.settings import PersisterSettings
-from daemon.pipeline.refresher import RefreshableManager, Refresher
-from providers.awesome_cloud.collector import AwesomeConnection
-from providers.awesome_cloud.parser import parse_vms
-from providers.awesome_cloud.settings import AwesomeCloudSettings
+from machine import code_fingerprint, load_average, machine_info, print_machine
+from stats import ms
+from targeted_cases import Samples, one_refresh, open_inventory, summarize
+from wiring import MANAGER
 
 WARMUP = 5
 PATHS = ("default", "staged", "raw")
-
-
-class QueryCounter:
-    """Queries sent to the database by this process's engine connections.
-
-    PostgreSQL: asyncpg's query logger (each query is at least one round trip; a
-    multi-statement simple query is one).  SQLite: the sqlite3 trace callback
-    (statements run; each is one hop to aiosqlite's thread or fewer).
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def _hit(self, *_: Any) -> None:
-        self.count += 1
-
-    def attach(self, engine: Any, backend: str) -> None:
-        from sqlalchemy import event
-        from sqlalchemy.util import await_
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _connect(dbapi_connection: Any, _record: Any) -> None:
-            driver = dbapi_connection.driver_connection
-            if backend == "postgresql":
-                driver.add_query_logger(self._hit)
-            else:
-                await_(driver.set_trace_callback(self._hit))
-
-
-@contextlib.asynccontextmanager
-async def database(backend: str) -> AsyncIterator[str]:
-    if backend == "postgresql":
-        async with temp_database(f"bench_tgt_{uuid.uuid4().hex[:8]}") as dsn:
-            yield dsn
-    else:
-        with tempfile.TemporaryDirectory(prefix="refreshd-bench-") as d:
-            yield f"sqlite:///{d}/bench.db"
-
-
-async def settle(backend: str, url: str) -> str:
-    """Steady state after the bulk load: what autovacuum and the checkpointer would
-    reach on their own a few minutes later (PostgreSQL).  SQLite is left as the
-    daemon leaves it (refreshd never runs ANALYZE there)."""
-    if backend != "postgresql":
-        return "no settling (SQLite: no ANALYZE, as the daemon leaves it)"
-    import asyncpg
-
-    t0 = time.perf_counter()
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("VACUUM ANALYZE")
-        with contextlib.suppress(asyncpg.PostgresError):
-            await conn.execute("CHECKPOINT")
-    finally:
-        await conn.close()
-    return f"VACUUM ANALYZE + CHECKPOINT ({time.perf_counter() - t0:.1f}s, not measured)"
-
-
-def ms(s: float) -> str:
-    return f"{1000 * s:8.2f}"
-
-
-@dataclass
-class Inventory:
-    """One database + one embedded cloud of ``vms`` vms, fully refreshed once."""
-
-    backend: str
-    vms: int
-    refresher: Refresher
-    persister: Persister
-    cloud: Any
-    vm_ids: list[str]
-    timer: StatementTimer
-    phases: PhaseTimer
-    rng: Random
-    staged: Refresher
-    raw: Any  # asyncpg or aiosqlite connection for the hand-written floor
-    manager_id: int
-    counter: QueryCounter
-    sqlite_now: Any
-    info: dict[str, Any] = field(default_factory=dict)
-    tick: int = 0
-
-
-@dataclass
-class Samples:
-    totals: list[float] = field(default_factory=list)
-    collects: list[float] = field(default_factory=list)
-    persists: list[float] = field(default_factory=list)
-    written: list[tuple[int, int]] = field(default_factory=list)
-    queries: list[int] = field(default_factory=list)
-    phase_sums: dict[str, float] = field(default_factory=dict)
-    statements_last: dict[str, list[float]] = field(default_factory=dict)
-
-
-async def open_inventory(
-    stack: contextlib.AsyncExitStack, backend: str, vms: int, seed: int
-) -> Inventory:
-    url = await stack.enter_async_context(database(backend))
-    engine = create_engine(url)
-    stack.push_async_callback(engine.dispose)
-    timer = StatementTimer()
-    timer.attach(engine)
-    counter = QueryCounter()
-    counter.attach(engine, backend)
-    phases = PhaseTimer()
-    phases.attach()
-    await upgrade(engine)
-    # "default" measures the small-batch path at any batch size (the threshold is what
-    # this benchmark measures), "staged" forces the staged path
-    persister = Persister(engine, settings=PersisterSettings(small_batch_max_targets=10**9))
-    staged = Persister(engine, settings=PersisterSettings(small_batch_max_targets=0))
-    settings = AwesomeCloudSettings(
-        endpoint="embedded", embedded_vms=vms, embedded_seed=seed, page_size=1000
-    )
-    conn = await stack.enter_async_context(AwesomeConnection(MANAGER, settings))
-    assert conn.cloud is not None
-    managers = {MANAGER: RefreshableManager(MANAGER, PROVIDER, conn)}
-    refresher = Refresher(persister, managers)
-    manager_id = await persister.ensure_manager(MANAGER, PROVIDER)
-    await staged.ensure_manager(MANAGER, PROVIDER)
-    raw: Any
-    if backend == "postgresql":
-        import asyncpg
-
-        raw = await asyncpg.connect(url)
-        stack.push_async_callback(raw.close)
-        sqlite_now = None
-    else:
-        import aiosqlite
-
-        raw = await aiosqlite.connect(url.removeprefix("sqlite:///"), isolation_level=None)
-        stack.push_async_callback(raw.close)
-        await raw.execute("PRAGMA busy_timeout=30000")
-        await raw.execute("PRAGMA synchronous=NORMAL")  # as the daemon (daemon/persistence/db.py)
-        ts = schema.Timestamp.dialect_impl(engine.dialect)
-        sqlite_now = ts.bind_processor(engine.dialect)
-    inv = Inventory(
-        backend,
-        vms,
-        refresher,
-        persister,
-        conn.cloud,
-        conn.cloud.ids("vms"),
-        timer,
-        phases,
-        Random(seed),
-        Refresher(staged, managers),
-        raw,
-        manager_id,
-        counter,
-        sqlite_now,
-    )
-    if backend == "postgresql":
-        inv.info["server"] = await pg_version(url)
-    t0 = time.perf_counter()
-    full = await refresher.refresh(TargetCollection(MANAGER, [Target.full(MANAGER)]))
-    inv.info["setup_full_refresh_s"] = time.perf_counter() - t0
-    inv.info["setup_rows"] = full.rows_written
-    inv.info["settle"] = await settle(backend, url)
-    inv.info["row_counts_before"] = await persister.row_counts(MANAGER)
-    print(
-        f"[{backend}, {vms:,d} vms] initial full refresh: {full.rows_written:,d} rows in "
-        f"{inv.info['setup_full_refresh_s']:.1f}s; then {inv.info['settle']}"
-    )
-    return inv
-
-
-async def one_refresh(
-    inv: Inventory, batch: int, path: str, samples: Samples | None, last: bool
-) -> None:
-    chosen = inv.rng.sample(inv.vm_ids, batch)
-    inv.tick += 1
-    for vm_id in chosen:
-        old = inv.cloud.get("vms", vm_id)
-        inv.cloud.update(
-            "vms",
-            vm_id,
-            {
-                "tags": {"bench": str(inv.tick)},
-                "state": "stopped" if old["state"] == "running" else "running",
-            },
-        )
-    if path == "raw":
-        page = parse_vms([inv.cloud.get("vms", v) for v in chosen]).rows
-        t0 = time.perf_counter()
-        if inv.backend == "postgresql":
-            await pg_raw_refresh(inv.raw, inv.manager_id, page)
-        else:
-            from datetime import UTC, datetime
-
-            now = inv.sqlite_now(datetime.now(UTC))
-            await sqlite_raw_refresh(inv.raw, inv.manager_id, page, now)
-        total = time.perf_counter() - t0
-        if samples is not None:
-            samples.totals.append(total)
-            samples.persists.append(total)
-            samples.collects.append(0.0)
-            samples.written.append((0, batch))
-            samples.queries.append(9)  # BEGIN + 7 statements + COMMIT
-        return
-    refresher = inv.refresher if path == "default" else inv.staged
-    targets = TargetCollection(MANAGER, [Target.of(MANAGER, "vms", v) for v in chosen])
-    inv.timer.activate()
-    inv.phases.activate()
-    queries_before = inv.counter.count
-    with inv.timer.recording() if last else contextlib.nullcontext(), inv.phases.recording():
-        t0 = time.perf_counter()
-        result = await refresher.refresh(targets)
-        total = time.perf_counter() - t0
-    if samples is None:
-        return
-    samples.queries.append(inv.counter.count - queries_before)
-    for k, v in inv.phases.seconds.items():
-        samples.phase_sums[k] = samples.phase_sums.get(k, 0.0) + v
-    samples.totals.append(total)
-    samples.collects.append(result.extra.get("collect_seconds", float("nan")))
-    samples.persists.append(result.duration)
-    samples.written.append((result.rows_written, result.counts["vms"].updated))
-    if last:
-        samples.statements_last = {
-            k: [inv.timer.seconds[k], inv.timer.calls[k]] for k in inv.timer.seconds
-        }
-
-
-def summarize(batch: int, iterations: int, s: Samples, path: str) -> dict[str, Any]:
-    return {
-        "path": path,
-        "queries_median": statistics.median(s.queries),
-        "batch": batch,
-        "iterations": iterations,
-        "p50": percentile(s.totals, 50),
-        "p99": percentile(s.totals, 99),
-        "mean": statistics.fmean(s.totals),
-        "collect_p50": percentile(s.collects, 50),
-        "persist_p50": percentile(s.persists, 50),
-        "other_p50": percentile(
-            [t - c - p for t, c, p in zip(s.totals, s.collects, s.persists, strict=True)], 50
-        ),
-        "rows_written_median": statistics.median(w for w, _ in s.written),
-        "vms_updated_min": min(v for _, v in s.written),
-        "phases_mean": {k: v / iterations for k, v in s.phase_sums.items()},
-        "statements_last": s.statements_last,
-    }
 
 
 async def run_backend(
@@ -378,56 +108,23 @@ async def run_backend(
         return out
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default="postgresql,sqlite")
-    parser.add_argument("--inventories", default="1000,100000", help="vms in the database")
-    parser.add_argument("--iterations-1", type=int, default=200)
-    parser.add_argument("--iterations-100", type=int, default=50)
-    parser.add_argument(
-        "--batches",
-        default="1,100",
-        help="vms per refresh; 1 runs --iterations-1 times, others --iterations-100 times",
-    )
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--statements", action="store_true", help="print statement times")
-    parser.add_argument("--json", help="write all figures to this file")
-    args = parser.parse_args()
+def print_statements(backend: str, rs: list[dict[str, Any]]) -> None:
+    """The slowest statements of each case's last refresh (--statements)."""
+    for r in rs:
+        for case in r["cases"]:
+            print(
+                f"    statements of the last {case['batch']}-vm refresh "
+                f"[{backend}, {r['vms']:,d} vms]:"
+            )
+            for k, (s, n) in sorted(case["statements_last"].items(), key=lambda kv: -kv[1][0])[:12]:
+                print(f"      {1000 * s:8.2f} ms  {n:3d}x  {k}")
+            n = sum(int(c) for _, c in case["statements_last"].values())
+            print(f"      ({n} statements and COPYs in all)")
 
-    info = machine_info()
-    info["code"] = code_fingerprint()
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    sizes = [int(x) for x in args.inventories.split(",")]
-    cases = [
-        (b, args.iterations_1 if b == 1 else args.iterations_100)
-        for b in (int(x) for x in args.batches.split(","))
-    ]
-    print_machine(info)
-    print(
-        f"targeted refresh benchmark: embedded simulator; per case {WARMUP} warm-up refreshes "
-        "(not counted); the inventories' refreshes interleaved; each refresh's vms changed "
-        "in the cloud first\n"
-    )
-    results: list[dict[str, Any]] = []
-    for backend in backends:
-        rs = await run_backend(backend, sizes, cases, args.seed)
-        results += rs
-        if args.statements:
-            for r in rs:
-                for case in r["cases"]:
-                    print(
-                        f"    statements of the last {case['batch']}-vm refresh "
-                        f"[{backend}, {r['vms']:,d} vms]:"
-                    )
-                    for k, (s, n) in sorted(
-                        case["statements_last"].items(), key=lambda kv: -kv[1][0]
-                    )[:12]:
-                        print(f"      {1000 * s:8.2f} ms  {n:3d}x  {k}")
-                    n = sum(int(c) for _, c in case["statements_last"].values())
-                    print(f"      ({n} statements and COPYs in all)")
-        print()
 
-    print(f"summary (ms); load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+def print_summary(backends: list[str], results: list[dict[str, Any]]) -> None:
+    """Every case in one table, then the goals met or missed."""
+    print(f"summary (ms); load average now {load_average()}")
     print(
         f"  {'backend':<11} {'vms in db':>9} {'batch':>5} {'path':<8} {'p50':>8} {'p99':>8} "
         f"{'collect p50':>11} {'persist p50':>11} {'queries':>7}"
@@ -468,6 +165,46 @@ async def main() -> None:
                     f"({'met' if ratio50 <= 1.2 else 'MISSED'}), p99 ratio "
                     f"{cl['p99'] / cs['p99']:.2f}"
                 )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="postgresql,sqlite")
+    parser.add_argument("--inventories", default="1000,100000", help="vms in the database")
+    parser.add_argument("--iterations-1", type=int, default=200)
+    parser.add_argument("--iterations-100", type=int, default=50)
+    parser.add_argument(
+        "--batches",
+        default="1,100",
+        help="vms per refresh; 1 runs --iterations-1 times, others --iterations-100 times",
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--statements", action="store_true", help="print statement times")
+    parser.add_argument("--json", help="write all figures to this file")
+    args = parser.parse_args()
+
+    info = machine_info()
+    info["code"] = code_fingerprint()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    sizes = [int(x) for x in args.inventories.split(",")]
+    cases = [
+        (b, args.iterations_1 if b == 1 else args.iterations_100)
+        for b in (int(x) for x in args.batches.split(","))
+    ]
+    print_machine(info)
+    print(
+        f"targeted refresh benchmark: embedded simulator; per case {WARMUP} warm-up refreshes "
+        "(not counted); the inventories' refreshes interleaved; each refresh's vms changed "
+        "in the cloud first\n"
+    )
+    results: list[dict[str, Any]] = []
+    for backend in backends:
+        rs = await run_backend(backend, sizes, cases, args.seed)
+        results += rs
+        if args.statements:
+            print_statements(backend, rs)
+        print()
+    print_summary(backends, results)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "results": results}, indent=2))
         print(f"\nfigures written to {args.json}")

@@ -1,5 +1,7 @@
 """Raw asyncpg COPY + merge: the fastest bulk upsert this machine's PostgreSQL allows.
 
+Flow: baseline_rows.records -> asyncpg COPY + merge -> rates (full_refresh_report).
+
 Prints rows/s for new rows and for unchanged rows (median of --repeat runs), so the
 persister's rate (bench/full_refresh.py) can be reported as a fraction of it.
 
@@ -10,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import statistics
 import sys
 import time
 import uuid
@@ -21,7 +21,8 @@ import asyncpg
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pg import ADMIN_DSN, temp_database
+from baseline_rows import KINDS, Rates, print_rates, records
+from databases import ADMIN_DSN, temp_database
 
 DDL = """
 CREATE TABLE base (
@@ -42,13 +43,6 @@ ON CONFLICT (manager_id, ems_ref) DO UPDATE SET
 WHERE (base.name, base.state, base.flavor_id, base.tags)
   IS DISTINCT FROM (excluded.name, excluded.state, excluded.flavor_id, excluded.tags)
 """
-
-
-def records(n: int) -> list[tuple[object, ...]]:
-    return [
-        (f"vm-{i:07d}", f"vm {i}", "running", i % 8, json.dumps({"env": "prod", "n": i % 10}))
-        for i in range(n)
-    ]
 
 
 def _cpu(pid: int) -> float:
@@ -77,7 +71,7 @@ async def measure(dsn: str, n: int, repeat: int) -> dict[str, float]:
     The CPU rates hardly move with the load of a shared machine; compare with them.
     """
     rows = records(n)
-    new, same, new_cpu, same_cpu = [], [], [], []
+    rates = Rates()
     conn = await asyncpg.connect(dsn)
     try:
         backend = await conn.fetchval("SELECT pg_backend_pid()")
@@ -85,18 +79,11 @@ async def measure(dsn: str, n: int, repeat: int) -> dict[str, float]:
         for _ in range(repeat):
             await conn.execute("DROP TABLE IF EXISTS base")
             await conn.execute(DDL)
-            for wall_rates, cpu_rates in ((new, new_cpu), (same, same_cpu)):
-                wall, cpu = await one_pass(conn, rows, backend)
-                wall_rates.append(n / wall)
-                cpu_rates.append(n / cpu)
+            for kind in KINDS:
+                rates.add(kind, n, *await one_pass(conn, rows, backend))
     finally:
         await conn.close()
-    return {
-        "new_rows_per_s": statistics.median(new),
-        "unchanged_rows_per_s": statistics.median(same),
-        "new_rows_per_cpu_s": statistics.median(new_cpu),
-        "unchanged_rows_per_cpu_s": statistics.median(same_cpu),
-    }
+    return rates.medians()
 
 
 async def main() -> None:
@@ -106,14 +93,12 @@ async def main() -> None:
     args = parser.parse_args()
     async with temp_database(f"bench_base_{uuid.uuid4().hex[:8]}") as dsn:
         result = await measure(dsn, args.rows, args.repeat)
-    print(f"raw asyncpg COPY+merge, {args.rows} rows, median of {args.repeat}")
-    print(f"  new:       {result['new_rows_per_s']:>10,.0f} rows/s")
-    print(f"  unchanged: {result['unchanged_rows_per_s']:>10,.0f} rows/s")
-    print(
-        f"  per CPU second (client + backend): new {result['new_rows_per_cpu_s']:,.0f}, "
-        f"unchanged {result['unchanged_rows_per_cpu_s']:,.0f} rows"
+    print_rates(
+        f"raw asyncpg COPY+merge, {args.rows} rows, median of {args.repeat}",
+        result,
+        " (client + backend)",
+        {"rows": args.rows, "admin": ADMIN_DSN},
     )
-    print(json.dumps(result | {"rows": args.rows, "admin": ADMIN_DSN}))
 
 
 if __name__ == "__main__":
