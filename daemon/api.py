@@ -24,7 +24,7 @@ from daemon.model.provider import (
     ProviderAuthError,
     ProviderError,
 )
-from daemon.model.rejection import RejectReason, Rejection
+from daemon.model.rejection import Rejection, RejectReason
 from daemon.model.targets import Ref, Target, TargetCollection, Trigger
 from daemon.pipeline.batcher import BatcherStoppedError
 from daemon.service.config import Duration

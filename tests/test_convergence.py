@@ -53,8 +53,8 @@ from daemon.persistence.persister import Persister
 from daemon.persistence.refresh_result import PersisterSettings, RefreshResult
 from daemon.pipeline.refresher import RefreshableManager, Refresher
 from providers.awesome_cloud import AwesomeCloudSettings, AwesomeConnection
-from providers.awesome_cloud.simulator import Cloud, CloudEvent
-from providers.awesome_cloud.simulator_model import DISK_SIZES, OPERATING_SYSTEMS, VM_STATES
+from providers.awesome_cloud.simulator.cloud import Cloud, CloudEvent
+from providers.awesome_cloud.simulator.model import DISK_SIZES, OPERATING_SYSTEMS, VM_STATES
 from tests.cloud_state import (
     assert_database_equals_cloud,
     cloud_state,

@@ -20,7 +20,7 @@ from daemon.model.catcher import CatcherContext, ManagerEndpoint
 from daemon.model.targets import TargetCollection
 from daemon.pipeline.batcher import Batcher, BatchingSettings
 from providers.awesome_cloud import AwesomeCloudSettings, provider
-from providers.awesome_cloud.simulator import Cloud
+from providers.awesome_cloud.simulator.cloud import Cloud
 
 WAIT = 10.0
 

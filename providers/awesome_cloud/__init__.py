@@ -9,8 +9,8 @@ point ``awesome_cloud`` and never imports this package directly.  Modules:
 - ``collector``  :class:`AwesomeConnection`: full and targeted collection
 - ``client``     the HTTP client of the read API, with retries
 - ``parser``     API objects -> inventory rows
-- ``simulator``, ``simulator_model``, ``simulator_app``  the simulated cloud,
-  its object model, and its HTTP app (also run standalone or embedded)
+- ``simulator/`` the simulated cloud: its object model, state, HTTP app, churn,
+  event delivery and server (run standalone or embedded)
 
 Beyond the :class:`daemon.model.provider.Provider` protocol this provider offers
 :meth:`AwesomeCloudProvider.simulator_main`, which the CLI calls for
@@ -26,8 +26,8 @@ from pydantic import BaseModel
 
 from providers.awesome_cloud.collector import AwesomeConnection
 from providers.awesome_cloud.settings import AwesomeCloudSettings
-from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_server import SimulatorServer, run_simulator
+from providers.awesome_cloud.simulator.cloud import Cloud
+from providers.awesome_cloud.simulator.server import SimulatorServer, run_simulator
 
 __all__ = [
     "AwesomeCloudProvider",
