@@ -5,7 +5,7 @@ terminate, tag, attach, detach and resize volumes, create and tag security
 groups).  Each is applied to moto through the EC2 API, and the CloudTrail
 event AWS would publish for it (the "AWS API Call via CloudTrail" EventBridge
 shape, ids where AWS puts them) goes through the real event mapper
-(``catchers.aws.map_event``) and a targeted refresh of manager ``events``.
+(``providers.aws.events.map_event``) and a targeted refresh of manager ``events``.
 After every step, its rows must equal those of manager ``mirror``, which a
 full refresh of the same account has just rebuilt.
 
@@ -27,12 +27,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from catchers.aws import map_event
 from daemon.model.targets import Target, TargetCollection
 from daemon.persistence.persister import Persister
 from daemon.persistence.refresh_result import PersisterSettings
 from daemon.pipeline.refresher import RefreshableManager, Refresher
 from providers.aws import AwsConnection, AwsSettings
+from providers.aws.events import map_event
 from tests.aws_cloud import AMI, OTHER_AMI
 from tests.cloud_state import State, database_state
 from tests.fixtures.moto_server import AwsClients, MotoServer, moto_credentials

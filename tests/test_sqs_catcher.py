@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from catchers.awesome_cloud import map_event
 from catchers.cloudevents import DecodeError, EventMode
 from catchers.sqs import SqsCatcher, SqsQueueError, create
 from catchers.sqs_messages import decode_message
@@ -28,6 +27,7 @@ from daemon.model.catcher import CatcherContext, ManagerEndpoint, load_catcher
 from daemon.model.targets import Target, TargetCollection
 from daemon.pipeline.batcher import Batcher, BatchingSettings
 from daemon.service.metrics import CatcherProbe, Metrics
+from providers.awesome_cloud.events import map_event
 from tests.daemon_process import wait_for
 from tests.fixtures.moto_server import AwsClients, MotoServer
 

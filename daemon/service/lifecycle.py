@@ -40,12 +40,10 @@ from daemon.model.catcher import (
     Catcher,
     CatcherContext,
     ManagerEndpoint,
-    UnknownPluginError,
     load_catcher,
-    load_event_mapper,
 )
-from daemon.model.provider import EventMapper, load_provider
-from daemon.model.targets import Target, TargetCollection
+from daemon.model.provider import load_provider
+from daemon.model.targets import TargetCollection
 from daemon.persistence import schema
 from daemon.persistence.db import Dialect, create_engine, dialect_of, normalize_url
 from daemon.persistence.migrate import upgrade
@@ -85,13 +83,6 @@ def batching_settings(base: BatchingSettings, *layers: BatchingConfig) -> Batchi
     for layer in layers:
         values.update(layer.overrides())
     return BatchingSettings(**values)
-
-
-def _no_mapper(provider: str) -> EventMapper:
-    def mapper(manager: str, event: dict[str, Any]) -> list[Target]:
-        raise LookupError(f"provider {provider!r} has no event mapper installed")
-
-    return mapper
 
 
 async def wait_for_database(engine: AsyncEngine, stop: asyncio.Event, readiness: Readiness) -> bool:
@@ -217,19 +208,14 @@ class Daemon:
             manager_ids: dict[str, int] = {}
             endpoints: dict[str, ManagerEndpoint] = {}
             for m in cfg.managers:
-                connection = load_provider(m.provider).connect(
-                    m.name, self.loaded.provider_settings[m.name]
-                )
+                provider = load_provider(m.provider)
+                connection = provider.connect(m.name, self.loaded.provider_settings[m.name])
                 await stack.enter_async_context(connection)
                 manager_ids[m.name] = await persister.ensure_manager(m.name, m.provider)
                 refreshable[m.name] = RefreshableManager(
                     m.name, m.provider, connection, m.allow_targeted_refresh
                 )
-                try:
-                    mapper = load_event_mapper(m.provider)
-                except UnknownPluginError:
-                    mapper = _no_mapper(m.provider)
-                endpoints[m.name] = ManagerEndpoint(m.name, m.provider, mapper, connection)
+                endpoints[m.name] = ManagerEndpoint.of(m.name, m.provider, provider, connection)
 
             base = batching_settings(BatchingSettings(), cfg.batching)
             refresher = Refresher(persister, refreshable, progress=self.progress)

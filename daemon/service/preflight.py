@@ -29,9 +29,8 @@ from daemon.model.catcher import (
     ManagerEndpoint,
     UnknownPluginError,
     load_catcher,
-    load_event_mapper,
 )
-from daemon.model.provider import EXTRA_OF_MODULE
+from daemon.model.provider import EXTRA_OF_MODULE, UnknownProviderError, load_provider
 from daemon.model.targets import TargetCollection
 from daemon.persistence.db import DatabaseURLError, create_engine
 from daemon.pipeline.batcher import Batcher
@@ -75,10 +74,10 @@ def _catcher_problems(loaded: LoadedConfig) -> Iterator[str]:
     endpoints = {}
     for m in cfg.managers:
         try:
-            mapper = load_event_mapper(m.provider)
-        except UnknownPluginError:
+            provider = load_provider(m.provider)
+        except UnknownProviderError:
             continue
-        endpoints[m.name] = ManagerEndpoint(m.name, m.provider, mapper)
+        endpoints[m.name] = ManagerEndpoint.of(m.name, m.provider, provider)
 
     async def never(_targets: TargetCollection) -> None:
         raise RuntimeError("check-config does not refresh")
