@@ -9,19 +9,19 @@ event; it answers the manager name and the provider's pure event mapper, or
 None when the event belongs to no configured manager (the catcher
 dead-letters it).  The helpers here build the common routes (one manager per
 catcher, one per stream, events naming their manager in a CloudEvents
-attribute, or AWS events going to the manager of their account and region)
-and :func:`route_from_options` picks one from a ``[[catchers]]`` block.
+attribute, or events going to the manager whose provider's routing key of the
+event is its connection's key, e.g. an AWS account and region) and
+:func:`route_from_options` picks one from a ``[[catchers]]`` block.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
-from catchers.aws import account_region
 from catchers.cloudevents import CloudEvent
-from daemon.api import EventMapper, ManagerEndpoint
+from daemon.api import EventMapper, ManagerEndpoint, RoutingKey
 
 _CONTEXT_ATTRIBUTES = frozenset({"id", "source", "type", "subject", "dataschema"})
 
@@ -67,55 +67,57 @@ def route_by_attribute(attribute: str, table: Mapping[str, tuple[str, EventMappe
     return route
 
 
-def route_by_account(managers: Mapping[str, ManagerEndpoint]) -> Route:
-    """AWS events go to the ``aws`` manager of their account and region.
+def route_by_key(managers: Mapping[str, ManagerEndpoint]) -> Route:
+    """Events go to the manager whose connection's key is its provider's key of the event.
 
-    The event's account and region come from :func:`catchers.aws.account_region`;
-    a manager's from its open connection's ``account_region`` attribute
-    (``(account id, region)``, or None while the connection does not know its
-    account yet).  The table is rebuilt when an event finds no manager, so a
-    connection that learns its account later is found.  When two managers
-    share an account and region, the first configured one gets the events.
-    ValueError when no manager has provider ``aws``.
+    The candidates are the managers whose provider has a ``routing_key``
+    (``ManagerEndpoint.routing_key``, e.g. AWS: the event's account and
+    region); a manager's key is its open connection's ``routing_key``
+    (:meth:`ManagerEndpoint.connection_key`, None while the connection does not
+    know it yet).  The table is rebuilt when an event finds no manager, so a
+    connection that learns its key later is found.  When two managers share a
+    key, the first configured one gets the events.  ValueError when no
+    manager's provider has a routing key.
     """
-    aws = [m for m in managers.values() if m.provider == "aws"]
-    if not aws:
+    keyed = [(m, m.routing_key) for m in managers.values() if m.routing_key is not None]
+    if not keyed:
         known = ", ".join(f"{m.name} ({m.provider})" for m in managers.values()) or "none"
         raise ValueError(
-            f"manager_by_account needs a manager of provider 'aws' (configured: {known})"
+            "manager_by_account needs a manager whose provider routes events by key"
+            f" (configured: {known})"
         )
-    table: dict[tuple[str, str], tuple[str, EventMapper]] = {}
+    key_functions = list(dict.fromkeys(key_of for _, key_of in keyed))
+    tables: dict[RoutingKey, dict[Hashable, tuple[str, EventMapper]]] = {}
+    """Per routing key function: connection key -> (manager, mapper)."""
 
     def rebuild() -> None:
-        table.clear()
-        for manager in aws:
-            key = _account_region_of(manager.connection)
+        tables.clear()
+        for manager, key_of in keyed:
+            key = manager.connection_key()
             if key is not None:
-                table.setdefault(key, (manager.name, manager.mapper))
+                tables.setdefault(key_of, {}).setdefault(key, (manager.name, manager.mapper))
+
+    def lookup(keys: list[tuple[RoutingKey, Hashable]]) -> tuple[str, EventMapper] | None:
+        for key_of, key in keys:
+            found = tables.get(key_of, {}).get(key)
+            if found is not None:
+                return found
+        return None
 
     rebuild()
 
     def route(stream: str, event: CloudEvent) -> tuple[str, EventMapper] | None:
-        key = account_region({"data": event.data})
-        if key is None:
+        decoded = event.to_dict()
+        keys = [(key_of, key) for key_of in key_functions if (key := key_of(decoded)) is not None]
+        if not keys:
             return None
-        found = table.get(key)
+        found = lookup(keys)
         if found is None:
             rebuild()
-            found = table.get(key)
+            found = lookup(keys)
         return found
 
     return route
-
-
-def _account_region_of(connection: object) -> tuple[str, str] | None:
-    """The ``account_region`` a connection knows, when it is a pair of non-empty strings."""
-    key = getattr(connection, "account_region", None)
-    if isinstance(key, tuple) and len(key) == 2:
-        account, region = key
-        if isinstance(account, str) and account and isinstance(region, str) and region:
-            return (account, region)
-    return None
 
 
 def first_route(*routes: Route) -> Route:
@@ -152,9 +154,10 @@ def route_from_options(
     * ``managers = {"<stream>" = "<manager>", ...}``: one manager per topic/queue/path;
     * ``manager_attribute = "<attribute>"``: a CloudEvents attribute or extension
       whose value is the manager name;
-    * ``manager_by_account = true``: AWS events go to the ``aws`` manager whose
-      account and region are the event's (see :func:`route_by_account`);
-      ``false`` is the same as leaving it out.
+    * ``manager_by_account = true``: by the provider's routing key: an event goes
+      to the manager whose connection's key is its provider's key of the event
+      (for AWS: the account and region, see :func:`route_by_key`); ``false`` is
+      the same as leaving it out.  The option keeps its name, a public config key.
     """
     given = [key for key in ROUTING_OPTIONS if _given(key, options.get(key))]
     if len(given) != 1:
@@ -177,7 +180,7 @@ def route_from_options(
             raise ValueError("'managers' must be a non-empty table of stream = manager")
         return route_by_stream({str(k): endpoint(v) for k, v in table.items()})
     if given == ["manager_by_account"]:
-        return route_by_account(managers)
+        return route_by_key(managers)
     attribute = options["manager_attribute"]
     if not isinstance(attribute, str) or not attribute:
         raise ValueError("'manager_attribute' must be an attribute name")

@@ -29,6 +29,8 @@ from daemon.model.provider import (
     Provider,
     ProviderAuthError,
     ProviderError,
+    RoutedProvider,
+    RoutingKey,
 )
 from daemon.model.rejection import Rejection, RejectReason
 from daemon.model.targets import Ref, Target, TargetCollection, Trigger
@@ -58,6 +60,8 @@ __all__ = [
     "Ref",
     "RejectReason",
     "Rejection",
+    "RoutedProvider",
+    "RoutingKey",
     "Row",
     "Secret",
     "SecretUnavailableError",

@@ -6,7 +6,7 @@ Used by the convergence tests and the end-to-end tests (DESIGN.md semantics 11:
 * ``await database_state(engine, manager)``: the active inventory of ``manager``
   as stored (archived rows are left out);
 * ``cloud_state(cloud)``: what a correct refresh of an AwesomeCloud simulator
-  (:class:`providers.awesome_cloud.simulator.Cloud`) stores, derived from the
+  (:class:`providers.awesome_cloud.simulator.cloud.Cloud`) stores, derived from the
   cloud's objects independently of the parser;
 * ``await assert_database_equals_cloud(engine, manager, cloud)``: both views
   must be equal; on failure the message lists, per collection, the keys only

@@ -25,9 +25,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from daemon.persistence import schema
 from daemon.persistence.db import create_engine
-from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_delivery import Delivery, KafkaTransport
-from providers.awesome_cloud.simulator_server import SimulatorServer, churn_forever
+from providers.awesome_cloud.simulator.cloud import Cloud
+from providers.awesome_cloud.simulator.delivery import Delivery, KafkaTransport
+from providers.awesome_cloud.simulator.server import SimulatorServer, churn_forever
 from tests.cloud_state import cloud_state, database_state, diff_states
 from tests.daemon_process import DaemonProcess, free_port, wait_for, write_config
 

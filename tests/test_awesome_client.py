@@ -16,9 +16,9 @@ import pytest
 from daemon.model.provider import ProviderAuthError, ProviderError
 from providers.awesome_cloud.client import AwesomeClient
 from providers.awesome_cloud.settings import AwesomeCloudSettings
-from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_app import FaultPlan
-from providers.awesome_cloud.simulator_server import SimulatorServer
+from providers.awesome_cloud.simulator.app import FaultPlan
+from providers.awesome_cloud.simulator.cloud import Cloud
+from providers.awesome_cloud.simulator.server import SimulatorServer
 
 
 class RecordingSleep:

@@ -15,9 +15,9 @@ from daemon.model.provider import ManagerConnection, ProviderAuthError, load_pro
 from daemon.model.targets import Target, TargetCollection
 from providers.awesome_cloud import AwesomeCloudSettings, AwesomeConnection, provider
 from providers.awesome_cloud.parser import parse_page, parse_vms
-from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_app import FaultPlan
-from providers.awesome_cloud.simulator_server import SimulatorServer
+from providers.awesome_cloud.simulator.app import FaultPlan
+from providers.awesome_cloud.simulator.cloud import Cloud
+from providers.awesome_cloud.simulator.server import SimulatorServer
 
 VMS = 230
 REFERENCED = ("flavors", "images", "security_groups")

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from catchers.awesome_cloud import map_event
 from catchers.cloudevents import decode_structured
 from daemon.model.targets import Target
+from providers.awesome_cloud.events import map_event
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events" / "awesome_cloud"
 

@@ -13,14 +13,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from providers.awesome_cloud.simulator import (
+from providers.awesome_cloud.simulator.cloud import (
     COLLECTIONS,
     BadRequestError,
     Cloud,
     ConflictError,
     NotFoundError,
 )
-from providers.awesome_cloud.simulator_server import SimulatorServer
+from providers.awesome_cloud.simulator.server import SimulatorServer
 
 VMS = 120
 
@@ -356,7 +356,7 @@ async def test_fault_admin_api(server: SimulatorServer, http: aiohttp.ClientSess
 async def test_churn_admin_api_starts_stops_and_reports(http: aiohttp.ClientSession) -> None:
     import asyncio
 
-    from providers.awesome_cloud.simulator_server import churn_controlled
+    from providers.awesome_cloud.simulator.server import churn_controlled
 
     cloud = make_cloud(30)
     async with SimulatorServer(cloud) as server:

@@ -5,7 +5,7 @@ terminate, tag, attach, detach and resize volumes, create and tag security
 groups).  Each is applied to moto through the EC2 API, and the CloudTrail
 event AWS would publish for it (the "AWS API Call via CloudTrail" EventBridge
 shape, ids where AWS puts them) goes through the real event mapper
-(``catchers.aws.map_event``) and a targeted refresh of manager ``events``.
+(``providers.aws.events.map_event``) and a targeted refresh of manager ``events``.
 After every step, its rows must equal those of manager ``mirror``, which a
 full refresh of the same account has just rebuilt.
 
@@ -27,11 +27,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from catchers.aws import map_event
 from daemon.model.targets import Target, TargetCollection
 from daemon.pipeline.refresher import Refresher
 from daemon.service.composition import assemble
 from daemon.service.config import parse_config
+from providers.aws.events import map_event
 from tests.aws_cloud import AMI, OTHER_AMI
 from tests.cloud_state import State, database_state
 from tests.fixtures.moto_server import AwsClients, MotoServer, moto_credentials

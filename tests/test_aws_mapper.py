@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from catchers.aws import MAX_DEPTH, MAX_NODES, account_region, map_event
 from catchers.cloudevents import decode_kafka_record, decode_structured
 from daemon.model.targets import Target
+from providers.aws.events import MAX_DEPTH, MAX_NODES, account_region, map_event
 
 FIXTURES = Path(__file__).parent / "fixtures" / "aws_events"
 TRANSPORT_ID = "aws-events/0/42"

@@ -1,7 +1,8 @@
-"""Routing AWS events by account and region, and AWS records through the Kafka record path.
+"""Routing events by their provider's routing key (AWS: account and region), and AWS records
+through the Kafka record path.
 
-A manager's account and region come from its open connection's
-``account_region`` attribute; here a plain stand-in object plays the
+A manager's key comes from its open connection's ``routing_key`` attribute
+(for AWS its ``account_region``); here a plain stand-in object plays the
 connection (only that attribute is read).
 """
 
@@ -16,20 +17,22 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
-from catchers.awesome_cloud import map_event as awesome_map_event
-from catchers.aws import map_event
 from catchers.cloudevents import CloudEvent, decode_kafka_record
 from catchers.kafka.catcher import create
 from catchers.kafka.records import Rejection, map_record
+from catchers.kafka.resets import managers_fed
 from catchers.routing import (
     ROUTING_OPTIONS,
     DeadLetterReason,
     Route,
-    route_by_account,
+    route_by_key,
     route_from_options,
 )
 from daemon.model.catcher import CatcherContext, ManagerEndpoint
 from daemon.model.targets import Target
+from providers.awesome_cloud.events import map_event as awesome_map_event
+from providers.aws import provider as aws_provider
+from providers.aws.events import map_event
 
 FIXTURES = Path(__file__).parent / "fixtures" / "aws_events"
 EAST = ("123456789012", "us-east-1")
@@ -38,13 +41,13 @@ WEST = ("210987654321", "eu-west-1")
 
 @dataclass
 class Identity:
-    """Stands in for an AWS connection: the account and region it has resolved (or None)."""
+    """Stands in for a connection: the routing key it has resolved (or None)."""
 
-    account_region: tuple[str, str] | None
+    routing_key: Any
 
 
 def aws(name: str, account_region: tuple[str, str] | None) -> ManagerEndpoint:
-    return ManagerEndpoint(name, "aws", map_event, connection=Identity(account_region))
+    return ManagerEndpoint.of(name, "aws", aws_provider, Identity(account_region))
 
 
 def raw(name: str) -> bytes:
@@ -102,21 +105,37 @@ def test_a_connection_that_learns_its_account_later_is_found() -> None:
     route = by_account(aws("aws-east", EAST), west)
     assert routed_to(route, "cloudtrail_attach_network_interface") is None
 
-    west.connection.account_region = WEST  # resolved lazily
+    west.connection.routing_key = WEST  # resolved lazily
 
     assert routed_to(route, "cloudtrail_attach_network_interface") == "aws-west"
     assert routed_to(route, "ec2_state_change_running") == "aws-east"
 
 
-def test_only_aws_managers_with_a_known_identity_are_candidates() -> None:
+def test_only_managers_with_a_routing_key_and_a_known_identity_are_candidates() -> None:
     imposter = ManagerEndpoint("sim", "awesome_cloud", awesome_map_event, Identity(EAST))
-    no_connection = ManagerEndpoint("aws-closed", "aws", map_event)
-    odd = ManagerEndpoint("aws-odd", "aws", map_event, SimpleNamespace(account_region=list(EAST)))
+    no_connection = ManagerEndpoint.of("aws-closed", "aws", aws_provider)
+    unhashable = SimpleNamespace(routing_key=list(EAST))
+    odd = ManagerEndpoint.of("aws-odd", "aws", aws_provider, unhashable)
     route = by_account(imposter, no_connection, odd)
     assert routed_to(route, "ec2_state_change_running") is None
 
     route = by_account(imposter, no_connection, odd, aws("aws-east", EAST))
     assert routed_to(route, "ec2_state_change_running") == "aws-east"
+
+
+def test_any_provider_with_a_routing_key_is_routed_by_it() -> None:
+    def by_source(event: dict[str, Any]) -> str | None:
+        source = event.get("source")
+        return source if isinstance(source, str) and source.startswith("sim:") else None
+
+    sim = ManagerEndpoint("sim", "other", awesome_map_event, Identity("sim:a"), by_source)
+    route = by_account(sim, aws("aws-east", EAST))
+
+    event = CloudEvent(id="1", source="sim:a", type="com.awesomecloud.vm.created", subject="v")
+    assert route("t", event) == ("sim", awesome_map_event)
+    assert route("t", CloudEvent(id="2", source="sim:b", type="x")) is None
+    assert routed_to(route, "ec2_state_change_running") == "aws-east"
+    assert ManagerEndpoint.of("aws-east", "aws", aws_provider).routing_key is not None
 
 
 def test_two_managers_of_one_account_and_region_the_first_configured_wins() -> None:
@@ -126,10 +145,10 @@ def test_two_managers_of_one_account_and_region_the_first_configured_wins() -> N
 
 def test_construction_errors() -> None:
     simulator = ManagerEndpoint("sim", "awesome_cloud", awesome_map_event)
-    with pytest.raises(ValueError, match=r"needs a manager of provider 'aws' \(configured: sim"):
+    with pytest.raises(ValueError, match=r"provider routes events by key \(configured: sim"):
         route_from_options({"manager_by_account": True}, {"sim": simulator})
     with pytest.raises(ValueError, match=r"configured: none"):
-        route_by_account({})
+        route_by_key({})
     managers = {"aws-east": aws("aws-east", EAST), "sim": simulator}
     with pytest.raises(ValueError, match="'manager_by_account' must be true or false, not 'yes'"):
         route_from_options({"manager_by_account": "yes"}, managers)
@@ -150,8 +169,14 @@ def test_the_kafka_catcher_takes_the_option() -> None:
     )
     assert create({**options, "manager_by_account": True}, context).name == "kafka"
     no_aws = CatcherContext(sink=SimpleNamespace(), managers={}, clock=lambda: 0.0)
-    with pytest.raises(ValueError, match="needs a manager of provider 'aws'"):
+    with pytest.raises(ValueError, match="needs a manager whose provider routes events by key"):
         create({**options, "manager_by_account": True}, no_aws)
+
+
+def test_a_reset_topic_routed_by_key_feeds_every_manager_with_a_routing_key() -> None:
+    simulator = ManagerEndpoint("sim", "awesome_cloud", awesome_map_event, Identity(EAST))
+    managers = {e.name: e for e in (aws("b-west", WEST), simulator, aws("a-east", EAST))}
+    assert managers_fed({"manager_by_account": True}, managers)("t") == ("a-east", "b-west")
 
 
 # -- end to end through the pure Kafka record path -------------------------------------

@@ -17,8 +17,8 @@ from daemon.persistence import schema
 from daemon.persistence.db import create_engine
 from daemon.service.config import parse_config
 from daemon.service.lifecycle import Daemon
-from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_server import SimulatorServer
+from providers.awesome_cloud.simulator.cloud import Cloud
+from providers.awesome_cloud.simulator.server import SimulatorServer
 from tests.daemon_process import free_port, wait_for
 
 TOKEN = "t0ken"

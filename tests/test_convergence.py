@@ -2,7 +2,7 @@
 
 Random changes are made to an AwesomeCloud simulator through its API
 (``Cloud.create`` / ``update`` / ``delete`` and ``churn``); the events they emit
-are mapped to targets by the real event mapper (``catchers.awesome_cloud``) and
+are mapped to targets by the real event mapper (``providers.awesome_cloud.events``) and
 refreshed by the real :class:`daemon.pipeline.refresher.Refresher` and
 :class:`daemon.persistence.persister.Persister`, collecting over HTTP from the embedded
 simulator.  Then:
@@ -44,7 +44,6 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from catchers.awesome_cloud import map_event
 from daemon.model.targets import Target, TargetCollection
 from daemon.persistence import schema
 from daemon.persistence.db import create_engine
@@ -54,8 +53,9 @@ from daemon.pipeline.refresher import Refresher
 from daemon.service.composition import assemble
 from daemon.service.config import parse_config
 from providers.awesome_cloud import AwesomeConnection
-from providers.awesome_cloud.simulator import Cloud, CloudEvent
-from providers.awesome_cloud.simulator_model import DISK_SIZES, OPERATING_SYSTEMS, VM_STATES
+from providers.awesome_cloud.events import map_event
+from providers.awesome_cloud.simulator.cloud import Cloud, CloudEvent
+from providers.awesome_cloud.simulator.model import DISK_SIZES, OPERATING_SYSTEMS, VM_STATES
 from tests.cloud_state import (
     assert_database_equals_cloud,
     cloud_state,

@@ -23,8 +23,8 @@ from daemon.persistence.db import create_engine
 from daemon.persistence.persister import Persister
 from daemon.service.config import parse_config
 from daemon.service.lifecycle import Daemon
-from providers.awesome_cloud.simulator import Cloud as SimulatedCloud
-from providers.awesome_cloud.simulator_server import SimulatorServer
+from providers.awesome_cloud.simulator.cloud import Cloud as SimulatedCloud
+from providers.awesome_cloud.simulator.server import SimulatorServer
 from tests.daemon_process import free_port, wait_for
 from tests.inventory_builders import (
     MANAGER,

@@ -34,11 +34,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from daemon.persistence import schema
 from daemon.persistence.db import create_engine
-from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_app import FaultPlan
-from providers.awesome_cloud.simulator_delivery import Delivery, KafkaTransport, Mode
-from providers.awesome_cloud.simulator_model import VmChoices, random_vm
-from providers.awesome_cloud.simulator_server import SimulatorServer, churn_forever
+from providers.awesome_cloud.simulator.app import FaultPlan
+from providers.awesome_cloud.simulator.cloud import Cloud
+from providers.awesome_cloud.simulator.delivery import Delivery, KafkaTransport, Mode
+from providers.awesome_cloud.simulator.model import VmChoices, random_vm
+from providers.awesome_cloud.simulator.server import SimulatorServer, churn_forever
 from tests.cloud_state import (
     assert_database_equals_cloud,
     cloud_state,

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from catchers.awesome_cloud import map_event
 from catchers.inprocess import InProcessCatcher, create
 from daemon.model.catcher import CatcherContext, ManagerEndpoint
 from daemon.model.targets import TargetCollection
 from daemon.pipeline.batcher import Batcher, BatchingSettings
 from providers.awesome_cloud import AwesomeCloudSettings, provider
-from providers.awesome_cloud.simulator import Cloud
+from providers.awesome_cloud.events import map_event
+from providers.awesome_cloud.simulator.cloud import Cloud
 
 WAIT = 10.0
 

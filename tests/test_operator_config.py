@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from daemon.service.cli import main
-from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_server import SimulatorServer
+from providers.awesome_cloud.simulator.cloud import Cloud
+from providers.awesome_cloud.simulator.server import SimulatorServer
 from tests.daemon_process import REFRESHD
 
 KAFKA = (

@@ -18,9 +18,9 @@ from daemon.service.lifecycle import Daemon
 from daemon.service.metrics import Metrics
 from daemon.service.scrape_collectors import CatcherProbe
 from daemon.service.version import refreshd_version
-from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_app import FaultPlan
-from providers.awesome_cloud.simulator_server import SimulatorServer
+from providers.awesome_cloud.simulator.app import FaultPlan
+from providers.awesome_cloud.simulator.cloud import Cloud
+from providers.awesome_cloud.simulator.server import SimulatorServer
 from tests.daemon_process import free_port, wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 
 from daemon.pipeline.backoff import Backoff
-from providers.awesome_cloud.simulator_app import FaultPlan
-from providers.awesome_cloud.simulator_server import SimulatorServer
+from providers.awesome_cloud.simulator.app import FaultPlan
+from providers.awesome_cloud.simulator.server import SimulatorServer
 from tests.test_awesome_client import RecordingSleep, client_for, server
 
 __all__ = ["server"]  # the simulator fixture

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from providers.awesome_cloud.simulator_app import FaultPlan
+from providers.awesome_cloud.simulator.app import FaultPlan
 from tests.cloud_state import assert_database_equals_cloud
 from tests.daemon_process import wait_for
 from tests.scaleout_cluster import Cluster, make_cluster

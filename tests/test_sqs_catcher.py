@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from catchers.awesome_cloud import map_event
 from catchers.cloudevents import EventMode
 from catchers.sqs.catcher import SqsCatcher, SqsCatcherStats, SqsQueueError, create
 from catchers.sqs.messages import decode_message
@@ -30,6 +29,7 @@ from daemon.model.targets import Target, TargetCollection
 from daemon.pipeline.batcher import Batcher, BatchingSettings
 from daemon.service.metrics import Metrics
 from daemon.service.scrape_collectors import CatcherProbe
+from providers.awesome_cloud.events import map_event
 from tests.daemon_process import wait_for
 from tests.fixtures.moto_server import AwsClients, MotoServer
 

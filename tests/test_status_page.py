@@ -25,9 +25,9 @@ from daemon.persistence.refresh_result import RefreshKind
 from daemon.pipeline.progress import ProgressBoard
 from daemon.service.config import parse_config
 from daemon.service.lifecycle import Daemon
-from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_app import FaultPlan
-from providers.awesome_cloud.simulator_server import SimulatorServer
+from providers.awesome_cloud.simulator.app import FaultPlan
+from providers.awesome_cloud.simulator.cloud import Cloud
+from providers.awesome_cloud.simulator.server import SimulatorServer
 from tests.daemon_process import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

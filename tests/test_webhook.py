@@ -19,11 +19,11 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from catchers.awesome_cloud import map_event
 from catchers.webhook.catcher import WebhookCatcher, create
 from daemon.model.catcher import CatcherContext, ManagerEndpoint
 from daemon.model.targets import TargetCollection
 from daemon.pipeline.batcher import Batcher, BatchingSettings
+from providers.awesome_cloud.events import map_event
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -53,7 +53,7 @@ def managers_fed(options: Mapping[str, Any], managers: Mapping[str, ManagerEndpo
     """The managers each topic of a catcher feeds, from its routing options.
 
     ``manager``: that one; ``managers``: the topic's entry; ``manager_by_account``:
-    every ``aws`` manager; ``manager_attribute``: every configured manager.
+    every manager whose provider has a routing key; ``manager_attribute``: every one.
     """
     if isinstance(single := options.get("manager"), str):
         return lambda topic: (single,)
@@ -61,8 +61,8 @@ def managers_fed(options: Mapping[str, Any], managers: Mapping[str, ManagerEndpo
         by_topic = {str(k): str(v) for k, v in table.items()}
         return lambda topic: (by_topic[topic],) if topic in by_topic else ()
     if options.get("manager_by_account") is True:
-        aws = tuple(sorted(m.name for m in managers.values() if m.provider == "aws"))
-        return lambda topic: aws
+        keyed = tuple(sorted(m.name for m in managers.values() if m.routing_key is not None))
+        return lambda topic: keyed
     every = tuple(sorted(managers))
     return lambda topic: every
 

@@ -1,12 +1,12 @@
-"""What a catcher is to the daemon, and how the daemon finds catchers and event mappers.
+"""What a catcher is to the daemon, and how the daemon finds catchers.
 
-Flow: event stream -> **catcher** -> (event mapper) -> Target(s) + Ack -> batcher.
+Flow: event stream -> **catcher** -> (provider's event mapper) -> Target(s) + Ack -> batcher.
 
-Catchers and event mappers are found by name through entry points (groups
-``refreshd.catchers`` and ``refreshd.event_mappers``), so ``daemon`` never
-imports a catcher module.  The daemon builds each catcher from its
-``[[catchers]]`` options and a :class:`CatcherContext` (the sink, the managers
-it may route to, the HTTP app for catchers that receive over HTTP, the
+Catchers are found by name through entry points (group ``refreshd.catchers``),
+so ``daemon`` never imports a catcher module.  The daemon builds each catcher
+from its ``[[catchers]]`` options and a :class:`CatcherContext` (the sink, the
+managers it may route to, each with its provider's ``map_event`` and optional
+``routing_key``, the HTTP app for catchers that receive over HTTP, the
 clock).  Shutdown is two-phase so that nothing is acknowledged early:
 ``stop()`` stops taking events in; the batcher then flushes and drains; only
 then ``close()`` acknowledges what was committed and releases connections.
@@ -14,7 +14,7 @@ then ``close()`` acknowledges what was committed and releases connections.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
@@ -27,11 +27,14 @@ from daemon.model.provider import (
     EventMapper,
     ManagerConnection,
     PluginUnavailableError,
+    Provider,
+    RoutingKey,
+    connection_key,
     load_entry_point,
+    routing_key_of,
 )
 
 CATCHER_GROUP = "refreshd.catchers"
-MAPPER_GROUP = "refreshd.event_mappers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,23 @@ class ManagerEndpoint:
     mapper: EventMapper
     connection: ManagerConnection | None = None
     """The open provider connection (in-process event sources read from it)."""
+    routing_key: RoutingKey | None = None
+    """The provider's ``routing_key`` (event -> key), None when it routes by no key."""
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        provider_name: str,
+        provider: Provider,
+        connection: ManagerConnection | None = None,
+    ) -> ManagerEndpoint:
+        """The endpoint of manager ``name``, with what its provider object offers."""
+        return cls(name, provider_name, provider.map_event, connection, routing_key_of(provider))
+
+    def connection_key(self) -> Hashable | None:
+        """The open connection's ``routing_key`` (None: no connection, or not known yet)."""
+        return connection_key(self.connection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +158,3 @@ def _load(group: str, name: str, what: str) -> Any:
 def load_catcher(kind: str) -> CatcherFactory:
     factory: CatcherFactory = _load(CATCHER_GROUP, kind, "catcher type")
     return factory
-
-
-def load_event_mapper(provider: str) -> EventMapper:
-    mapper: EventMapper = _load(MAPPER_GROUP, provider, "event mapper for provider")
-    return mapper

@@ -24,7 +24,6 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, fields, replace
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -32,12 +31,10 @@ from daemon.model.catcher import (
     Catcher,
     CatcherContext,
     ManagerEndpoint,
-    UnknownPluginError,
     load_catcher,
-    load_event_mapper,
 )
-from daemon.model.provider import EventMapper, ManagerConnection, load_provider
-from daemon.model.targets import Target, TargetCollection
+from daemon.model.provider import ManagerConnection, UnknownProviderError, load_provider
+from daemon.model.targets import TargetCollection
 from daemon.persistence.db import Dialect, create_engine, dialect_of, normalize_url
 from daemon.persistence.migrate import upgrade
 from daemon.persistence.persister import Persister
@@ -232,17 +229,18 @@ def build_ownership(
 def endpoints_of(
     config: Config, connections: Mapping[str, RefreshableManager] | None = None
 ) -> dict[str, ManagerEndpoint]:
-    """What catchers may know of each manager: provider, event mapper (one that refuses
-    every event when the provider has none) and, when connected, its connection."""
+    """What catchers may know of each manager: its provider's event mapping and routing
+    key and, when connected, its connection (a manager whose provider is not installed
+    is left out: the configuration check reports it)."""
     endpoints = {}
     for m in config.managers:
         try:
-            mapper = load_event_mapper(m.provider)
-        except UnknownPluginError:
-            mapper = _no_mapper(m.provider)
+            provider = load_provider(m.provider)
+        except UnknownProviderError:
+            continue
         managed = connections.get(m.name) if connections is not None else None
         connection = managed.connection if managed is not None else None
-        endpoints[m.name] = ManagerEndpoint(m.name, m.provider, mapper, connection)
+        endpoints[m.name] = ManagerEndpoint.of(m.name, m.provider, provider, connection)
     return endpoints
 
 
@@ -250,13 +248,6 @@ def build_catcher(catcher: CatcherConfig, context: CatcherContext) -> Catcher:
     """The catcher a ``[[catchers]]`` block configures (constructors do no I/O)."""
     options = catcher.options | ({"name": catcher.name} if catcher.name else {})
     return load_catcher(catcher.type)(options, context)
-
-
-def _no_mapper(provider: str) -> EventMapper:
-    def mapper(manager: str, event: dict[str, Any]) -> list[Target]:
-        raise LookupError(f"provider {provider!r} has no event mapper installed")
-
-    return mapper
 
 
 def _manager_of(collection: TargetCollection) -> str:

@@ -6,11 +6,12 @@ The daemon finds :data:`provider` through the ``refreshd.providers`` entry
 point ``awesome_cloud`` and never imports this package directly.  Modules:
 
 - ``settings``   the manager settings model (``settings_model``)
+- ``events``     the event mapper (``map_event``): CloudEvents -> Targets
 - ``collector``  :class:`AwesomeConnection`: full and targeted collection
 - ``client``     the HTTP client of the read API, with retries
 - ``parser``     API objects -> inventory rows
-- ``simulator``, ``simulator_model``, ``simulator_app``  the simulated cloud,
-  its object model, and its HTTP app (also run standalone or embedded)
+- ``simulator/`` the simulated cloud: its object model, state, HTTP app, churn,
+  event delivery and server (run standalone or embedded)
 
 Beyond the :class:`daemon.model.provider.Provider` protocol this provider offers
 :meth:`AwesomeCloudProvider.simulator_main`, which the CLI calls for
@@ -24,10 +25,11 @@ from typing import TYPE_CHECKING, Final
 
 from pydantic import BaseModel
 
+from providers.awesome_cloud import events
 from providers.awesome_cloud.collector import AwesomeConnection
 from providers.awesome_cloud.settings import AwesomeCloudSettings
-from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_server import SimulatorServer, run_simulator
+from providers.awesome_cloud.simulator.cloud import Cloud
+from providers.awesome_cloud.simulator.server import SimulatorServer, run_simulator
 
 __all__ = [
     "AwesomeCloudProvider",
@@ -40,7 +42,7 @@ __all__ = [
 
 
 class AwesomeCloudProvider:
-    """The entry point object: settings model, connections, and the simulator command."""
+    """The entry point object: settings model, connections, event mapping, the simulator command."""
 
     name: str = "awesome_cloud"
     settings_model: type[BaseModel] = AwesomeCloudSettings
@@ -53,6 +55,9 @@ class AwesomeCloudProvider:
                 f"not {type(settings).__name__}"
             )
         return AwesomeConnection(manager, settings)
+
+    map_event = staticmethod(events.map_event)
+    """The targets an AwesomeCloud event asks to refresh (pure; see ``events``)."""
 
     def simulator_main(self, argv: Sequence[str]) -> int:
         """Run the simulator standalone until SIGINT/SIGTERM; returns the exit code.

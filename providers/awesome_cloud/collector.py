@@ -33,8 +33,8 @@ from daemon.api import InventoryPage, TargetCollection
 from providers.awesome_cloud.client import AwesomeClient, Sleep
 from providers.awesome_cloud.parser import parse_page, parse_vms
 from providers.awesome_cloud.settings import AwesomeCloudSettings
-from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_server import SimulatorServer, churn_forever
+from providers.awesome_cloud.simulator.cloud import Cloud
+from providers.awesome_cloud.simulator.server import SimulatorServer, churn_forever
 
 log = logging.getLogger(__name__)
 

@@ -97,6 +97,11 @@ class AwsConnection:
         """(account id, region) once the account id is known: how events are routed here."""
         return (self._account, self.settings.region) if self._account else None
 
+    @property
+    def routing_key(self) -> tuple[str, str] | None:
+        """The key of the events routed here (``AwsProvider.routing_key``): the account_region."""
+        return self.account_region
+
     async def __aenter__(self) -> Self:
         if self._open:
             raise RuntimeError(f"connection of manager {self.manager} is already open")

@@ -28,7 +28,7 @@ from typing import Any, Literal, Protocol
 import aiohttp
 from aiokafka import AIOKafkaProducer
 
-from providers.awesome_cloud.simulator import Cloud, CloudEvent
+from providers.awesome_cloud.simulator.cloud import Cloud, CloudEvent
 
 log = logging.getLogger(__name__)
 

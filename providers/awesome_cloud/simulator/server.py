@@ -1,6 +1,6 @@
 """Running the AwesomeCloud simulator: embedded on a free port, or standalone.
 
-Flow: simulator (Cloud) -> simulator_app -> **simulator_server** (a TCP port) -> client.
+Flow: simulator.cloud (Cloud) -> simulator.app -> **simulator.server** (a TCP port) -> client.
 
 :class:`SimulatorServer` serves a :class:`Cloud` on ``host:port`` (port 0 = a
 free one) while entered and stops it on exit; the embedded endpoint of a
@@ -23,8 +23,7 @@ from typing import Self
 
 from aiohttp import web
 
-from providers.awesome_cloud.simulator import Cloud
-from providers.awesome_cloud.simulator_app import (
+from providers.awesome_cloud.simulator.app import (
     CHURN,
     FAULTS,
     STATS,
@@ -33,7 +32,8 @@ from providers.awesome_cloud.simulator_app import (
     RequestStats,
     create_app,
 )
-from providers.awesome_cloud.simulator_delivery import (
+from providers.awesome_cloud.simulator.cloud import Cloud
+from providers.awesome_cloud.simulator.delivery import (
     Delivery,
     deliveries_from_args,
     delivery_options,

@@ -1,6 +1,6 @@
 """The AwesomeCloud simulator over HTTP: read API, admin API, faults, and how to run it.
 
-Flow: simulator (Cloud) -> **simulator_app** (HTTP) -> client -> collector -> parser.
+Flow: simulator.cloud (Cloud) -> **simulator.app** (HTTP) -> client -> collector -> parser.
 
 Routes (all JSON):
 
@@ -34,7 +34,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from providers.awesome_cloud.simulator import BadRequestError, Cloud, SimulatorError
+from providers.awesome_cloud.simulator.cloud import BadRequestError, Cloud, SimulatorError
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class ChurnControl:
     """The churn rate the running churn task follows, and what delivery has sent.
 
     ``delivered`` returns the event cursor of each delivery (the sequence number
-    of the last event it sent); :func:`simulator_server.serve` sets it.
+    of the last event it sent); :func:`server.serve` sets it.
     """
 
     def __init__(self, per_second: float = 0.0) -> None:

@@ -1,6 +1,6 @@
 """Churn: random realistic mutations of a simulated cloud.
 
-Flow: **churn** -> simulator (Cloud.create/update/delete) -> events -> catchers.
+Flow: **simulator.churn** -> simulator.cloud (Cloud.create/update/delete) -> events -> catchers.
 
 ``apply_random_mutation`` applies exactly one mutation, chosen at random
 (create or delete a vm, change a vm's state, tags, disks, ports, security
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from random import Random
 from typing import Protocol
 
-from providers.awesome_cloud.simulator_model import (
+from providers.awesome_cloud.simulator.model import (
     DEVICE_LETTERS,
     DISK_SIZES,
     VM_STATES,

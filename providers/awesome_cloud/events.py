@@ -2,7 +2,7 @@
 
 Flow: raw record -> CloudEvent -> route -> **AwesomeCloud event mapper** -> Target(s) -> batcher.
 
-:func:`map_event` is the ``refreshd.event_mappers`` entry point ``awesome_cloud``.
+:func:`map_event` is the provider's ``map_event`` (``AwesomeCloudProvider``).
 It is a pure function of the manager name and the event as a dict (the
 structured JSON shape: ``specversion``, ``id``, ``source``, ``type``,
 ``subject``, ``time``, ``data`` and the extensions as top-level keys).  The

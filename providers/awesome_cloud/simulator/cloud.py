@@ -1,6 +1,6 @@
 """The AwesomeCloud simulator's in-memory cloud: objects, mutations and their events.
 
-Flow: **cloud** (this module) -> simulator_app (HTTP) -> client -> collector -> parser.
+Flow: **simulator.cloud** (this module) -> simulator.app (HTTP) -> client -> collector -> parser.
 The cloud is also the *source* of the event stream: every mutation appends
 a CloudEvents 1.0 event that catchers turn into Targets.
 
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from random import Random
 
-from providers.awesome_cloud import simulator_model as model
-from providers.awesome_cloud.simulator_churn import apply_random_mutation
-from providers.awesome_cloud.simulator_model import (
+from providers.awesome_cloud.simulator import model
+from providers.awesome_cloud.simulator.churn import apply_random_mutation
+from providers.awesome_cloud.simulator.model import (
     COLLECTIONS,
     SINGULAR,
     ApiObject,

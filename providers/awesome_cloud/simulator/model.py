@@ -1,13 +1,13 @@
 """The AwesomeCloud object model: shapes, validation and random objects.
 
-Flow: **model** -> simulator (Cloud) -> simulator_app (HTTP) -> client -> collector.
+Flow: **simulator.model** -> simulator.cloud (Cloud) -> simulator.app (HTTP) -> client -> collector.
 
 This module knows what an AwesomeCloud object looks like on the wire (it is
 the simulator's half of the contract whose other half is ``parser``): which
 fields each collection has, their types, their defaults on create, how
 random objects are drawn from a ``random.Random`` (deterministically: the same
-generator state gives the same objects).  It holds no state: ``simulator.Cloud``
-does, and ``simulator_churn`` draws random mutations.
+generator state gives the same objects).  It holds no state: ``cloud.Cloud``
+does, and ``churn`` draws random mutations.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Flow: raw record / message -> CloudEvent -> route -> **AWS event mapper** -> Target(s) -> batcher.
 
-:func:`map_event` is the ``refreshd.event_mappers`` entry point ``aws``.  It
+:func:`map_event` is the provider's ``map_event`` (``AwsProvider``).  It
 is a pure function of the manager name and the event as a dict (the shape of
 ``CloudEvent.to_dict()``).  AWS sends plain JSON, so the AWS document is
 always ``event["data"]``, whether it came bare or inside a CloudEvents
@@ -31,7 +31,7 @@ too large to walk whole asks for a full refresh.  A document that is neither
 an EventBridge event nor a Config notification, or a known kind that lacks
 the fields it needs, raises :class:`ValueError` with the reason; catchers
 dead-letter it.  :func:`account_region` tells the account and region an event
-comes from (routing by account).
+comes from: the provider's ``routing_key`` (catchers' ``manager_by_account``).
 """
 
 from __future__ import annotations
