@@ -45,7 +45,7 @@ from resources import process_cpu
 from wiring import wired
 
 from daemon.model.targets import Target, TargetCollection
-from providers.aws import AwsConnection, AwsSettings
+from providers.aws import AwsConnection
 
 MANAGER = "bench-aws"
 AMIS = ("ami-12c6146b", "ami-1e749f67", "ami-35e92e4c")
@@ -146,17 +146,17 @@ async def main() -> None:
 async def run(moto: Moto, instances: int, repeats: int) -> None:
     from aiobotocore.session import get_session
 
-    settings = AwsSettings(region="us-east-1", endpoint_url=moto.url)
+    manager = {"provider": "aws", "region": "us-east-1", "endpoint_url": moto.url}
     async with (
         get_session().create_client("ec2", region_name="us-east-1", endpoint_url=moto.url) as ec2,
         temp_database(f"bench_aws_{uuid.uuid4().hex[:8]}") as dsn,
-        AwsConnection(MANAGER, settings) as connection,
     ):
         t0 = time.perf_counter()
         ids = await populate(ec2, instances)
         print(f"launched {len(ids)} instances in moto in {time.perf_counter() - t0:.1f} s")
-        async with wired(dsn, {MANAGER: ("aws", connection)}) as refreshd:
+        async with wired(dsn, {MANAGER: manager}) as refreshd:
             refresher = refreshd.refresher
+            connection: AwsConnection = refreshd.connection(MANAGER)
             full = TargetCollection(MANAGER, [Target.full(MANAGER)])
 
             async def collect_only() -> int:

@@ -43,9 +43,6 @@ from sql_timing import StatementTimer, enable_auto_explain
 from sqlalchemy.ext.asyncio import AsyncEngine
 from wiring import MANAGER, PROVIDER, wired
 
-from providers.awesome_cloud.collector import AwesomeConnection
-from providers.awesome_cloud.settings import AwesomeCloudSettings
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -92,11 +89,8 @@ async def refreshes(
         if args.explain_ms and not sqlite:
             enable_auto_explain(engine, args.explain_ms, plans)
 
-    settings = AwesomeCloudSettings(endpoint=sim.url, page_size=args.page_size)
-    async with (
-        AwesomeConnection(MANAGER, settings) as conn,
-        wired(dsn, {MANAGER: (PROVIDER, conn)}, instrument=instrument) as refreshd,
-    ):
+    manager = {"provider": PROVIDER, "endpoint": sim.url, "page_size": args.page_size}
+    async with wired(dsn, {MANAGER: manager}, instrument=instrument) as refreshd:
         get_timing = instrument_persister(refreshd.persister)
         m = Instruments(timer, phases, backend, get_timing, sim.pid, args.statements, plans)
         report["runs"].append(await run_refresh("a: first", refreshd.refresher, m))

@@ -31,7 +31,6 @@ from daemon.persistence.settings import PersisterSettings
 from daemon.pipeline.refresher import Refresher
 from providers.awesome_cloud.collector import AwesomeConnection
 from providers.awesome_cloud.parser import parse_vms
-from providers.awesome_cloud.settings import AwesomeCloudSettings
 
 
 @dataclass
@@ -82,11 +81,13 @@ async def open_inventory(
         timer.attach(engine)
         counter.attach(engine, backend)
 
-    settings = AwesomeCloudSettings(
-        endpoint="embedded", embedded_vms=vms, embedded_seed=seed, page_size=1000
-    )
-    conn = await stack.enter_async_context(AwesomeConnection(MANAGER, settings))
-    assert conn.cloud is not None
+    manager = {
+        "provider": PROVIDER,
+        "endpoint": "embedded",
+        "embedded_vms": vms,
+        "embedded_seed": seed,
+        "page_size": 1000,
+    }
     # "default" measures the small-batch path at any batch size (the threshold is what
     # this benchmark measures), "staged" forces the staged path
     paths = (
@@ -94,8 +95,10 @@ async def open_inventory(
         PersisterSettings(small_batch_max_targets=0),
     )
     refreshd = await stack.enter_async_context(
-        wired(url, {MANAGER: (PROVIDER, conn)}, settings=paths, instrument=instrument)
+        wired(url, {MANAGER: manager}, settings=paths, instrument=instrument)
     )
+    conn: AwesomeConnection = refreshd.connection(MANAGER)
+    assert conn.cloud is not None
     persister, staged = refreshd.persisters
     refresher = refreshd.refresher
     manager_id = await persister.ensure_manager(MANAGER, PROVIDER)
