@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from daemon.persistence import schema
 from daemon.persistence.db import create_engine
+from daemon.pipeline.postgres_ownership import current_owners
 from providers.awesome_cloud.simulator.cloud import Cloud
 from providers.awesome_cloud.simulator.delivery import Delivery, KafkaTransport
 from providers.awesome_cloud.simulator.server import SimulatorServer, churn_forever
@@ -108,15 +109,7 @@ class Cluster:
     async def owners(self) -> dict[str, str]:
         """manager -> instance holding it now (from the locks, not from the daemons)."""
         async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                text(
-                    "SELECT m.name, m.owner FROM managers m WHERE EXISTS ("
-                    " SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
-                    " AND l.classid = :ns AND l.objid = m.id AND l.objsubid = 2)"
-                ),
-                {"ns": 0x5246484F},
-            )
-            return {r.name: r.owner for r in rows}
+            return {name: owner.instance for name, owner in (await current_owners(conn)).items()}
 
     async def runs(self, manager: str, kind: str | None = None) -> list[Any]:
         r, m = schema.refresh_runs, schema.managers

@@ -10,6 +10,7 @@ tests/test_scaleout.py.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -26,6 +27,7 @@ from daemon.persistence.persister import Persister
 from daemon.pipeline.ownership import OwnershipSettings
 from daemon.pipeline.postgres_ownership import PostgresOwnership, current_owners
 from tests.daemon_process import wait_for
+from tests.fixtures.postgres import _admin
 from tests.inventory_builders import pages, snapshot
 
 pytestmark = pytest.mark.postgres
@@ -195,3 +197,37 @@ async def _idle_in_transaction(engine: AsyncEngine) -> bool:
 
 async def _none_idle_in_transaction(engine: AsyncEngine) -> bool:
     return not await _idle_in_transaction(engine)
+
+
+async def test_locks_of_another_database_on_the_same_server_are_not_this_ones(
+    engine: AsyncEngine, pg_url: str
+) -> None:
+    """Two deployments on one PostgreSQL server have managers with the same ids; advisory
+    locks are per database, and so is what one deployment reads of them."""
+    other_name = f"refreshd_other_{uuid.uuid4().hex[:8]}"
+    await _admin(f'CREATE DATABASE "{other_name}"')
+    other_url = pg_url.rsplit("/", 1)[0] + "/" + other_name
+    other = create_engine(other_url)
+    try:
+        await upgrade(other)
+        ids = {"m1": await Persister(engine).ensure_manager("m1", "awesome_cloud")}
+        other_ids = {"m1": await Persister(other).ensure_manager("m1", "awesome_cloud")}
+        assert ids == other_ids  # the same manager id in both databases
+        work = Work()
+        here = PostgresOwnership(
+            normalize_url(pg_url), managers=ids, instance="here", work=work, settings=PATIENT
+        )
+        await here.start()
+        try:
+            work.pending.add("m1")
+            await wait_for(lambda: here.may_start("m1"), timeout=10, what="here to own m1")
+            assert await _owners(engine) == {"m1": "here"}
+            # the other deployment's manager 1 is owned by nobody, whatever its row says
+            async with other.begin() as conn:
+                await conn.execute(text("UPDATE managers SET owner = 'there', owner_since = now()"))
+            assert await _owners(other) == {}
+        finally:
+            await here.stop()
+    finally:
+        await other.dispose()
+        await _admin(f'DROP DATABASE IF EXISTS "{other_name}" WITH (FORCE)')

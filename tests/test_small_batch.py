@@ -237,7 +237,8 @@ async def test_small_batch_save_waits_for_the_managers_lock(pg_url: str) -> None
             return bool(
                 await holder.fetchval(
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                    "AND NOT granted AND classid = $1 AND objid = $2",
+                    "AND NOT granted AND classid = $1 AND objid = $2 AND database = "
+                    "(SELECT oid FROM pg_database WHERE datname = current_database())",
                     ADVISORY_NAMESPACE,
                     mid,
                 )

@@ -52,6 +52,12 @@ WANT_NAMESPACE = 0x52464857  # "RFHW": shared locks of processes waiting for a m
 DEFAULT_SETTINGS = OwnershipSettings()
 
 
+THIS_DATABASE = "(SELECT oid FROM pg_database WHERE datname = current_database())"
+"""Advisory locks are per database, but ``pg_locks`` lists every database's: each query
+of them is limited to this one (another deployment on the same server has managers
+with the same ids)."""
+
+
 class PostgresOwnership(OwnedHoldings):
     """Owns managers through session advisory locks on one dedicated connection."""
 
@@ -268,7 +274,8 @@ class PostgresOwnership(OwnedHoldings):
         rows = await self._run_sql(
             conn,
             "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = :ns "
-            "AND objsubid = 2 AND granted AND pid <> pg_backend_pid()",
+            "AND objsubid = 2 AND granted AND pid <> pg_backend_pid() AND database = "
+            + THIS_DATABASE,
             {"ns": WANT_NAMESPACE},
         )
         return {int(r.objid) for r in rows}
@@ -357,7 +364,8 @@ async def current_owners(conn: AsyncConnection) -> dict[str, Owner]:
         text(
             "SELECT m.name, m.owner, m.owner_since, EXISTS ("
             " SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
-            " AND l.classid = :ns AND l.objid = m.id AND l.objsubid = 2) AS held"
+            " AND l.classid = :ns AND l.objid = m.id AND l.objsubid = 2"
+            " AND l.database = " + THIS_DATABASE + ") AS held"
             " FROM managers m"
         ),
         {"ns": OWNERSHIP_NAMESPACE},
