@@ -47,6 +47,7 @@ from daemon.api import (
     CatcherStats,
     Duration,
     EventMapper,
+    ManagedCatcher,
     QueueFullError,
     Target,
     TargetSink,
@@ -122,7 +123,7 @@ class InProcessStats(CatcherStats):
     """Sequence number of the last event handled (updated when read)."""
 
 
-class InProcessCatcher:
+class InProcessCatcher(ManagedCatcher):
     """Pulls ``log``'s events after a cursor into ``sink`` (a daemon ``Catcher``)."""
 
     def __init__(

@@ -20,6 +20,7 @@ from daemon.model.catcher import (
     CatcherContext,
     CatcherFactory,
     CatcherStats,
+    ManagedCatcher,
     ManagerEndpoint,
 )
 from daemon.model.inventory import COLLECTIONS, InventoryPage, Row
@@ -51,6 +52,7 @@ __all__ = [
     "Duration",
     "EventMapper",
     "InventoryPage",
+    "ManagedCatcher",
     "ManagerConnection",
     "ManagerEndpoint",
     "Provider",

@@ -28,8 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
@@ -50,7 +49,7 @@ from catchers.kafka.settings import (
 )
 from catchers.options import settings_from
 from catchers.routing import ROUTING_OPTIONS, DeadLetterReason, Route, route_from_options
-from daemon.api import CatcherContext, TargetSink
+from daemon.api import CatcherContext, ManagedCatcher, TargetSink
 
 __all__ = [
     "ERROR_HEADER",
@@ -66,7 +65,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class KafkaCatcher:
+class KafkaCatcher(ManagedCatcher):
     """Reads ``settings.topics`` in a consumer group and feeds ``sink`` (a daemon ``Catcher``)."""
 
     def __init__(
@@ -196,18 +195,6 @@ class KafkaCatcher:
             self._commits.forget_all()
             await _bounded(self._close_clients(), s.session_timeout, "leaving the group", name)
             log.info("kafka catcher %s: closed", name)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- observation ---------------------------------------------------------
 

@@ -34,8 +34,7 @@ import enum
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from catchers.options import settings_from
 from catchers.routing import ROUTING_OPTIONS, Route, route_from_options
@@ -43,7 +42,7 @@ from catchers.sqs.client import SqsQueueError, classify, explain, open_client, r
 from catchers.sqs.leases import LeaseKeeper
 from catchers.sqs.receiving import Receiver
 from catchers.sqs.settings import SqsCatcherStats, SqsSettings
-from daemon.api import CatcherContext, TargetSink
+from daemon.api import CatcherContext, ManagedCatcher, TargetSink
 
 __all__ = ["SqsCatcher", "SqsCatcherStats", "SqsQueueError", "SqsSettings", "create"]
 
@@ -58,7 +57,7 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class SqsCatcher:
+class SqsCatcher(ManagedCatcher):
     """Receives from ``settings.queue_url`` and feeds ``sink`` (a daemon ``Catcher``)."""
 
     def __init__(
@@ -157,18 +156,6 @@ class SqsCatcher:
         finally:
             await self._stack.aclose()
             log.info("sqs catcher %s: closed", self.name)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- observation ---------------------------------------------------------
 

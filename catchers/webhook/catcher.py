@@ -53,6 +53,7 @@ from daemon.api import (
     Ack,
     CatcherContext,
     EventMapper,
+    ManagedCatcher,
     ManagerEndpoint,
     QueueFullError,
     Target,
@@ -82,7 +83,7 @@ class _Rejected(Exception):
         self.reason = reason
 
 
-class WebhookCatcher:
+class WebhookCatcher(ManagedCatcher):
     """Receives CloudEvents on ``POST settings.path`` of ``app`` (a daemon ``Catcher``)."""
 
     def __init__(

@@ -18,7 +18,8 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, Protocol, Self
 
 from aiohttp import web
 
@@ -129,6 +130,33 @@ class Catcher(Protocol):
     def stats(self) -> CatcherStats:
         """Counters for metrics and the status line, up to date (the live object)."""
         ...
+
+
+class ManagedCatcher:
+    """A catcher used as an async context manager: ``async with`` starts it, leaving closes it.
+
+    A catcher class subclasses it and overrides ``start`` and ``close``; a test or a tool
+    then runs the catcher without the daemon: ``async with KafkaCatcher(...) as c:``.
+    The daemon itself calls ``start``, ``stop`` and ``close`` (two-phase shutdown).
+    """
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
 
 CatcherFactory = Callable[[Mapping[str, Any], CatcherContext], Catcher]
