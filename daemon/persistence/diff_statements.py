@@ -36,7 +36,7 @@ from functools import cache
 from sqlalchemy import TextClause, text
 
 from daemon.model.declarations import Collection, Retention
-from daemon.persistence.statements import _binds, _joins, _key_match, statements_for
+from daemon.persistence.statements import _binds, _key_match, reference_joins, statements_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +55,8 @@ class DiffStatements:
 
 
 def _lateral_joins(collection: Collection) -> tuple[list[str], dict[str, str]]:
-    """PostgreSQL: :func:`daemon.persistence.statements._joins` as one index lookup per staged row.
+    """PostgreSQL: :func:`~daemon.persistence.statements.reference_joins` as one index
+    lookup per staged row.
 
     A plain join lets the planner, which has no statistics on the stage and often
     none yet on a small referenced table, materialize every image of the manager
@@ -87,7 +88,7 @@ def _source(
     """Columns of the resolved source, its FROM clause (with ``t`` left-joined), and
     the condition "the stored row ``t`` differs from the staged one"."""
     table = collection.table.name
-    joins, exprs = _lateral_joins(collection) if lateral else _joins(collection)
+    joins, exprs = _lateral_joins(collection) if lateral else reference_joins(collection)
     cols: list[tuple[str, str]] = []  # (table column, SQL expression)
     if collection.parent is not None:
         cols.append((collection.parent.column, exprs[collection.parent.attribute]))

@@ -15,16 +15,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Insert, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from daemon.model.targets import Trigger
 from daemon.persistence import schema
 from daemon.persistence.dialect import Writer
-from daemon.persistence.refresh_result import RefreshKind, RefreshResult
+from daemon.persistence.refresh_result import Counts, RefreshKind, RefreshResult
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +93,8 @@ async def record_run(
     spend_confirmation: bool = False,
 ) -> None:
     """The ``refresh_runs`` row of a saved refresh and the manager's status (its transaction)."""
-    total = result.total
     await conn.execute(
-        insert(schema.refresh_runs).values(
-            manager_id=manager_id,
-            kind=result.kind.value,
-            trigger=result.trigger.value,
-            targets=result.targets,
-            created=total.created,
-            updated=total.updated,
-            archived=total.archived,
-            deleted=total.deleted,
-            started_at=result.started_at,
-            duration=result.duration,
-            error=None,
-            details=result.run_details(),
-        )
+        _run_row(manager_id, result, counts=result.total, details=result.run_details())
     )
     values: dict[str, Any] = {
         "last_refresh_at": now,
@@ -122,6 +108,50 @@ async def record_run(
         values["deletions_confirmed_at"] = None
     m = schema.managers
     await conn.execute(update(m).where(m.c.id == manager_id).values(**values))
+
+
+class _Run(Protocol):
+    """What ``refresh_runs`` records of any refresh, saved or failed."""
+
+    @property
+    def kind(self) -> RefreshKind: ...
+    @property
+    def trigger(self) -> Trigger: ...
+    @property
+    def targets(self) -> int: ...
+    @property
+    def started_at(self) -> datetime: ...
+    @property
+    def duration(self) -> float: ...
+
+
+def _run_row(
+    manager_id: int,
+    run: _Run,
+    *,
+    counts: Counts | None = None,
+    error: str | None = None,
+    details: dict[str, dict[str, int]] | None = None,
+) -> Insert:
+    """The ``refresh_runs`` insert of ``run``: a saved one's ``counts`` and ``details``,
+    a failed one's ``error`` (no counts: zeros; no ``details``: the column stays SQL
+    NULL, not a JSON null)."""
+    counts = counts if counts is not None else Counts()
+    optional = {"details": details} if details is not None else {}
+    return insert(schema.refresh_runs).values(
+        manager_id=manager_id,
+        kind=run.kind.value,
+        trigger=run.trigger.value,
+        targets=run.targets,
+        created=counts.created,
+        updated=counts.updated,
+        archived=counts.archived,
+        deleted=counts.deleted,
+        started_at=run.started_at,
+        duration=run.duration,
+        error=error,
+        **optional,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,21 +244,7 @@ class FailureLog:
 
     async def _write(self, failure: _Failure) -> None:
         async with self._writer.begin() as conn:
-            await conn.execute(
-                insert(schema.refresh_runs).values(
-                    manager_id=failure.manager_id,
-                    kind=failure.kind.value,
-                    trigger=failure.trigger.value,
-                    targets=failure.targets,
-                    created=0,
-                    updated=0,
-                    archived=0,
-                    deleted=0,
-                    started_at=failure.started_at,
-                    duration=failure.duration,
-                    error=failure.message,
-                )
-            )
+            await conn.execute(_run_row(failure.manager_id, failure, error=failure.message))
             m = schema.managers
             await conn.execute(
                 update(m)

@@ -39,7 +39,12 @@ from sqlalchemy.dialects import postgresql
 from daemon.model.declarations import Collection, CollectionRegistry, Retention
 from daemon.model.inventory import Row
 from daemon.persistence.db import canonical_json
-from daemon.persistence.statements import conflict_action, targeted_scope, upsert_columns
+from daemon.persistence.statements import (
+    conflict_action,
+    reference_joins,
+    targeted_scope,
+    upsert_columns,
+)
 
 M = "$1::int8"
 NOW = "$2::timestamptz"
@@ -171,21 +176,7 @@ class _Builder:
 
     def _joins(self, c: Collection, *, only_key: bool = False) -> tuple[list[str], dict[str, str]]:
         """Joins resolving the input's references through ``ids_*``; attribute -> expression."""
-        joins: list[str] = []
-        exprs: dict[str, str] = {}
-        if c.parent is not None:
-            p = c.parent
-            joins.append(f"JOIN ids_{p.collection} p ON p.ems_ref = s.{p.attribute}")
-            exprs[p.attribute] = "p.id"
-        for r in c.references:
-            in_key = r.attribute in c.key
-            if only_key and not in_key:
-                continue
-            alias = f"r_{r.attribute}"
-            kind = "JOIN" if in_key else "LEFT JOIN"
-            joins.append(f"{kind} ids_{r.collection} {alias} ON {alias}.ems_ref = s.{r.attribute}")
-            exprs[r.attribute] = f"{alias}.id"
-        return joins, exprs
+        return reference_joins(c, prefix="ids_", by_manager=False, only_key=only_key)
 
     def _upsert(self, c: Collection) -> None:
         table = c.table.name

@@ -21,7 +21,8 @@ Every statement is set-based and works on PostgreSQL and SQLite alike:
 The persister's staged page loop writes through
 :mod:`daemon.persistence.diff_statements` (compare before writing); from here it
 uses the stage and seen tables, ``skeletal``, ``mark_seen``, the sweeps and the
-counts.  ``upsert`` serves the small-batch path on SQLite.
+counts.  The pieces of ``upsert`` (:func:`reference_joins`, :func:`upsert_sql`,
+:func:`upsert_columns`, :func:`conflict_action`) also build both small-batch paths.
 
 Identifiers come from the declarations, never from input.
 """
@@ -106,28 +107,42 @@ def _seen_table(collection: Collection) -> Table:
     )
 
 
-def _joins(collection: Collection) -> tuple[list[str], dict[str, str]]:
-    """FROM-clause joins resolving references, and attribute -> SQL expression."""
+def reference_joins(
+    collection: Collection,
+    *,
+    inner: str = "JOIN",
+    prefix: str = "",
+    by_manager: bool = True,
+    only_key: bool = False,
+) -> tuple[list[str], dict[str, str]]:
+    """FROM-clause joins from the rows ``s`` resolving the parent and references, and
+    attribute -> SQL expression (the staged path and both small-batch paths).
+
+    The parent and references in the key join with ``inner``, the others with ``LEFT
+    JOIN`` (``only_key`` leaves those out); each joins table ``{prefix}{collection}`` by
+    ``ems_ref``, within manager ``:m`` when ``by_manager``."""
     joins: list[str] = []
     exprs: dict[str, str] = {}
+
+    def join(kind: str, table: str, alias: str, attribute: str) -> None:
+        manager = f"{alias}.manager_id = :m AND " if by_manager else ""
+        joins.append(f"{kind} {prefix}{table} {alias} ON {manager}{alias}.ems_ref = s.{attribute}")
+        exprs[attribute] = f"{alias}.id"
+
     if collection.parent is not None:
-        p = collection.parent
-        joins.append(f"JOIN {p.collection} p ON p.manager_id = :m AND p.ems_ref = s.{p.attribute}")
-        exprs[p.attribute] = "p.id"
+        join(inner, collection.parent.collection, "p", collection.parent.attribute)
     for r in collection.references:
-        alias = f"r_{r.attribute}"
-        kind = "JOIN" if r.attribute in collection.key else "LEFT JOIN"
-        joins.append(
-            f"{kind} {r.collection} {alias} "
-            f"ON {alias}.manager_id = :m AND {alias}.ems_ref = s.{r.attribute}"
-        )
-        exprs[r.attribute] = f"{alias}.id"
+        in_key = r.attribute in collection.key
+        if only_key and not in_key:
+            continue
+        join(inner if in_key else "LEFT JOIN", r.collection, f"r_{r.attribute}", r.attribute)
     return joins, exprs
 
 
 def _upsert(collection: Collection, stage: str) -> TextClause:
     table = collection.table.name
-    return _binds(text(f"{_insert_sql(collection, stage)} RETURNING {table}.created_at = :now"))
+    upsert = upsert_sql(collection, f"{stage} s", reference_joins(collection))
+    return _binds(text(f"{upsert} RETURNING {table}.created_at = :now"))
 
 
 def conflict_action(collection: Collection) -> str:
@@ -172,15 +187,18 @@ def upsert_columns(
     return cols, values
 
 
-def _insert_sql(collection: Collection, stage: str) -> str:
-    """``INSERT ... SELECT`` from the stage ``ON CONFLICT ...``, without RETURNING."""
+def upsert_sql(
+    collection: Collection, source: str, joined: tuple[list[str], dict[str, str]]
+) -> str:
+    """``INSERT ... SELECT`` from ``source`` (the rows ``s``) through the ``joined``
+    references (:func:`reference_joins`), ``ON CONFLICT ...``, without RETURNING."""
     table = collection.table.name
-    joins, exprs = _joins(collection)
+    joins, exprs = joined
     insert_cols, select_exprs = upsert_columns(collection, exprs, m=":m", now=":now")
     action = conflict_action(collection)
     return (
         f"INSERT INTO {table} ({', '.join(insert_cols)}) "
-        f"SELECT {', '.join(select_exprs)} FROM {stage} s {' '.join(joins)} WHERE true "
+        f"SELECT {', '.join(select_exprs)} FROM {source} {' '.join(joins)} WHERE true "
         f"ON CONFLICT ({', '.join(collection.conflict_columns)}) {action}"
     )
 
@@ -221,7 +239,7 @@ def _key_match(collection: Collection, exprs: dict[str, str], alias: str = "t") 
 
 def _mark_seen(collection: Collection, stage: str, seen: str) -> TextClause:
     table = collection.table.name
-    joins, exprs = _joins(collection)
+    joins, exprs = reference_joins(collection)
     conds = _key_match(collection, exprs)
     sql = (
         f"INSERT INTO {seen} (id) SELECT t.id FROM {stage} s {' '.join(joins)} "
