@@ -37,7 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from catchers.intake import Rejection, apply_mapper
+from catchers.intake import EventRejection, apply_mapper
 from catchers.options import settings_from
 from catchers.routing import DeadLetterReason
 from daemon.api import (
@@ -238,7 +238,7 @@ class InProcessCatcher(ManagedCatcher):
             self.cursor = sequence
             return
         targets = apply_mapper(self._settings.manager, self._mapper, dict(event))
-        if isinstance(targets, Rejection):  # the policy: log it and pass the event over
+        if isinstance(targets, EventRejection):  # the policy: log it and pass the event over
             self.counters.dead_lettered[targets.reason] += 1
             log.warning(
                 "inprocess catcher %s: event #%d (%s) refused by the mapper of %s: %s",

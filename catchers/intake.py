@@ -1,13 +1,13 @@
-"""The one intake of every catcher: route -> map -> validate, or a Rejection saying why not.
+"""The one intake of every catcher: route -> map -> validate, or an EventRejection saying why not.
 
 Flow: transport (decodes) -> CloudEvent -> **route -> EventMapper -> Target(s)** (checked)
--> the transport hands them to the batcher; or **Rejection** -> the transport's policy.
+-> the transport hands them to the batcher; or **EventRejection** -> the transport's policy.
 
 Every catcher decodes its own wire format, then calls :func:`map_event` (an
 event that must be routed to its manager) or :func:`apply_mapper` (an event
 whose manager is already known).  A route or mapper that raises, a route that
 answers None, and a mapper that returns anything but Targets never stop a
-stream: each becomes one :class:`Rejection` with a :class:`DeadLetterReason`
+stream: each becomes one :class:`EventRejection` with a :class:`DeadLetterReason`
 (``undecodable`` comes from :func:`undecodable`, for the transport's decoder).
 
 The error policy, what each transport does with a rejection (all count it in
@@ -18,7 +18,7 @@ kafka                 copy the record to the dead-letter topic (reason and
                       message in its headers), in offset order; stream goes on
 sqs                   release the message to the queue's redrive policy (or
                       delete it with ``delete_poison``), logging it
-webhook               answer 400 with the message; a bug (:attr:`Rejection.bug`:
+webhook               answer 400 with the message; a bug (:attr:`EventRejection.bug`:
                       a route or mapper raising anything but ValueError, or a
                       mapper returning non-Targets) is answered 500
 inprocess             log it and pass the event over (no dead-letter store)
@@ -37,7 +37,7 @@ from daemon.api import EventMapper, Target
 
 
 @dataclass(frozen=True, slots=True)
-class Rejection:
+class EventRejection:
     """Why an event is refused (dead-lettered, answered 400/500, or logged and passed over)."""
 
     reason: DeadLetterReason
@@ -62,14 +62,14 @@ class Rejection:
         )
 
 
-def undecodable(exc: DecodeError) -> Rejection:
+def undecodable(exc: DecodeError) -> EventRejection:
     """The rejection of bytes that are not an event."""
-    return Rejection(DeadLetterReason.UNDECODABLE, exc.reason, decoded=False)
+    return EventRejection(DeadLetterReason.UNDECODABLE, exc.reason, decoded=False)
 
 
 def map_event(
     route: Route, stream: str, event: CloudEvent, *, where: str = ""
-) -> list[Target] | Rejection:
+) -> list[Target] | EventRejection:
     """Route ``event`` (which came from ``stream``) to its manager and map it to Targets.
 
     ``where`` is added to the words of an unroutable event (``", topic 't'"``).
@@ -78,20 +78,20 @@ def map_event(
         routed = route(stream, event)
     except Exception as exc:  # noqa: BLE001 - a routing bug must not stop the stream
         reason = f"route raised {type(exc).__name__}: {exc}"
-        return Rejection(DeadLetterReason.UNROUTABLE, reason, decoded=True, error=exc)
+        return EventRejection(DeadLetterReason.UNROUTABLE, reason, decoded=True, error=exc)
     if routed is None:
         reason = (
             f"no manager for event {event.id!r} "
             f"(type {event.type!r}, source {event.source!r}{where})"
         )
-        return Rejection(DeadLetterReason.UNROUTABLE, reason, decoded=True)
+        return EventRejection(DeadLetterReason.UNROUTABLE, reason, decoded=True)
     manager, mapper = routed
     return apply_mapper(manager, mapper, event.to_dict())
 
 
 def apply_mapper(
     manager: str, mapper: EventMapper, event: dict[str, Any]
-) -> list[Target] | Rejection:
+) -> list[Target] | EventRejection:
     """``mapper(manager, event)`` as a list of Targets, or the rejection of what it did instead."""
     try:
         returned = mapper(manager, event)
@@ -105,8 +105,8 @@ def apply_mapper(
     return targets
 
 
-def _mapper_failed(manager: str, exc: Exception, returned: str | None = None) -> Rejection:
-    return Rejection(
+def _mapper_failed(manager: str, exc: Exception, returned: str | None = None) -> EventRejection:
+    return EventRejection(
         DeadLetterReason.MAPPER_ERROR,
         f"mapper of manager {manager!r} raised {type(exc).__name__}: {exc}",
         decoded=True,

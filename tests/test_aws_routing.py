@@ -19,7 +19,7 @@ from aiokafka import TopicPartition
 
 from catchers.cloudevents import CloudEvent, decode_kafka_record
 from catchers.kafka.catcher import create
-from catchers.kafka.records import Rejection, map_record
+from catchers.kafka.records import EventRejection, map_record
 from catchers.kafka.resets import managers_fed
 from catchers.routing import (
     ROUTING_OPTIONS,
@@ -193,7 +193,7 @@ def test_kafka_records_of_aws_json_become_targets_of_the_right_manager() -> None
 
     mapped = map_record(route, TP, record(raw("cloudtrail_attach_volume")))
     assert mapped == ([Target.of("aws-east", "vms", "i-0a1b2c3d4e5f60718")], None)
-    assert not isinstance(mapped, Rejection)
+    assert not isinstance(mapped, EventRejection)
     assert [t.event_id for t in mapped[0]] == ["2b3c4d5e-6f70-4819-a2b3-c4d5e6f70819"]
 
     mapped = map_record(route, TP, record(raw("cloudtrail_modify_volume")))
@@ -203,7 +203,7 @@ def test_kafka_records_of_aws_json_become_targets_of_the_right_manager() -> None
     assert mapped == ([Target.of("aws-west", "vms", "i-0f9e8d7c6b5a49382")], None)
 
     mapped = map_record(route, TP, record(raw("config_security_group_deleted")))
-    assert not isinstance(mapped, Rejection)
+    assert not isinstance(mapped, EventRejection)
     (target,) = mapped[0]
     assert target == Target.of("aws-east", "security_groups", "sg-0fedcba9876543210")
     assert target.event_id == "config:sg-0fedcba9876543210:1714592702871"
@@ -234,6 +234,6 @@ def test_bad_kafka_records_are_rejected_with_the_reason() -> None:
     ]
     for value, reason, message in cases:
         rejection = map_record(route, TP, record(value))
-        assert isinstance(rejection, Rejection), value
+        assert isinstance(rejection, EventRejection), value
         assert rejection.reason == reason
         assert rejection.message.startswith(message), rejection.message

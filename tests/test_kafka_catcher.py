@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from catchers.cloudevents import CloudEvent
-from catchers.intake import Rejection
+from catchers.intake import EventRejection
 from catchers.kafka.catcher import KafkaCatcher, create
 from catchers.kafka.records import map_record
 from catchers.kafka.settings import KafkaSettings
@@ -533,12 +533,12 @@ def test_map_record_says_why_a_record_is_rejected() -> None:
         raise KeyError("nope")
 
     unknown = [*CE[:2], ("ce_type", b"unknown.type"), ("ce_id", b"u-1")]
-    cases: list[tuple[Any, Any, Rejection]] = [
-        (route, record(b"{bad"), Rejection(DeadLetterReason.UNDECODABLE, "", decoded=False)),
+    cases: list[tuple[Any, Any, EventRejection]] = [
+        (route, record(b"{bad"), EventRejection(DeadLetterReason.UNDECODABLE, "", decoded=False)),
         (
             route,
             record(b"{}", unknown),
-            Rejection(
+            EventRejection(
                 DeadLetterReason.UNROUTABLE,
                 "no manager for event 'u-1' (type 'unknown.type', source '/awesome', topic 't')",
                 decoded=True,
@@ -547,12 +547,14 @@ def test_map_record_says_why_a_record_is_rejected() -> None:
         (
             broken_route,
             record(b"{}"),
-            Rejection(DeadLetterReason.UNROUTABLE, "route raised KeyError: 'nope'", decoded=True),
+            EventRejection(
+                DeadLetterReason.UNROUTABLE, "route raised KeyError: 'nope'", decoded=True
+            ),
         ),
         (
             route,
             record(b'{"explode": true}'),
-            Rejection(
+            EventRejection(
                 DeadLetterReason.MAPPER_ERROR,
                 "mapper of manager 'm1' raised RuntimeError: boom",
                 decoded=True,
@@ -561,7 +563,7 @@ def test_map_record_says_why_a_record_is_rejected() -> None:
         (
             mapper_returning("vm-1"),
             record(b"{}"),
-            Rejection(
+            EventRejection(
                 DeadLetterReason.MAPPER_ERROR,
                 "mapper of manager 'm1' raised TypeError: returned a str, not a Target",
                 decoded=True,
@@ -570,7 +572,7 @@ def test_map_record_says_why_a_record_is_rejected() -> None:
     ]
     for routing, rec, expected in cases:
         rejection = map_record(routing, TP, rec)
-        assert isinstance(rejection, Rejection)
+        assert isinstance(rejection, EventRejection)
         assert (rejection.reason, rejection.decoded) == (expected.reason, expected.decoded)
         assert rejection.message.startswith(expected.message)
 

@@ -30,7 +30,7 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from catchers.cloudevents import decode_kafka_record
-from catchers.intake import Rejection, map_event, undecodable
+from catchers.intake import EventRejection, map_event, undecodable
 from catchers.kafka.commits import OffsetCommitter, RecordAck
 from catchers.kafka.dead_letters import DeadLetterProducer
 from catchers.kafka.settings import KafkaCatcherStats
@@ -42,7 +42,7 @@ Mapped = tuple[list[Target], float | None]
 """A record's targets and its earliest event time (epoch seconds), if any."""
 
 
-def map_record(route: Route, tp: TopicPartition, record: Any) -> Mapped | Rejection:
+def map_record(route: Route, tp: TopicPartition, record: Any) -> Mapped | EventRejection:
     """Decode one record and take its events through the intake: targets and event time,
     or why it is rejected (the first of its events that is)."""
     topic = tp.topic
@@ -59,14 +59,14 @@ def map_record(route: Route, tp: TopicPartition, record: Any) -> Mapped | Reject
     if len(events) == 1:  # the common case: one event per record
         event = events[0]
         mapped = map_event(route, topic, event, where=where)
-        if isinstance(mapped, Rejection):
+        if isinstance(mapped, EventRejection):
             return mapped
         return mapped, event.timestamp
     targets: list[Target] = []
     times: list[float] = []
     for event in events:
         mapped = map_event(route, topic, event, where=where)
-        if isinstance(mapped, Rejection):
+        if isinstance(mapped, EventRejection):
             return mapped
         targets.extend(mapped)
         if event.time is not None:
@@ -107,7 +107,7 @@ class RecordIntake:
         offsets: list[int] = []
         for record in records:
             mapped = map_record(route, tp, record)
-            if isinstance(mapped, Rejection):
+            if isinstance(mapped, EventRejection):
                 refused = self._submit(tp, events, offsets)
                 if refused is not None:
                     return refused
@@ -140,7 +140,7 @@ class RecordIntake:
         self._commits.untrack(tp, offsets[taken:])
         return offsets[taken]
 
-    def _dead_letter(self, tp: TopicPartition, record: Any, rejection: Rejection) -> None:
+    def _dead_letter(self, tp: TopicPartition, record: Any, rejection: EventRejection) -> None:
         self._counters.received += 1
         self._counters.decoded += int(rejection.decoded)
         self._commits.track(tp, (record.offset,))

@@ -15,7 +15,7 @@ Event time (``Ack.event_time``): the CloudEvent's ``time``, an EventBridge
 event's top-level ``time``, else the message's ``SentTimestamp``.
 
 :func:`map_message` does no I/O and keeps no state: a message either maps to
-its targets, or to a :class:`~catchers.intake.Rejection` saying why it is
+its targets, or to a :class:`~catchers.intake.EventRejection` saying why it is
 poison (routing and mapping are :mod:`catchers.intake`'s).
 """
 
@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from catchers.cloudevents import CloudEvent, decode_plain, decode_structured
-from catchers.intake import Rejection, map_event, undecodable
+from catchers.intake import EventRejection, map_event, undecodable
 from catchers.routing import Route
 from catchers.wire import DecodeError
 from daemon.api import Target
@@ -62,7 +62,7 @@ def decode_message(
 
 def map_message(
     route: Route, stream: str, message: Mapping[str, Any], *, queue_name: str
-) -> Mapped | Rejection:
+) -> Mapped | EventRejection:
     """Decode one message and take its event through the intake (``stream``: the queue URL
     the route sees)."""
     try:
@@ -70,7 +70,7 @@ def map_message(
     except DecodeError as exc:
         return undecodable(exc)
     targets = map_event(route, stream, event)
-    if isinstance(targets, Rejection):
+    if isinstance(targets, EventRejection):
         return targets
     return Mapped(targets, event_time)
 

@@ -30,7 +30,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from catchers.intake import Rejection
+from catchers.intake import EventRejection
 from catchers.routing import Route
 from catchers.sqs.client import AwsFailure, QueueInfo, classify, explain
 from catchers.sqs.leases import Lease, LeaseKeeper, MessageAck
@@ -176,7 +176,7 @@ class Receiver:
             counters.received += 1
             lease = keeper.add(message, arrived=arrived)
             mapped = map_message(self._route, s.queue_url, message, queue_name=s.queue_name)
-            if isinstance(mapped, Rejection):
+            if isinstance(mapped, EventRejection):
                 counters.decoded += int(mapped.decoded)
                 if self._poison(lease, message, mapped):
                     poison.append(lease)
@@ -209,7 +209,7 @@ class Receiver:
             else:
                 await self._wait_for_room()
 
-    def _poison(self, lease: Lease, message: Mapping[str, Any], rejection: Rejection) -> bool:
+    def _poison(self, lease: Lease, message: Mapping[str, Any], rejection: EventRejection) -> bool:
         """Count and log a poison message; True when it must be released to the redrive policy."""
         counters, s = self._counters, self._settings
         reason = rejection.reason

@@ -43,7 +43,7 @@ from typing import Any
 from aiohttp import web
 
 from catchers.cloudevents import CloudEvent
-from catchers.intake import Rejection, map_event, undecodable
+from catchers.intake import EventRejection, map_event, undecodable
 from catchers.options import settings_from
 from catchers.routing import DeadLetterReason, Route, first_route, route_by_attribute
 from catchers.webhook.requests import Outcome, Waiter, decode_request
@@ -216,7 +216,7 @@ class WebhookCatcher(ManagedCatcher):
         pairs = []
         for index, event in enumerate(events):
             targets = map_event(self._route, self._settings.path, event)
-            if isinstance(targets, Rejection):
+            if isinstance(targets, EventRejection):
                 where = f"event {event.id!r}" if len(events) == 1 else f"batch item {index}"
                 raise self._refuse(targets, where, event)
             pairs.append((event, targets))
@@ -224,7 +224,7 @@ class WebhookCatcher(ManagedCatcher):
         return pairs
 
     def _refuse(
-        self, rejection: Rejection, where: str, event: CloudEvent | None = None
+        self, rejection: EventRejection, where: str, event: CloudEvent | None = None
     ) -> _Rejected:
         """The policy: 400 with the reason; 500 for a route or mapper bug (logged)."""
         manager = rejection.manager
