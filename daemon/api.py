@@ -31,6 +31,7 @@ from daemon.model.provider import (
     ProviderError,
     RoutedProvider,
     RoutingKey,
+    settings_as,
 )
 from daemon.model.rejection import Rejection, RejectReason
 from daemon.model.targets import Ref, Target, TargetCollection, Trigger
@@ -71,5 +72,6 @@ __all__ = [
     "Trigger",
     "bearer_ok",
     "format_validation_error",
+    "settings_as",
     "unauthorized",
 ]
