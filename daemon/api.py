@@ -32,6 +32,7 @@ from daemon.model.provider import (
     ProviderError,
     RoutedProvider,
     RoutingKey,
+    settings_as,
 )
 from daemon.model.rejection import Rejection, RejectReason
 from daemon.model.targets import Ref, Target, TargetCollection, Trigger
@@ -73,5 +74,6 @@ __all__ = [
     "Trigger",
     "bearer_ok",
     "format_validation_error",
+    "settings_as",
     "unauthorized",
 ]

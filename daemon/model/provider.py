@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from contextlib import AbstractAsyncContextManager
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -113,6 +113,23 @@ class RoutedProvider(Provider, Protocol):
         equals it (catchers' ``manager_by_account = true``).
         """
         ...
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def settings_as(
+    model: type[SettingsT], settings: BaseModel, *, provider: str, manager: str
+) -> SettingsT:
+    """``settings`` as the provider's own ``model`` (a ``connect`` checks what it was given).
+
+    Raises TypeError naming the manager, the provider and both models when they differ.
+    """
+    if not isinstance(settings, model):
+        raise TypeError(
+            f"manager {manager}: {provider} needs {model.__name__}, not {type(settings).__name__}"
+        )
+    return settings
 
 
 def routing_key_of(provider: Provider) -> RoutingKey | None:

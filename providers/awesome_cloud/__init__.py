@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Final
 
 from pydantic import BaseModel
 
+from daemon.api import settings_as
 from providers.awesome_cloud import events
 from providers.awesome_cloud.collector import AwesomeConnection
 from providers.awesome_cloud.settings import AwesomeCloudSettings
@@ -49,12 +50,8 @@ class AwesomeCloudProvider:
 
     def connect(self, manager: str, settings: BaseModel) -> AwesomeConnection:
         """A connection for ``manager`` (no I/O until it is entered with ``async with``)."""
-        if not isinstance(settings, AwesomeCloudSettings):
-            raise TypeError(
-                f"manager {manager}: awesome_cloud needs AwesomeCloudSettings, "
-                f"not {type(settings).__name__}"
-            )
-        return AwesomeConnection(manager, settings)
+        own = settings_as(AwesomeCloudSettings, settings, provider=self.name, manager=manager)
+        return AwesomeConnection(manager, own)
 
     map_event = staticmethod(events.map_event)
     """The targets an AwesomeCloud event asks to refresh (pure; see ``events``)."""

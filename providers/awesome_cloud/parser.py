@@ -30,7 +30,7 @@ declares that it covers their child collections (``InventoryPage.covers``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from daemon.api import InventoryPage, Rejection, RejectReason, Row
@@ -145,48 +145,49 @@ def _add_children(
     vm_ref: str, obj: ApiObject, disks: list[Row], ports: list[Row], links: list[Row]
 ) -> None:
     # The hot loop of a full refresh (several children per vm): plain dict checks only.
-    value = obj.get("disks")
-    if type(value) is list:
-        seen: set[str] = set()
-        for disk in value:
-            if type(disk) is not dict:
-                continue
-            name = disk.get("device_name")
-            if type(name) is str and name and name not in seen:
-                seen.add(name)
-                disks.append(
-                    {
-                        "vm": vm_ref,
-                        "device_name": name,
-                        "size_gb": _int(disk.get("size_gb")),
-                        "extra": _extra(disk, _DISK_FIELDS),
-                    }
-                )
-    value = obj.get("ports")
-    if type(value) is list:
-        seen = set()
-        for port in value:
-            if type(port) is not dict:
-                continue
-            port_ref = port.get("id")
-            if type(port_ref) is str and port_ref and port_ref not in seen:
-                seen.add(port_ref)
-                ports.append(
-                    {
-                        "vm": vm_ref,
-                        "ems_ref": port_ref,
-                        "mac_address": _str(port.get("mac")),
-                        "ip_address": _str(port.get("ip")),
-                        "extra": _extra(port, _PORT_FIELDS),
-                    }
-                )
-    value = obj.get("security_group_ids")
-    if type(value) is list:
-        seen = set()
-        for group in value:
-            if type(group) is str and group and group not in seen:
-                seen.add(group)
-                links.append({"vm": vm_ref, "security_group": group})
+    for name, disk in _unique(obj.get("disks"), "device_name"):
+        disks.append(
+            {
+                "vm": vm_ref,
+                "device_name": name,
+                "size_gb": _int(disk.get("size_gb")),
+                "extra": _extra(disk, _DISK_FIELDS),
+            }
+        )
+    for port_ref, port in _unique(obj.get("ports"), "id"):
+        ports.append(
+            {
+                "vm": vm_ref,
+                "ems_ref": port_ref,
+                "mac_address": _str(port.get("mac")),
+                "ip_address": _str(port.get("ip")),
+                "extra": _extra(port, _PORT_FIELDS),
+            }
+        )
+    for group, _ in _unique(obj.get("security_group_ids"), None):
+        links.append({"vm": vm_ref, "security_group": group})
+
+
+def _unique(value: Any, key: str | None) -> Iterator[tuple[str, Any]]:
+    """``(key, item)`` of the items of the list ``value`` whose key is new and non-empty.
+
+    With a ``key``, the items are dicts keyed by that field (other items are
+    skipped); without one, the items are the keys themselves.  Anything but a
+    list yields nothing.
+    """
+    if type(value) is not list:
+        return
+    seen: set[str] = set()
+    for item in value:
+        if key is None:
+            ref = item
+        elif type(item) is dict:
+            ref = item.get(key)
+        else:
+            continue
+        if type(ref) is str and ref and ref not in seen:
+            seen.add(ref)
+            yield ref, item
 
 
 PARSERS: dict[str, Callable[[ApiObject], Row | None]] = {

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final
 
 from pydantic import BaseModel
 
+from daemon.api import settings_as
 from providers.aws import events
 from providers.aws.collector import AwsConnection
 from providers.aws.settings import AwsSettings
@@ -38,11 +39,8 @@ class AwsProvider:
 
     def connect(self, manager: str, settings: BaseModel) -> AwsConnection:
         """A connection for ``manager`` (no I/O until it is entered with ``async with``)."""
-        if not isinstance(settings, AwsSettings):
-            raise TypeError(
-                f"manager {manager}: aws needs AwsSettings, not {type(settings).__name__}"
-            )
-        return AwsConnection(manager, settings)
+        own = settings_as(AwsSettings, settings, provider=self.name, manager=manager)
+        return AwsConnection(manager, own)
 
     map_event = staticmethod(events.map_event)
     """The targets an AWS event asks to refresh (pure; see ``events``)."""

@@ -53,22 +53,20 @@ MAX_DEPTH: Final = 8
 MAX_NODES: Final = 50_000
 """Values visited per event; a larger payload (beyond EventBridge's 256 KB) means a full refresh."""
 
-PREFIXES: Final[Mapping[str, str]] = {
-    "vms": "i-",
-    "images": "ami-",
-    "security_groups": "sg-",
-    "disks": "vol-",
-    "network_ports": "eni-",
-}
+_EC2_KINDS: Final = (
+    # collection, id prefix, CloudTrail parameter, AWS Config resource type
+    ("vms", "i-", "instanceId", "AWS::EC2::Instance"),
+    ("images", "ami-", "imageId", None),
+    ("security_groups", "sg-", "groupId", "AWS::EC2::SecurityGroup"),
+    ("disks", "vol-", "volumeId", "AWS::EC2::Volume"),
+    ("network_ports", "eni-", "networkInterfaceId", "AWS::EC2::NetworkInterface"),
+)
+"""The EC2 resources an event can name, one row each: the mappings below are read from it."""
+
+PREFIXES: Final[Mapping[str, str]] = {c: prefix for c, prefix, _, _ in _EC2_KINDS}
 """The collections a CloudTrail call can name, and the prefix of their ids."""
 
-COLLECTION_OF_KEY: Final[Mapping[str, str]] = {
-    "instanceId": "vms",
-    "imageId": "images",
-    "groupId": "security_groups",
-    "volumeId": "disks",
-    "networkInterfaceId": "network_ports",
-}
+COLLECTION_OF_KEY: Final[Mapping[str, str]] = {key: c for c, _, key, _ in _EC2_KINDS}
 """CloudTrail parameter names (first letter lower-cased, also with a plural ``s``)."""
 
 TAGGED_KEY: Final = "resourceId"
@@ -78,12 +76,8 @@ CHILDREN: Final = frozenset({"disks", "network_ports"})
 _BY_KEY: Final = 1
 _BY_TAG: Final = 2
 
-CONFIG_COLLECTIONS: Final[Mapping[str, str]] = {
-    "AWS::EC2::Instance": "vms",
-    "AWS::EC2::SecurityGroup": "security_groups",
-    "AWS::EC2::Volume": "disks",
-    "AWS::EC2::NetworkInterface": "network_ports",
-}
+CONFIG_COLLECTIONS: Final[Mapping[str, str]] = {t: c for c, _, _, t in _EC2_KINDS if t}
+"""AWS Config resource types and the collection of each."""
 CONFIG_INSTANCE: Final = "AWS::EC2::Instance"
 ATTACHED_TO_INSTANCE: Final = "is attached to instance"
 

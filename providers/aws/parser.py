@@ -30,9 +30,9 @@ skipped with a warning, never raised on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from daemon.api import InventoryPage, Rejection, RejectReason, Row
 
@@ -150,15 +150,22 @@ def vm_row(instance: ApiObject) -> Row:
     }
 
 
+def _first_by(key: str, items: Iterable[ApiObject] | None) -> dict[str, ApiObject]:
+    """The items with a non-empty string ``key``, by key (the first item of each key)."""
+    firsts: dict[str, ApiObject] = {}
+    for item in items or ():
+        ref = item.get(key)
+        if isinstance(ref, str) and ref and ref not in firsts:
+            firsts[ref] = item
+    return firsts
+
+
 def disk_rows(vm: str, instance: ApiObject, volumes: Mapping[str, ApiObject]) -> list[Row]:
-    rows: dict[str, Row] = {}
-    for mapping in instance.get("BlockDeviceMappings") or ():
-        device = mapping.get("DeviceName")
-        if not isinstance(device, str) or not device or device in rows:
-            continue
+    rows: list[Row] = []
+    for device, mapping in _first_by("DeviceName", instance.get("BlockDeviceMappings")).items():
         ebs = mapping.get("Ebs") or {}
         volume = volumes.get(ebs.get("VolumeId", ""), {})
-        rows[device] = {
+        row: Row = {
             "vm": vm,
             "device_name": device,
             "size_gb": volume.get("Size"),
@@ -174,17 +181,15 @@ def disk_rows(vm: str, instance: ApiObject, volumes: Mapping[str, ApiObject]) ->
                 }
             ),
         }
-    return list(rows.values())
+        rows.append(row)
+    return rows
 
 
 def port_rows(vm: str, instance: ApiObject) -> list[Row]:
-    rows: dict[str, Row] = {}
-    for eni in instance.get("NetworkInterfaces") or ():
-        ref = eni.get("NetworkInterfaceId")
-        if not isinstance(ref, str) or not ref or ref in rows:
-            continue
+    rows: list[Row] = []
+    for ref, eni in _first_by("NetworkInterfaceId", instance.get("NetworkInterfaces")).items():
         attachment = eni.get("Attachment") or {}
-        rows[ref] = {
+        row: Row = {
             "vm": vm,
             "ems_ref": ref,
             "mac_address": eni.get("MacAddress"),
@@ -201,50 +206,54 @@ def port_rows(vm: str, instance: ApiObject) -> list[Row]:
                 }
             ),
         }
-    return list(rows.values())
+        rows.append(row)
+    return rows
 
 
 def security_group_rows(groups: Iterable[ApiObject]) -> list[Row]:
-    return [
-        {
-            "ems_ref": g["GroupId"],
-            "name": g.get("GroupName") or g["GroupId"],
-            "extra": _compact(
-                {
-                    "vpc_id": g.get("VpcId"),
-                    "description": g.get("Description"),
-                    "owner_id": g.get("OwnerId"),
-                    "tags": tags_of(g),
-                }
-            ),
-        }
-        for g in groups
-        if g.get("GroupId")
-    ]
+    return _tagged_rows(groups, "GroupId", "GroupName", _GROUP_EXTRA)
 
 
 def image_rows(images: Iterable[ApiObject]) -> list[Row]:
-    return [
-        {
-            "ems_ref": i["ImageId"],
-            "name": i.get("Name") or i["ImageId"],
-            "os": image_os(i),
-            "extra": _compact(
-                {
-                    "owner_id": i.get("OwnerId"),
-                    "public": i.get("Public"),
-                    "state": i.get("State"),
-                    "architecture": i.get("Architecture"),
-                    "creation_date": i.get("CreationDate"),
-                    "description": i.get("Description"),
-                    "root_device_type": i.get("RootDeviceType"),
-                    "tags": tags_of(i),
-                }
-            ),
-        }
-        for i in images
-        if i.get("ImageId")
-    ]
+    return _tagged_rows(images, "ImageId", "Name", _IMAGE_EXTRA, os=image_os)
+
+
+# The extra fields of a security group and of an image: extra key -> API field (tags follow).
+_GROUP_EXTRA: Final = {"vpc_id": "VpcId", "description": "Description", "owner_id": "OwnerId"}
+_IMAGE_EXTRA: Final = {
+    "owner_id": "OwnerId",
+    "public": "Public",
+    "state": "State",
+    "architecture": "Architecture",
+    "creation_date": "CreationDate",
+    "description": "Description",
+    "root_device_type": "RootDeviceType",
+}
+
+
+def _tagged_rows(
+    objects: Iterable[ApiObject],
+    id_key: str,
+    name_key: str,
+    extra_fields: Mapping[str, str],
+    **columns: Callable[[ApiObject], Any],
+) -> list[Row]:
+    """Rows of the objects that have an ``id_key``.
+
+    Each row: ems_ref (the id), name (``name_key``, else the id), the ``columns``
+    (each a function of the object) and extra (``extra_fields``, then the tags).
+    """
+    rows: list[Row] = []
+    for obj in objects:
+        if not obj.get(id_key):
+            continue
+        row: Row = {"ems_ref": obj[id_key], "name": obj.get(name_key) or obj[id_key]}
+        for column, value_of in columns.items():
+            row[column] = value_of(obj)
+        extra = {field: obj.get(key) for field, key in extra_fields.items()}
+        row["extra"] = _compact({**extra, "tags": tags_of(obj)})
+        rows.append(row)
+    return rows
 
 
 def image_os(image: ApiObject) -> str:

@@ -28,7 +28,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from random import Random
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -143,6 +143,7 @@ STATS = web.AppKey("stats", RequestStats)
 TOKEN = web.AppKey("token", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PlanT = TypeVar("PlanT", bound=BaseModel)
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -254,11 +255,16 @@ async def _events(request: web.Request) -> web.Response:
     )
 
 
-async def _set_faults(request: web.Request) -> web.Response:
+async def _plan(request: web.Request, model: type[PlanT], what: str) -> PlanT:
+    """The request's body as ``model``; a 400 naming ``what`` when it is not one."""
     try:
-        plan = FaultPlan.model_validate(await _body(request))
+        return model.model_validate(await _body(request))
     except PydanticValidationError as exc:
-        raise BadRequestError(f"bad fault plan: {exc.errors(include_url=False)}") from None
+        raise BadRequestError(f"bad {what}: {exc.errors(include_url=False)}") from None
+
+
+async def _set_faults(request: web.Request) -> web.Response:
+    plan = await _plan(request, FaultPlan, "fault plan")
     request.app[FAULTS].set(plan)
     return _json(plan.model_dump())
 
@@ -297,16 +303,26 @@ async def _get_churn(request: web.Request) -> web.Response:
 
 
 async def _set_churn(request: web.Request) -> web.Response:
-    try:
-        plan = ChurnPlan.model_validate(await _body(request))
-    except PydanticValidationError as exc:
-        raise BadRequestError(f"bad churn plan: {exc.errors(include_url=False)}") from None
+    plan = await _plan(request, ChurnPlan, "churn plan")
     request.app[CHURN].set(plan.per_second)
     return _json(_churn_state(request))
 
 
 async def _health(request: web.Request) -> web.Response:
     return _json({"status": "ok", "name": request.app[CLOUD].name})
+
+
+_ROUTES: dict[str, dict[str, Handler]] = {
+    "/healthz": {"GET": _health},
+    "/api/v1/{collection}": {"GET": _list},
+    "/admin/v1/events": {"GET": _events},
+    "/admin/v1/faults": {"POST": _set_faults, "GET": _get_faults, "DELETE": _clear_faults},
+    "/admin/v1/stats": {"GET": _get_stats, "DELETE": _reset_stats},
+    "/admin/v1/churn": {"GET": _get_churn, "POST": _set_churn},
+    "/admin/v1/{collection}": {"POST": _create},
+    "/admin/v1/{collection}/{id}": {"PATCH": _update, "DELETE": _delete},
+}
+"""Handlers by path and method, in the order the router tries the paths (GET also serves HEAD)."""
 
 
 def create_app(
@@ -319,18 +335,9 @@ def create_app(
     app[STATS] = RequestStats()
     app[CHURN] = ChurnControl()
     app[TOKEN] = token or ""
-    r = app.router
-    r.add_get("/healthz", _health)
-    r.add_get("/api/v1/{collection}", _list)
-    r.add_get("/admin/v1/events", _events)
-    r.add_post("/admin/v1/faults", _set_faults)
-    r.add_get("/admin/v1/faults", _get_faults)
-    r.add_delete("/admin/v1/faults", _clear_faults)
-    r.add_get("/admin/v1/stats", _get_stats)
-    r.add_delete("/admin/v1/stats", _reset_stats)
-    r.add_get("/admin/v1/churn", _get_churn)
-    r.add_post("/admin/v1/churn", _set_churn)
-    r.add_post("/admin/v1/{collection}", _create)
-    r.add_patch("/admin/v1/{collection}/{id}", _update)
-    r.add_delete("/admin/v1/{collection}/{id}", _delete)
+    app.add_routes(
+        web.route(method, path, handler)
+        for path, handlers in _ROUTES.items()
+        for method, handler in handlers.items()
+    )
     return app
