@@ -902,3 +902,30 @@ async def test_drain_waits_for_a_retry_due_before_its_deadline(make_batcher, clo
     await clock.advance(6)
     assert drained.done() and drained.result() is True
     assert len(refresh.calls) == 2 and ack.done
+
+
+async def test_close_with_cancel_is_bounded_when_a_refresh_ignores_its_cancellation(clock, caplog):
+    cancelled, release = asyncio.Event(), asyncio.Event()
+
+    async def stubborn(collection: TargetCollection) -> int:
+        # a cancellation lost on the way (asyncio.wait_for on Python 3.11 can do that)
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+        return len(collection)
+
+    batcher = Batcher(stubborn, settings=BatchingSettings(debounce=0.5, max_delay=5.0), clock=clock)
+    batcher.start()
+    ack = submit(batcher, clock, vm("a"))
+    await clock.advance(0.5)
+    assert batcher.running
+    closing = asyncio.create_task(batcher.close(cancel=True, grace=5.0))
+    await clock.advance(4.0)
+    assert cancelled.is_set() and not closing.done()  # cancelled, and waited for
+    await clock.advance(1.5)
+    await asyncio.wait_for(closing, 5)  # real time: a bound on the test, not a measurement
+    assert not ack.done
+    assert "manager(s) m1 did not end within 5s of being cancelled" in caplog.text
+    release.set()  # the refresh left behind ends with the test

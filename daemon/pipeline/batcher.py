@@ -36,7 +36,13 @@ from daemon.pipeline.batch_records import BatcherStats, ManagerStatus, RefreshAt
 from daemon.pipeline.batches import BatchingSettings, ManagerState, PendingBatch
 from daemon.pipeline.clock import LOOP_CLOCK, Clock
 from daemon.pipeline.coalescing import ManagerQueues
-from daemon.pipeline.commit_order import CollectFn, RunningRefresh, run_in_turn
+from daemon.pipeline.commit_order import (
+    CANCEL_GRACE,
+    CollectFn,
+    RunningRefresh,
+    cancel_running,
+    run_in_turn,
+)
 from daemon.pipeline.outcomes import RefreshOutcomes, guard
 
 __all__ = [
@@ -228,11 +234,13 @@ class Batcher:
         """Pending targets per manager that is waiting out a retry delay now."""
         return self._queues.waiting_to_retry(self._clock.now())
 
-    async def close(self, *, cancel: bool = False) -> None:
+    async def close(self, *, cancel: bool = False, grace: float = CANCEL_GRACE) -> None:
         """Stop, end the dispatcher and wait for in-flight refreshes.
 
         With ``cancel=True`` in-flight refreshes are cancelled; their acks stay
-        unresolved (the events will be delivered again).
+        unresolved (the events will be delivered again).  One that has not ended
+        ``grace`` seconds (clock time) later is left behind with a warning, so
+        that stopping stays bounded (:func:`cancel_running`).
         """
         self.stop()
         self._closed = True
@@ -240,11 +248,10 @@ class Batcher:
             self._task.cancel()
             await asyncio.wait([self._task])
             self._task = None
-        tasks = [r.task for state in self._queues for r in state.running if r.task is not None]
+        running = {state.manager: list(state.running) for state in self._queues}
         if cancel:
-            for task in tasks:
-                task.cancel()
-        if tasks:
+            await cancel_running(running, self._clock, grace)
+        elif tasks := [r.task for rs in running.values() for r in rs if r.task is not None]:
             await asyncio.wait(tasks)
 
     async def __aenter__(self) -> Batcher:

@@ -17,6 +17,9 @@ This module holds the bookkeeping that keeps that safe, in process, per manager:
 * a target that arrives while a refresh runs is in the pending batch, whose
   collect starts after it arrived: it is refreshed after it (DESIGN.md 9).
 
+When the batcher closes, :func:`cancel_running` cancels the running refreshes
+and waits for them a bounded time.
+
 Ownership of a manager across processes (several daemons) is a separate
 concern; this ordering is in-process only and composes with it.
 """
@@ -24,11 +27,14 @@ concern; this ordering is in-process only and composes with it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from daemon.model.targets import TargetCollection
 from daemon.persistence.refresh_result import RefreshKind
 from daemon.pipeline.clock import Clock
+
+log = logging.getLogger(__name__)
 
 PersistFn = Callable[[], Awaitable[object]]
 """Persists what a collect gathered (one transaction); returns a result for the hooks."""
@@ -106,3 +112,43 @@ async def run_in_turn(
     await running.wait_turn()
     waited = clock.now() - before
     return await persist(), waited
+
+
+CANCEL_GRACE = 5.0
+"""Seconds a closing batcher waits for its cancelled refreshes to end."""
+
+
+async def cancel_running(
+    running: Mapping[str, Sequence[RunningRefresh]], clock: Clock, grace: float
+) -> list[str]:
+    """Cancel every running refresh (per manager) and wait until they ended, at most
+    ``grace`` seconds of ``clock`` time; returns the managers whose refreshes did not end.
+
+    A refresh that does not end when cancelled (on Python 3.11 ``asyncio.wait_for`` can
+    lose a cancellation that meets a result) is left behind with a warning: stopping the
+    daemon stays bounded, and its events, never acknowledged, are read again.
+    """
+    tasks = {r.task: manager for manager, rs in running.items() for r in rs if r.task}
+    if not tasks:
+        return []
+    ended = asyncio.Event()
+    left = set(tasks)
+
+    def one_ended(task: asyncio.Task[None]) -> None:
+        left.discard(task)
+        if not left:
+            ended.set()
+
+    for task in tasks:
+        task.cancel()
+        task.add_done_callback(one_ended)
+    if await clock.wait_event(ended, clock.now() + grace):
+        return []
+    stuck = sorted({tasks[task] for task in left})
+    log.warning(
+        "refresh(es) of manager(s) %s did not end within %.0fs of being cancelled; left "
+        "behind (their events stay unacknowledged and will be read again)",
+        ", ".join(stuck),
+        grace,
+    )
+    return stuck
