@@ -231,3 +231,42 @@ async def test_locks_of_another_database_on_the_same_server_are_not_this_ones(
     finally:
         await other.dispose()
         await _admin(f'DROP DATABASE IF EXISTS "{other_name}" WITH (FORCE)')
+
+
+async def test_a_manager_taken_twice_at_once_is_still_given_back(
+    engine: AsyncEngine, pg_url: str
+) -> None:
+    """Two askers at once in one process (the scheduler and the keepalive loop) take the
+    manager once: when it is given back, another process can take it."""
+    ids = {"m1": await Persister(engine).ensure_manager("m1", "awesome_cloud")}
+    work_a, work_b = Work(), Work()
+    a = PostgresOwnership(
+        normalize_url(pg_url), managers=ids, instance="a", work=work_a, settings=FAIR
+    )
+    b = PostgresOwnership(
+        normalize_url(pg_url), managers=ids, instance="b", work=work_b, settings=FAIR
+    )
+    await a.start()
+    await b.start()
+    try:
+        entered = asyncio.Event()
+        leave = asyncio.Event()
+
+        async def asker() -> bool:
+            async with a.hold("m1") as owned:
+                entered.set()
+                await leave.wait()
+                return owned
+
+        askers = [asyncio.create_task(asker()), asyncio.create_task(asker())]
+        await wait_for(lambda: entered.is_set(), timeout=10, what="a to hold m1")
+        leave.set()
+        assert await asyncio.gather(*askers) == [True, True]
+        assert a.changes.get(("m1", "acquired")) == 1
+        # a has no work left and gives m1 back; b, which has work, takes it
+        work_b.pending.add("m1")
+        await wait_for(lambda: b.may_start("m1"), timeout=15, what="b to take m1")
+        assert await _owners(engine) == {"m1": "b"}
+    finally:
+        await a.stop()
+        await b.stop()

@@ -299,6 +299,11 @@ class PostgresOwnership(OwnedHoldings):
         return result
 
     async def _acquire(self, conn: AsyncConnection, manager: str) -> None:
+        """Take ``manager`` if it is free (the caller holds ``_conn_lock``)."""
+        if manager in self._owned:
+            # taken meanwhile (the keepalive loop and a hold() both asked): a session lock
+            # is reentrant, and one taken twice would survive the one unlock of a release
+            return
         key = {"ns": OWNERSHIP_NAMESPACE, "id": self._ids[manager]}
         got = (await self._run_sql(conn, "SELECT pg_try_advisory_lock(:ns, :id)", key)).scalar()
         if not got:
