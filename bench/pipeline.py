@@ -46,8 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from databases import temp_database
-from kafka_topics import committed_and_end, produce_backlog, start_broker
+from kafka_topics import committed_and_end, produce_backlog
 from machine import load_average
 from metrics import diff, full_refresh_done, latency_buckets, scrape, total
 from processes import (
@@ -56,12 +57,13 @@ from processes import (
     cancel_on_signals,
     free_port,
     http_ok,
-    stop_process,
     until,
     wait_http,
 )
 from simulator import simulator_command
 from stats import histogram_quantile
+
+from tests.fixtures.kafka_broker import private_broker
 
 
 def daemon_config(
@@ -316,7 +318,8 @@ async def main() -> None:
     args = ap.parse_args()
     cancel_on_signals()
     bench = Bench(args)
-    broker, bench.bootstrap = start_broker(bench.work)
+    broker = await asyncio.to_thread(private_broker, bench.work)
+    bench.bootstrap = broker.bootstrap
     print(f"logs and configs in {bench.work}; load average {load_average()}")
     try:
         if "a" in args.phase:
@@ -328,7 +331,7 @@ async def main() -> None:
         print(f"interrupted; stopping children (logs in {bench.work})", file=sys.stderr)
     finally:
         bench.stop_all()
-        stop_process(broker, 30)
+        broker.stop()
 
 
 if __name__ == "__main__":

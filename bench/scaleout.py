@@ -48,13 +48,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from databases import temp_database
-from kafka_topics import create_topic, start_broker
+from kafka_topics import create_topic
 from machine import load_average
 from metrics import latency_buckets, parse
-from processes import stop_process
 from stats import histogram_quantile
 
 from tests.daemon_process import wait_for
+from tests.fixtures.kafka_broker import private_broker
 from tests.scaleout_cluster import Cluster, make_cluster
 
 MANAGERS = 4
@@ -194,13 +194,14 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="refreshd-scaleout-") as tmp:
         work = Path(args.keep_logs or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        broker, bootstrap = start_broker(work)
+        broker = await asyncio.to_thread(private_broker, work)
+        bootstrap = broker.bootstrap
         try:
             results = []
             for n in (int(x) for x in args.daemons.split(",")):
                 results.append(await run_one(n, args, bootstrap, work))
         finally:
-            stop_process(broker, 30)
+            broker.stop()
     base = results[0]
     print(
         f"\n{MANAGERS} managers x {args.vms} vms, {args.rate:g} changes/s, "

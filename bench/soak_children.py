@@ -28,20 +28,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from tests.daemon_process import DaemonProcess, write_config
 from tests.fixtures.kafka_broker import PrivateBroker, private_broker
 from tests.fixtures.private_postgres import PrivateCluster, _bindir
+from tests.scaleout_cluster import CATCHER_OPTIONS as TANSU_CATCHER_OPTIONS
 
 MANAGER = "awesome"
 TOPIC = "soak-events"
 GROUP = "refreshd-soak"
-CATCHER_OPTIONS = {  # as the end-to-end tests run the Kafka catcher against Tansu
-    "session_timeout": "3s",
-    "heartbeat_interval": "500ms",
-    "rebalance_timeout": "1s",
-    "commit_timeout": "500ms",
-    "commit_interval": "200ms",
-    "poll_timeout": "100ms",
-    "drain_timeout": "5s",
-    "stall_timeout": "20s",
-}
+CATCHER_OPTIONS = {**TANSU_CATCHER_OPTIONS, "stall_timeout": "20s"}
+"""As the end-to-end tests run the Kafka catcher against Tansu, and a stall timeout."""
 
 
 async def eventually(condition: Callable[[], Any], timeout: float, interval: float = 0.5) -> bool:
